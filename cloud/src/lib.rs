@@ -1,0 +1,33 @@
+//! What hangar needs from a cloud, and its AWS implementation.
+//!
+//! The traits are shaped by the operator's needs, not by the AWS API: launch
+//! a few instances for a cluster, list what we own, move a node's phase tag,
+//! register and drain targets, read the traffic, fetch a verified artifact.
+//! Everything is scoped to one *owner* (the operator id): an implementation
+//! never modifies an instance or target that does not carry that owner's
+//! tags, and says so with [`CloudError::NotOwned`].
+
+pub mod artifacts;
+pub mod compute;
+pub mod error;
+pub mod load_balancer;
+pub mod metrics;
+pub mod model;
+
+pub use artifacts::{Artifacts, VerifiedArtifact};
+pub use compute::{Compute, LaunchRequest};
+pub use error::CloudError;
+pub use load_balancer::{LoadBalancer, TargetHealth, TargetState};
+pub use metrics::{AlbMetric, Datapoint, Metrics};
+pub use model::{tags, Instance, InstanceState, Phase};
+
+use std::sync::Arc;
+
+/// Everything the operator uses, bundled per region and owner.
+#[derive(Clone)]
+pub struct Cloud {
+    pub compute: Arc<dyn Compute>,
+    pub load_balancer: Arc<dyn LoadBalancer>,
+    pub metrics: Arc<dyn Metrics>,
+    pub artifacts: Arc<dyn Artifacts>,
+}

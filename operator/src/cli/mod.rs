@@ -1,0 +1,107 @@
+//! Command-line interface. Exit codes: 0 success, 1 "the input has
+//! problems" (invalid specs), 2 hangar itself could not do its job.
+
+mod plan;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hangar::settings::{Overrides, Settings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hangar",
+    version,
+    about = "Run plain VMs the way Kubernetes runs pods"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Operator settings file (TOML). Environment (HANGAR_*) and flags override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Settings flags shared by the commands that need operator settings.
+#[derive(Debug, Default, Args)]
+pub struct SettingsFlags {
+    /// Directory of Cluster specs [env: HANGAR_SPECS]
+    #[arg(long, value_name = "DIR")]
+    pub specs: Option<PathBuf>,
+    /// State directory [env: HANGAR_STATE_DIR]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// HTTP listen address [env: HANGAR_LISTEN]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Operator id, stamped as the hangar:owner tag [env: HANGAR_OWNER]
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Clusters reconciled concurrently [env: HANGAR_CONCURRENCY]
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+}
+
+impl SettingsFlags {
+    fn load(&self, global: &Global) -> anyhow::Result<Settings> {
+        let overrides = Overrides {
+            specs: self.specs.clone(),
+            state_dir: self.state_dir.clone(),
+            listen: self.listen,
+            owner: self.owner.clone(),
+            concurrency: self.concurrency,
+        };
+        Ok(Settings::load(global.config.as_deref(), &overrides)?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check spec files: exit 0 when all are valid, else one line per problem
+    /// (FILE:LINE:COL: field.path: message) and exit 1.
+    Validate {
+        /// Spec files or directories (searched for *.yaml / *.yml).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Print the Cluster JSON Schema.
+    Schema,
+    /// Show what the planner decides for each cluster (offline: time and
+    /// traffic are given on the command line).
+    Plan(plan::PlanArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Validate { paths } => Ok(validate::run(&paths)),
+        Command::Schema => {
+            print!("{}", hangar_crds::schema::cluster_schema_json());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan(args) => plan::run(args, &cli.global),
+    }
+}

@@ -1,0 +1,121 @@
+//! `hangar plan`: what the planner decides, offline.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use clap::Args;
+use hangar::planner::{effective_capacity, plan, History, Observation};
+use hangar_crds::load::load_dir;
+use serde::Serialize;
+
+use super::{Global, Output, SettingsFlags};
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    settings: SettingsFlags,
+    /// Instant to plan for (RFC 3339); default now.
+    #[arg(long, value_name = "RFC3339")]
+    at: Option<DateTime<Utc>>,
+    /// A cluster's total traffic in requests per minute, e.g. `web=5400`.
+    #[arg(long = "metric", value_name = "CLUSTER=RATE", value_parser = parse_pair::<f64>)]
+    metrics: Vec<(String, f64)>,
+    /// A cluster's current node count, e.g. `web=3` (default: its effective min).
+    #[arg(long = "current", value_name = "CLUSTER=N", value_parser = parse_pair::<u32>)]
+    current: Vec<(String, u32)>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String>
+where
+    T::Err: std::fmt::Display,
+{
+    let (name, value) = s.split_once('=').ok_or("expected CLUSTER=VALUE")?;
+    let value = value.parse::<T>().map_err(|e| format!("`{value}`: {e}"))?;
+    Ok((name.to_string(), value))
+}
+
+#[derive(Serialize)]
+struct Row {
+    cluster: String,
+    file: PathBuf,
+    min: u32,
+    max: u32,
+    schedule: Option<String>,
+    current: u32,
+    desired: u32,
+    reason: String,
+}
+
+pub fn run(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
+    let specs = match &args.settings.specs {
+        Some(dir) => dir.clone(),
+        None => args.settings.load(global)?.specs,
+    };
+    let report = load_dir(&specs).with_context(|| "loading specs")?;
+    let now = args.at.unwrap_or_else(Utc::now);
+    let metrics: BTreeMap<_, _> = args.metrics.into_iter().collect();
+    let current: BTreeMap<_, _> = args.current.into_iter().collect();
+    for name in metrics.keys().chain(current.keys()) {
+        if !report.clusters.iter().any(|c| c.name() == name) {
+            bail!("no valid cluster named `{name}` in {}", specs.display());
+        }
+    }
+
+    let rows: Vec<Row> = report
+        .clusters
+        .iter()
+        .map(|c| {
+            let spec = &c.cluster.spec;
+            let cur = current
+                .get(c.name())
+                .copied()
+                .unwrap_or_else(|| effective_capacity(spec, now).min);
+            let metric = metrics.get(c.name()).map(|&rate| Observation {
+                requests_per_minute: rate,
+                observed_at: now,
+            });
+            let d = plan(spec, now, cur, metric, &History::default());
+            Row {
+                cluster: c.name().to_string(),
+                file: c.file.clone(),
+                min: d.window.min,
+                max: d.window.max,
+                schedule: d.window.schedule,
+                current: cur,
+                desired: d.desired,
+                reason: d.reason,
+            }
+        })
+        .collect();
+
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Text => {
+            println!("planning for {}", now.to_rfc3339());
+            for r in &rows {
+                let window = match &r.schedule {
+                    Some(s) => format!("[{}, {}] ({s} schedule)", r.min, r.max),
+                    None => format!("[{}, {}]", r.min, r.max),
+                };
+                println!(
+                    "{}: window {window}, current {}, desired {}",
+                    r.cluster, r.current, r.desired
+                );
+                println!("  {}", r.reason);
+            }
+        }
+    }
+    for p in &report.problems {
+        eprintln!("{p}");
+    }
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
