@@ -23,9 +23,12 @@ pub const API_VERSION: &str = "hangar/v1alpha1";
     description = "A fleet of EC2 instances behind one ALB target group, kept in shape by hangar."
 )]
 pub struct Cluster {
+    /// Always `hangar/v1alpha1`.
     pub api_version: ApiVersion,
+    /// Always `Cluster`.
     pub kind: Kind,
     pub metadata: Metadata,
+    /// The desired state of the fleet.
     pub spec: ClusterSpec,
 }
 
@@ -42,11 +45,13 @@ pub enum Kind {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// Identifies the cluster.
 pub struct Metadata {
     /// DNS label (lowercase letters, digits, `-`; at most 63 characters).
     /// Unique among the specs one operator watches; stamped on every
     /// instance as the `hangar:cluster` tag.
     pub name: String,
+    /// Free-form labels, shown in status.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
 }
@@ -56,8 +61,11 @@ pub struct Metadata {
 pub struct ClusterSpec {
     /// AWS region, e.g. `eu-west-1`.
     pub region: String,
+    /// How nodes are launched.
     pub instances: Instances,
+    /// Where nodes serve traffic.
     pub load_balancer: LoadBalancer,
+    /// Node count bounds.
     pub capacity: Capacity,
     /// Target tracking on a traffic metric. Without it the cluster runs at
     /// `capacity.min` (adjusted by schedules).
@@ -66,11 +74,16 @@ pub struct ClusterSpec {
     /// Time windows that override `capacity` (night, weekend, morning peak).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub schedules: Vec<Schedule>,
+    /// How hangar logs in to nodes.
     pub ssh: Ssh,
+    /// How a new node is set up before its first release.
     pub provision: Provision,
+    /// The application release every node runs.
     pub release: Release,
+    /// What runs on a node before it is terminated.
     #[serde(default)]
     pub drain: Drain,
+    /// Replacing nodes that stop answering their health check.
     #[serde(default)]
     pub self_healing: SelfHealing,
     /// Which nodes go first when the cluster shrinks (nodes not yet in
@@ -124,16 +137,20 @@ fn default_drain_timeout() -> Duration {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Capacity {
+    /// Fewest nodes, whatever the traffic.
     pub min: u32,
+    /// Most nodes, whatever the traffic (at most 1000).
     pub max: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Autoscaling {
+    /// The traffic signal.
     pub metric: MetricSource,
     /// Requests per minute one node should carry.
     pub target_per_node: f64,
+    /// How often the metric is read and the planner runs.
     #[serde(default = "default_evaluation_interval")]
     pub evaluation_interval: Duration,
     /// Relative deviation from the target that is ignored (0.1 = ±10 %).
@@ -142,8 +159,10 @@ pub struct Autoscaling {
     /// A metric older than this counts as missing (hold, never scale down).
     #[serde(default = "default_metric_max_age")]
     pub metric_max_age: Duration,
+    /// How fast to grow.
     #[serde(default = "ScalingPolicy::default_up")]
     pub scale_up: ScalingPolicy,
+    /// How fast to shrink.
     #[serde(default = "ScalingPolicy::default_down")]
     pub scale_down: ScalingPolicy,
 }
@@ -174,10 +193,40 @@ pub enum MetricSource {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum CloudwatchMetric {
-    /// `RequestCountPerTarget` of the target group (per-minute sum).
-    RequestCountPerTarget {},
-    /// `RequestCount` of the target group (per-minute sum).
-    RequestCount {},
+    /// `RequestCountPerTarget` of the target group, times the nodes in service.
+    RequestCountPerTarget(CloudwatchOptions),
+    /// `RequestCount` of the target group.
+    RequestCount(CloudwatchOptions),
+}
+
+impl CloudwatchMetric {
+    pub fn options(&self) -> &CloudwatchOptions {
+        match self {
+            CloudwatchMetric::RequestCountPerTarget(o) | CloudwatchMetric::RequestCount(o) => o,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloudwatchOptions {
+    /// Aggregation period of the sums read from CloudWatch. ALB metrics have
+    /// one-minute resolution; the latest *complete* period is used and
+    /// scaled to requests per minute.
+    #[serde(default = "default_metric_period")]
+    pub period: Duration,
+}
+
+impl Default for CloudwatchOptions {
+    fn default() -> Self {
+        CloudwatchOptions {
+            period: default_metric_period(),
+        }
+    }
+}
+
+fn default_metric_period() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -243,8 +292,10 @@ fn default_timezone() -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CapacityOverride {
+    /// Replaces `spec.capacity.min` while the window is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<u32>,
+    /// Replaces `spec.capacity.max` while the window is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<u32>,
 }
@@ -252,6 +303,7 @@ pub struct CapacityOverride {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Ssh {
+    /// Login user on the nodes; non-root users need passwordless sudo for `become` steps.
     pub user: String,
     #[serde(default = "default_ssh_port")]
     pub port: u16,
@@ -266,6 +318,7 @@ pub struct Ssh {
     /// Required with `hostKeyPolicy: known-hosts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub known_hosts_file: Option<PathBuf>,
+    /// Longest a TCP connect plus SSH handshake may take.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Duration,
     /// Longest any single remote command may run (steps can set their own).
@@ -344,8 +397,10 @@ pub struct Release {
     pub keep: u32,
     #[serde(default)]
     pub hooks: ReleaseHooks,
+    /// What must answer before a node is registered.
     #[serde(default)]
     pub health_check: HealthCheck,
+    /// How a new release moves across the fleet.
     #[serde(default)]
     pub rollout: Rollout,
     /// Automatic fleet-wide rollback on a rising 5xx rate after activation.
@@ -377,8 +432,10 @@ pub struct ReleaseHooks {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HealthCheck {
+    /// HTTP path asked on the node; any 2xx/3xx answer is healthy.
     #[serde(default = "default_health_path")]
     pub path: String,
+    /// Port on the node's address (usually the target group's port).
     #[serde(default = "default_health_port")]
     pub port: u16,
     /// Per-request timeout.

@@ -187,6 +187,19 @@ pub fn validate(cluster: &Cluster, spec_dir: Option<&Path>) -> Vec<FieldError> {
             format!("{p}.scaleDown.maxStep"),
             "must be at least 1",
         );
+        if let MetricSource::Cloudwatch(cw) = &a.metric {
+            let period = cw.options().period;
+            e.check(
+                period >= Duration::from_secs(1) && period.get().subsec_millis() == 0,
+                format!("{p}.metric.cloudwatch"),
+                "period must be a whole number of seconds, at least 1s",
+            );
+            e.check(
+                a.metric_max_age.get() >= period.get() * 2,
+                format!("{p}.metricMaxAge"),
+                format!("must be at least twice the metric period ({period}): the latest complete period is that old"),
+            );
+        }
         if let MetricSource::Prometheus(prom) = &a.metric {
             e.check(
                 prom.url.starts_with("http://") || prom.url.starts_with("https://"),
