@@ -1,0 +1,373 @@
+//! What to do with a cluster's nodes right now: launch, advance, update,
+//! roll back, drain — given the desired count and what was observed.
+//!
+//! Pure: instances (from their tags), the tasks already running and the
+//! recent failures go in; a list of [`Action`]s comes out. The reconciler
+//! executes them. Every rule of DESIGN.md's invariants that is a *decision*
+//! lives here, so it is tested without a cloud:
+//!
+//! - an instance counts toward capacity from the moment it exists;
+//! - scale-in takes nodes not yet in service first, never a protected one;
+//! - a rollout never takes more in-service nodes out than `maxUnavailable`
+//!   allows, and surges extra nodes only when it must (`maxUnavailable: 0`);
+//! - a node is replaced when it failed a step, stopped, or stayed unhealthy,
+//!   never more than `maxUnhealthy` at once and never the last healthy one.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use hangar_cloud::{InstanceState, Phase};
+use hangar_crds::{Rollout, ScaleInPolicy, SelfHealing};
+use serde::{Deserialize, Serialize};
+
+/// Long work hangar runs for one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Task {
+    /// Walk the node from its phase to in-service: provision, release,
+    /// verify, register.
+    Advance,
+    /// Take an in-service node out of the target group, give it `release`,
+    /// verify it and put it back.
+    Update { release: String },
+    /// Swap an in-service node back to `release` in place (emergency:
+    /// the release it runs is failing).
+    Rollback { release: String },
+    /// Deregister, drain, run drain hooks, terminate.
+    Drain { reason: String },
+}
+
+impl Task {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Task::Advance => "advance",
+            Task::Update { .. } => "update",
+            Task::Rollback { .. } => "rollback",
+            Task::Drain { .. } => "drain",
+        }
+    }
+}
+
+/// One instance of the cluster, as the diff needs to see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub id: String,
+    pub phase: Phase,
+    pub state: InstanceState,
+    pub release: Option<String>,
+    pub subnet: Option<String>,
+    pub launched_at: Option<DateTime<Utc>>,
+    pub protected: bool,
+    /// The task running for it, if any.
+    pub task: Option<Task>,
+    /// Set when its last task gave up for good (`Advance` or `Update`):
+    /// the node is replaced.
+    pub failed: Option<String>,
+    /// Since when its health probe fails (in-service nodes only).
+    pub unhealthy_since: Option<DateTime<Utc>>,
+}
+
+impl Node {
+    fn is_gone(&self) -> bool {
+        matches!(self.state, InstanceState::ShuttingDown | InstanceState::Terminated)
+    }
+
+    fn is_leaving(&self) -> bool {
+        matches!(self.phase, Phase::Draining | Phase::Terminating) || matches!(self.task, Some(Task::Drain { .. }))
+    }
+}
+
+/// The fleet-level facts the diff needs besides the nodes.
+#[derive(Clone, Debug)]
+pub struct Target<'a> {
+    /// Nodes the planner wants (launching through in-service).
+    pub desired: u32,
+    /// The release new nodes get and in-service nodes are rolled to.
+    pub release: &'a str,
+    /// Updates of in-service nodes are paused (the release failed).
+    pub rollout_halted: bool,
+    /// In-service nodes running this release are swapped back to
+    /// [`Target::release`] in place (auto-rollback in progress).
+    pub rolling_back_from: Option<&'a str>,
+    pub rollout: Rollout,
+    pub subnets: &'a [String],
+    pub scale_in: ScaleInPolicy,
+    pub self_healing: SelfHealing,
+    /// False while launches back off after repeated node failures.
+    pub launch_allowed: bool,
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Action {
+    Launch { subnet: String, count: u32 },
+    Start { node: String, task: Task },
+    /// Ask a running task to stop at its next safe point (its node was
+    /// chosen for something else, e.g. scale-in).
+    Cancel { node: String, reason: String },
+}
+
+/// The actions, plus the counts and words status shows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diff {
+    pub actions: Vec<Action>,
+    /// Nodes counting toward capacity (launching through in-service, not leaving).
+    pub counted: u32,
+    /// In-service nodes on another release than the target.
+    pub outdated: u32,
+    /// Extra nodes allowed above `desired` for the rollout.
+    pub surge: u32,
+    pub notes: Vec<String>,
+}
+
+pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
+    let mut out = Diff::default();
+    let mut leaving: BTreeSet<&str> = BTreeSet::new();
+    let live: Vec<&Node> = nodes.iter().filter(|n| !n.is_gone()).collect();
+
+    // 1. Nodes already leaving keep leaving; stopped and failed ones start to.
+    for n in &live {
+        if n.is_leaving() {
+            leaving.insert(&n.id);
+            if n.task.is_none() {
+                out.start(n, Task::Drain { reason: "resume drain".into() });
+            }
+        } else if matches!(n.state, InstanceState::Stopping | InstanceState::Stopped) {
+            leaving.insert(&n.id);
+            out.replace(n, format!("instance is {:?}", n.state).to_lowercase());
+        } else if let Some(why) = &n.failed {
+            leaving.insert(&n.id);
+            out.replace(n, format!("failed: {why}"));
+        }
+    }
+
+    // 2. Self-healing: in-service nodes unhealthy for too long, a few at a time,
+    //    never the last healthy one.
+    let in_service = |n: &&&Node| n.phase == Phase::InService && !leaving.contains(n.id.as_str());
+    let healthy_in_service = live.iter().filter(in_service).filter(|n| n.unhealthy_since.is_none()).count();
+    let already_healing = live
+        .iter()
+        .filter(|n| matches!(&n.task, Some(Task::Drain { reason }) if reason.starts_with("unhealthy")))
+        .count() as u32;
+    let mut heal_budget = t.self_healing.max_unhealthy.saturating_sub(already_healing);
+    let after = chrono::Duration::from_std(t.self_healing.unhealthy_after.get()).unwrap_or(chrono::Duration::MAX);
+    let mut sick: Vec<&&Node> = live
+        .iter()
+        .filter(in_service)
+        .filter(|n| n.unhealthy_since.is_some_and(|s| t.now.signed_duration_since(s) >= after))
+        .collect();
+    sick.sort_by_key(|n| n.unhealthy_since);
+    for n in sick {
+        if healthy_in_service == 0 {
+            out.notes.push(format!(
+                "{} unhealthy but no node is healthy: not replacing (likely the application, not the node)",
+                n.id
+            ));
+            break;
+        }
+        if heal_budget == 0 {
+            out.notes.push(format!("{} unhealthy: waiting, maxUnhealthy replacements in progress", n.id));
+            continue;
+        }
+        heal_budget -= 1;
+        leaving.insert(&n.id);
+        out.replace(n, "unhealthy".to_string());
+    }
+
+    let staying: Vec<&Node> = live.iter().copied().filter(|n| !leaving.contains(n.id.as_str())).collect();
+
+    // 3. Rollout accounting.
+    let serving: Vec<&Node> = staying.iter().copied().filter(|n| n.phase == Phase::InService).collect();
+    let outdated: Vec<&Node> = serving
+        .iter()
+        .copied()
+        .filter(|n| n.release.as_deref() != Some(t.release) && !matches!(n.task, Some(Task::Update { .. } | Task::Rollback { .. })))
+        .collect();
+    // Every update in flight uses the budget, whatever happened to its node since.
+    let updating = nodes
+        .iter()
+        .filter(|n| matches!(n.task, Some(Task::Update { .. })))
+        .count() as u32;
+    out.outdated = outdated.len() as u32;
+    let rolling = !t.rollout_halted && t.rolling_back_from.is_none() && (out.outdated > 0 || updating > 0);
+    out.surge = if rolling && t.rollout.max_unavailable == 0 {
+        t.rollout.max_surge.min(out.outdated + updating)
+    } else {
+        0
+    };
+
+    // 4. Capacity: launch the missing, drain the surplus.
+    out.counted = staying.len() as u32;
+    let want = t.desired + out.surge;
+    if out.counted < want {
+        let missing = want - out.counted;
+        if t.launch_allowed {
+            for (subnet, count) in spread(missing, t.subnets, &staying) {
+                out.actions.push(Action::Launch { subnet, count });
+            }
+            out.notes.push(format!("launching {missing} (have {}, want {want})", out.counted));
+        } else {
+            out.notes.push(format!("{missing} missing, but launches are backing off after failures"));
+        }
+    }
+    let mut chosen: BTreeSet<&str> = BTreeSet::new();
+    if out.counted > want {
+        let surplus = out.counted - want;
+        let victims = pick_victims(&staying, surplus as usize, t);
+        if (victims.len() as u32) < surplus {
+            out.notes.push(format!(
+                "{surplus} too many, but only {} can go (the rest are protected)",
+                victims.len()
+            ));
+        }
+        for n in victims {
+            chosen.insert(&n.id);
+            if n.task.is_some() && !matches!(n.task, Some(Task::Drain { .. })) {
+                out.actions.push(Action::Cancel {
+                    node: n.id.clone(),
+                    reason: "scale-in".into(),
+                });
+            } else if n.task.is_none() {
+                out.start(n, Task::Drain { reason: "scale-in".into() });
+            }
+        }
+    }
+
+    // 5. Emergency rollback: every in-service node on the bad release, at once.
+    if let Some(bad) = t.rolling_back_from {
+        for n in serving.iter().filter(|n| !chosen.contains(n.id.as_str())) {
+            if n.release.as_deref() == Some(bad) && n.task.is_none() {
+                out.start(
+                    n,
+                    Task::Rollback {
+                        release: t.release.to_string(),
+                    },
+                );
+            }
+        }
+    }
+
+    // 6. Rolling update within the availability budget: keep at least
+    //    `desired - maxUnavailable` nodes serving, and never have more than
+    //    `maxUnavailable + surge` updates in flight.
+    for n in &staying {
+        if let Some(Task::Update { release }) = &n.task {
+            if release != t.release {
+                out.actions.push(Action::Cancel {
+                    node: n.id.clone(),
+                    reason: format!("target release is now {}", t.release),
+                });
+            }
+        }
+    }
+    if rolling {
+        let available = serving
+            .iter()
+            .filter(|n| n.task.is_none() && !chosen.contains(n.id.as_str()))
+            .count() as u32;
+        let min_available = t.desired.saturating_sub(t.rollout.max_unavailable);
+        let in_flight_cap = (t.rollout.max_unavailable + out.surge).saturating_sub(updating);
+        let budget = available.saturating_sub(min_available).min(in_flight_cap);
+        let mut candidates: Vec<&Node> = outdated
+            .iter()
+            .copied()
+            .filter(|n| n.task.is_none() && !chosen.contains(n.id.as_str()))
+            .collect();
+        candidates.sort_by_key(|n| (n.launched_at, n.id.clone()));
+        for n in candidates.into_iter().take(budget as usize) {
+            out.start(
+                n,
+                Task::Update {
+                    release: t.release.to_string(),
+                },
+            );
+        }
+        if out.outdated > 0 {
+            out.notes.push(format!("rollout of {}: {} node(s) to go", t.release, out.outdated));
+        }
+    } else if t.rollout_halted && out.outdated > 0 {
+        out.notes.push(format!(
+            "rollout halted: {} node(s) not on {}",
+            out.outdated, t.release
+        ));
+    }
+
+    // 7. Every other node that is not yet in service keeps walking.
+    for n in &staying {
+        if n.phase != Phase::InService && n.task.is_none() && !chosen.contains(n.id.as_str()) {
+            out.start(n, Task::Advance);
+        }
+    }
+    out
+}
+
+impl Diff {
+    fn start(&mut self, node: &Node, task: Task) {
+        self.actions.push(Action::Start {
+            node: node.id.clone(),
+            task,
+        });
+    }
+
+    /// Drains a node that must go; a task still running for it is asked to
+    /// stop first (the drain starts on a later pass, once it has).
+    fn replace(&mut self, node: &Node, reason: String) {
+        self.notes.push(format!("replacing {}: {reason}", node.id));
+        match &node.task {
+            None => self.start(node, Task::Drain { reason }),
+            Some(Task::Drain { .. }) => {}
+            Some(_) => self.actions.push(Action::Cancel {
+                node: node.id.clone(),
+                reason,
+            }),
+        }
+    }
+}
+
+/// Scale-in order: not-yet-in-service nodes first (the ones that started
+/// last go first), then serving nodes on an outdated release, then serving
+/// nodes by policy; protected nodes never.
+fn pick_victims<'n>(staying: &[&'n Node], count: usize, t: &Target<'_>) -> Vec<&'n Node> {
+    let mut candidates: Vec<&Node> = staying.iter().copied().filter(|n| !n.protected).collect();
+    candidates.sort_by_key(|n| {
+        let serving = n.phase == Phase::InService;
+        let current = n.release.as_deref() == Some(t.release);
+        // Earlier phases are further from serving: cheapest to give up.
+        let phase_rank = Phase::ALL.iter().position(|p| *p == n.phase).unwrap_or(0);
+        let launched = n.launched_at.map(|at| at.timestamp_millis()).unwrap_or(0);
+        let age_rank = match t.scale_in {
+            ScaleInPolicy::Newest => -launched,
+            ScaleInPolicy::Oldest => launched,
+        };
+        (serving, current, phase_rank, age_rank, n.id.clone())
+    });
+    candidates.truncate(count);
+    candidates
+}
+
+/// Splits `count` new nodes over subnets so the fleet stays balanced
+/// across them (fewest nodes first, ties in spec order).
+pub fn spread(count: u32, subnets: &[String], staying: &[&Node]) -> Vec<(String, u32)> {
+    if subnets.is_empty() {
+        return Vec::new();
+    }
+    let mut load: Vec<u32> = subnets
+        .iter()
+        .map(|s| staying.iter().filter(|n| n.subnet.as_deref() == Some(s)).count() as u32)
+        .collect();
+    let mut add: BTreeMap<usize, u32> = BTreeMap::new();
+    for _ in 0..count {
+        let (i, _) = load
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, l)| (**l, *i))
+            .expect("subnets is not empty");
+        load[i] += 1;
+        *add.entry(i).or_default() += 1;
+    }
+    add.into_iter().map(|(i, n)| (subnets[i].clone(), n)).collect()
+}
+
+#[cfg(test)]
+mod tests;
