@@ -15,6 +15,9 @@ pub mod tags {
     pub const OWNER: &str = "hangar:owner";
     pub const PHASE: &str = "hangar:phase";
     pub const RELEASE: &str = "hangar:release";
+    /// Hash of the provisioning config (runbook, vars, env file) the node
+    /// was last provisioned with; a change re-provisions it.
+    pub const CONFIG: &str = "hangar:config";
     /// Set by people (value `true`) to exempt a node from scale-in.
     pub const PROTECTED: &str = "hangar:protected";
 }

@@ -27,8 +27,8 @@ pub enum Task {
     /// Walk the node from its phase to in-service: provision, release,
     /// verify, register.
     Advance,
-    /// Take an in-service node out of the target group, give it `release`,
-    /// verify it and put it back.
+    /// Take an in-service node out of the target group, re-provision it if
+    /// its config is outdated, give it `release`, verify it and put it back.
     Update { release: String },
     /// Swap an in-service node back to `release` in place (emergency:
     /// the release it runs is failing).
@@ -55,6 +55,9 @@ pub struct Node {
     pub phase: Phase,
     pub state: InstanceState,
     pub release: Option<String>,
+    /// Hash of the provisioning config (runbook, vars, env file) it was
+    /// last provisioned with (`hangar:config`).
+    pub config: Option<String>,
     pub subnet: Option<String>,
     pub launched_at: Option<DateTime<Utc>>,
     pub protected: bool,
@@ -72,6 +75,11 @@ impl Node {
         matches!(self.state, InstanceState::ShuttingDown | InstanceState::Terminated)
     }
 
+    /// On the target release and config.
+    fn is_current(&self, t: &Target<'_>) -> bool {
+        self.release.as_deref() == Some(t.release) && self.config.as_deref() == Some(t.config)
+    }
+
     fn is_leaving(&self) -> bool {
         matches!(self.phase, Phase::Draining | Phase::Terminating) || matches!(self.task, Some(Task::Drain { .. }))
     }
@@ -84,6 +92,9 @@ pub struct Target<'a> {
     pub desired: u32,
     /// The release new nodes get and in-service nodes are rolled to.
     pub release: &'a str,
+    /// The provisioning config hash every node should have; a change
+    /// re-provisions in-service nodes with the same rolling bounds.
+    pub config: &'a str,
     /// Updates of in-service nodes are paused (the release failed).
     pub rollout_halted: bool,
     /// In-service nodes running this release are swapped back to
@@ -114,7 +125,7 @@ pub struct Diff {
     pub actions: Vec<Action>,
     /// Nodes counting toward capacity (launching through in-service, not leaving).
     pub counted: u32,
-    /// In-service nodes on another release than the target.
+    /// In-service nodes on another release or config than the target.
     pub outdated: u32,
     /// Extra nodes allowed above `desired` for the rollout.
     pub surge: u32,
@@ -182,7 +193,7 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
     let outdated: Vec<&Node> = serving
         .iter()
         .copied()
-        .filter(|n| n.release.as_deref() != Some(t.release) && !matches!(n.task, Some(Task::Update { .. } | Task::Rollback { .. })))
+        .filter(|n| !n.is_current(t) && !matches!(n.task, Some(Task::Update { .. } | Task::Rollback { .. })))
         .collect();
     // Every update in flight uses the budget, whatever happened to its node since.
     let updating = nodes
@@ -332,7 +343,7 @@ fn pick_victims<'n>(staying: &[&'n Node], count: usize, t: &Target<'_>) -> Vec<&
     let mut candidates: Vec<&Node> = staying.iter().copied().filter(|n| !n.protected).collect();
     candidates.sort_by_key(|n| {
         let serving = n.phase == Phase::InService;
-        let current = n.release.as_deref() == Some(t.release);
+        let current = n.is_current(t);
         // Earlier phases are further from serving: cheapest to give up.
         let phase_rank = Phase::ALL.iter().position(|p| *p == n.phase).unwrap_or(0);
         let launched = n.launched_at.map(|at| at.timestamp_millis()).unwrap_or(0);

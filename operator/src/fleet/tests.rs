@@ -13,6 +13,7 @@ fn node(id: &str, phase: Phase, release: &str, minutes_old: i64) -> Node {
         phase,
         state: InstanceState::Running,
         release: Some(release.into()),
+        config: Some("cfg1".into()),
         subnet: Some(if id.ends_with(['1', '3', '5', '7', '9']) { "subnet-a" } else { "subnet-b" }.into()),
         launched_at: Some(now() - Duration::minutes(minutes_old)),
         protected: false,
@@ -33,6 +34,7 @@ fn target(desired: u32) -> Target<'static> {
     Target {
         desired,
         release: "v2",
+        config: "cfg1",
         rollout_halted: false,
         rolling_back_from: None,
         rollout: Rollout {
@@ -227,6 +229,15 @@ fn rollout_with_no_unavailability_surges_first() {
 }
 
 #[test]
+fn a_config_change_rolls_like_a_release() {
+    let mut old_config = serving("i-1", "v2", 10);
+    old_config.config = Some("cfg0".into());
+    let d = diff(&[old_config, serving("i-2", "v2", 20)], &target(2));
+    assert_eq!(d.outdated, 1);
+    assert_eq!(started(&d), [("i-1".into(), "update")]);
+}
+
+#[test]
 fn halted_rollout_updates_nothing() {
     let mut t = target(2);
     t.rollout_halted = true;
@@ -284,6 +295,7 @@ fn arb_node() -> impl Strategy<Value = Node> {
             phase,
             state,
             release: Some(if on_v2 { "v2" } else { "v1" }.into()),
+            config: Some("cfg1".into()),
             subnet: Some(if id % 2 == 0 { "subnet-a" } else { "subnet-b" }.into()),
             launched_at: Some(now() - Duration::minutes(age)),
             protected,
