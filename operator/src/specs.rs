@@ -1,0 +1,200 @@
+//! The spec directory, as the operator sees it: the valid clusters, the
+//! problems, what changed since the last look, and a file watcher that
+//! says when to look again.
+//!
+//! Each cluster also carries two hashes: the spec's (status shows which spec
+//! it reflects) and the provisioning config's (runbook + vars + env file):
+//! when the latter changes, nodes are re-provisioned in a rolling way.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hangar_crds::load::{load_dir, LoadError};
+use hangar_crds::{LoadedCluster, Problem};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+/// One valid cluster spec and what it depends on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterSpecEntry {
+    pub loaded: LoadedCluster,
+    /// sha256 of the spec (hex, 16 chars).
+    pub spec_hash: String,
+    /// sha256 of runbook + vars + env file (hex, 12 chars): the
+    /// `hangar:config` tag value.
+    pub config_hash: String,
+}
+
+impl ClusterSpecEntry {
+    pub fn name(&self) -> &str {
+        self.loaded.name()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpecSet {
+    pub clusters: BTreeMap<String, ClusterSpecEntry>,
+    pub problems: Vec<Problem>,
+}
+
+impl SpecSet {
+    /// Loads the directory. Files a spec refers to that cannot be read are
+    /// problems of that spec (it is left out), like any other.
+    pub fn load(dir: &Path) -> Result<SpecSet, LoadError> {
+        let report = load_dir(dir)?;
+        let mut set = SpecSet {
+            clusters: BTreeMap::new(),
+            problems: report.problems,
+        };
+        for loaded in report.clusters {
+            match config_hash(&loaded) {
+                Ok(config_hash) => {
+                    let spec_hash = spec_hash(&loaded);
+                    set.clusters.insert(
+                        loaded.name().to_string(),
+                        ClusterSpecEntry {
+                            loaded,
+                            spec_hash,
+                            config_hash,
+                        },
+                    );
+                }
+                Err((path, e)) => set.problems.push(Problem {
+                    file: loaded.file.clone(),
+                    line: Some(loaded.line),
+                    column: None,
+                    path: "spec.provision".into(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                }),
+            }
+        }
+        Ok(set)
+    }
+
+    /// Names of clusters added, removed or changed between `self` and `newer`.
+    pub fn changed(&self, newer: &SpecSet) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for (name, entry) in &newer.clusters {
+            let same = self
+                .clusters
+                .get(name)
+                .is_some_and(|old| old.spec_hash == entry.spec_hash && old.config_hash == entry.config_hash);
+            if !same {
+                names.push(name.clone());
+            }
+        }
+        names.extend(self.clusters.keys().filter(|n| !newer.clusters.contains_key(*n)).cloned());
+        names.sort();
+        names
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ClusterSpecEntry> {
+        self.clusters.get(name)
+    }
+}
+
+fn hex_prefix(digest: &[u8], chars: usize) -> String {
+    let mut s = hex::encode(digest);
+    s.truncate(chars);
+    s
+}
+
+fn spec_hash(loaded: &LoadedCluster) -> String {
+    let json = serde_json::to_vec(&loaded.cluster).unwrap_or_default();
+    hex_prefix(&Sha256::digest(&json), 16)
+}
+
+fn config_hash(loaded: &LoadedCluster) -> Result<String, (PathBuf, std::io::Error)> {
+    let mut h = Sha256::new();
+    let runbook = loaded.runbook_path();
+    h.update(std::fs::read(&runbook).map_err(|e| (runbook, e))?);
+    h.update([0]);
+    for (k, v) in &loaded.cluster.spec.provision.vars {
+        h.update(k.as_bytes());
+        h.update([b'=']);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    if let Some(env) = loaded.env_file_path() {
+        h.update(std::fs::read(&env).map_err(|e| (env, e))?);
+    }
+    // What the runbook is run with also includes where releases live.
+    h.update(loaded.cluster.spec.release.app_root.as_bytes());
+    Ok(hex_prefix(&h.finalize(), 12))
+}
+
+/// Watches `dir` (recursively) and sends `()` on every change. The runtime
+/// debounces; a missed event is caught by the periodic resync anyway.
+pub fn watch(dir: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(e) = event {
+            if !e.kind.is_access() {
+                let _ = tx.send(());
+            }
+        }
+    })?;
+    watcher.watch(dir, RecursiveMode::Recursive)?;
+    Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_spec(dir: &Path, file: &str, name: &str, min: u32) {
+        let text = format!(
+            r#"apiVersion: hangar/v1alpha1
+kind: Cluster
+metadata: {{ name: {name} }}
+spec:
+  region: eu-west-1
+  instances: {{ launchTemplate: lt-1, subnets: [subnet-1] }}
+  loadBalancer: {{ targetGroupArn: "arn:aws:elasticloadbalancing:eu-west-1:1:targetgroup/web/1" }}
+  capacity: {{ min: {min}, max: 5 }}
+  ssh: {{ user: deploy, privateKeyFile: /k }}
+  provision: {{ runbook: runbook.yaml }}
+  release: {{ id: v1, artifact: "s3://b/k", sha256: "{sha}" }}
+"#,
+            sha = "a".repeat(64)
+        );
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+
+    #[test]
+    fn detects_added_changed_removed_and_config_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("specs")).unwrap();
+        let specs = dir.path().join("specs");
+        std::fs::write(specs.join("runbook.yaml"), "steps: []\n").unwrap();
+        write_spec(&specs, "web.yaml", "web", 1);
+        write_spec(&specs, "api.yaml", "api", 1);
+        let a = SpecSet::load(&specs).unwrap();
+        assert_eq!(a.clusters.len(), 2);
+
+        write_spec(&specs, "web.yaml", "web", 2);
+        std::fs::remove_file(specs.join("api.yaml")).unwrap();
+        write_spec(&specs, "jobs.yaml", "jobs", 1);
+        let b = SpecSet::load(&specs).unwrap();
+        assert_eq!(a.changed(&b), ["api", "jobs", "web"]);
+        assert_eq!(b.changed(&b), Vec::<String>::new());
+
+        let before = b.get("web").unwrap().config_hash.clone();
+        std::fs::write(specs.join("runbook.yaml"), "steps: [] # changed\n").unwrap();
+        let c = SpecSet::load(&specs).unwrap();
+        assert_ne!(c.get("web").unwrap().config_hash, before, "a runbook edit changes the config hash");
+        assert_eq!(b.changed(&c), ["jobs", "web"]);
+    }
+
+    #[tokio::test]
+    async fn the_watcher_reports_edits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _w = watch(dir.path(), tx).unwrap();
+        std::fs::write(dir.path().join("x.yaml"), "a: 1\n").unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a change event within 5s")
+            .expect("channel open");
+    }
+}
