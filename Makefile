@@ -1,0 +1,16 @@
+# The two commands of the quickstart, plus the checks CI runs.
+.PHONY: demo test lint
+
+# Runs hangar's main job on the local cloud: spec → nodes launched,
+# provisioned, released, registered, scaled out under load and back in.
+demo:
+	./infra/local/demo
+
+# Installs the prerequisites (once) and runs every test.
+test:
+	./infra/local/setup
+	cargo test --workspace
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
