@@ -51,6 +51,10 @@ pub trait Compute: Send + Sync {
         release: Option<&str>,
     ) -> Result<(), CloudError>;
 
+    /// Records on an owned instance the provisioning config hash it was
+    /// provisioned with (`hangar:config`).
+    async fn set_config(&self, id: &str, config: &str) -> Result<(), CloudError>;
+
     /// Terminates owned instances; refuses the whole call with
     /// [`CloudError::NotOwned`] if any id is not this owner's.
     async fn terminate(&self, ids: &[String]) -> Result<(), CloudError>;

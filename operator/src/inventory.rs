@@ -43,7 +43,11 @@ impl Inventory {
 
     /// The region's instances, refreshed if older than the maximum age.
     /// Concurrent callers wait for one refresh instead of each listing.
-    pub async fn instances(&self, region: &str, compute: &dyn Compute) -> Result<Arc<Vec<Instance>>, CloudError> {
+    pub async fn instances(
+        &self,
+        region: &str,
+        compute: &dyn Compute,
+    ) -> Result<Arc<Vec<Instance>>, CloudError> {
         let slot = self.region(region);
         let mut snap = slot.lock().await;
         let fresh = snap.taken.is_some_and(|t| t.elapsed() <= self.max_age);
@@ -79,17 +83,27 @@ impl Inventory {
         .await;
     }
 
-    pub async fn set_phase(&self, region: &str, id: &str, phase: Phase, release: Option<&str>, config: Option<&str>) {
+    pub async fn set_phase(
+        &self,
+        region: &str,
+        id: &str,
+        phase: Phase,
+        release: Option<&str>,
+        config: Option<&str>,
+    ) {
         self.edit(region, |list| {
             if let Some(i) = list.iter_mut().find(|i| i.id == id) {
                 i.phase = Some(phase);
-                i.tags.insert(hangar_cloud::tags::PHASE.into(), phase.to_string());
+                i.tags
+                    .insert(hangar_cloud::tags::PHASE.into(), phase.to_string());
                 if let Some(r) = release {
                     i.release = Some(r.to_string());
-                    i.tags.insert(hangar_cloud::tags::RELEASE.into(), r.to_string());
+                    i.tags
+                        .insert(hangar_cloud::tags::RELEASE.into(), r.to_string());
                 }
                 if let Some(c) = config {
-                    i.tags.insert(hangar_cloud::tags::CONFIG.into(), c.to_string());
+                    i.tags
+                        .insert(hangar_cloud::tags::CONFIG.into(), c.to_string());
                 }
             }
         })
@@ -151,6 +165,9 @@ mod tests {
         async fn set_phase(&self, _: &str, _: Phase, _: Option<&str>) -> Result<(), CloudError> {
             unreachable!()
         }
+        async fn set_config(&self, _: &str, _: &str) -> Result<(), CloudError> {
+            unreachable!()
+        }
         async fn terminate(&self, _: &[String]) -> Result<(), CloudError> {
             unreachable!()
         }
@@ -163,7 +180,9 @@ mod tests {
         let calls: Vec<_> = (0..20)
             .map(|_| {
                 let (inv, c) = (inv.clone(), compute.clone());
-                tokio::spawn(async move { inv.instances("eu-west-1", c.as_ref()).await.unwrap().len() })
+                tokio::spawn(
+                    async move { inv.instances("eu-west-1", c.as_ref()).await.unwrap().len() },
+                )
             })
             .collect();
         for c in calls {
@@ -184,13 +203,27 @@ mod tests {
         let inv = Inventory::new(Duration::from_secs(60));
         inv.instances("r", &compute).await.unwrap();
         inv.launched("r", vec![instance("i-2")]).await;
-        inv.set_phase("r", "i-1", Phase::InService, Some("v2"), Some("cfg")).await;
+        inv.set_phase("r", "i-1", Phase::InService, Some("v2"), Some("cfg"))
+            .await;
         inv.terminated("r", "i-2").await;
         let list = inv.instances("r", &compute).await.unwrap();
-        assert_eq!(compute.0.load(Ordering::SeqCst), 1, "served from the snapshot");
+        assert_eq!(
+            compute.0.load(Ordering::SeqCst),
+            1,
+            "served from the snapshot"
+        );
         let i1 = list.iter().find(|i| i.id == "i-1").unwrap();
-        assert_eq!((i1.phase, i1.release.as_deref()), (Some(Phase::InService), Some("v2")));
-        assert_eq!(i1.tags.get(hangar_cloud::tags::CONFIG).map(String::as_str), Some("cfg"));
-        assert_eq!(list.iter().find(|i| i.id == "i-2").unwrap().state, InstanceState::ShuttingDown);
+        assert_eq!(
+            (i1.phase, i1.release.as_deref()),
+            (Some(Phase::InService), Some("v2"))
+        );
+        assert_eq!(
+            i1.tags.get(hangar_cloud::tags::CONFIG).map(String::as_str),
+            Some("cfg")
+        );
+        assert_eq!(
+            list.iter().find(|i| i.id == "i-2").unwrap().state,
+            InstanceState::ShuttingDown
+        );
     }
 }

@@ -35,6 +35,9 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     pub release: ReleaseStatus,
     pub last_metric: Option<Observation>,
+    /// When the traffic metric was last read (evaluations are spaced by
+    /// `autoscaling.evaluationInterval`).
+    pub last_eval_at: Option<DateTime<Utc>>,
     pub last_decision: Option<DecisionRecord>,
     pub conditions: Vec<Condition>,
     pub activities: VecDeque<Activity>,
@@ -42,6 +45,10 @@ pub struct ClusterStatus {
     pub history: History,
     /// Consecutive node failures (launch backoff grows with it).
     pub node_failures: u32,
+    /// Nodes whose task gave up for good, to be replaced (id → why).
+    pub failed_nodes: BTreeMap<String, String>,
+    /// The last error seen per node (id → message), shown in status.
+    pub node_errors: BTreeMap<String, String>,
     /// Launches wait until then after repeated node failures.
     pub launch_backoff_until: Option<DateTime<Utc>>,
     /// The last spec applied, so a deleted spec's deletion policy is known.
@@ -85,8 +92,19 @@ pub struct ReleaseStatus {
     pub activated_at: Option<DateTime<Utc>>,
     /// In-service nodes not yet on the target.
     pub outdated: u32,
+    /// Artifacts of recent releases, so the last good one can still be
+    /// shipped after the spec moved on.
+    pub known: BTreeMap<String, KnownRelease>,
     /// Nodes on the target release.
     pub on_target: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KnownRelease {
+    pub artifact: String,
+    pub sha256: String,
+    pub first_seen: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -136,7 +154,13 @@ impl ClusterStatus {
         }
     }
 
-    pub fn record(&mut self, at: DateTime<Utc>, kind: &str, node: Option<&str>, message: impl Into<String>) {
+    pub fn record(
+        &mut self,
+        at: DateTime<Utc>,
+        kind: &str,
+        node: Option<&str>,
+        message: impl Into<String>,
+    ) {
         self.activities.push_front(Activity {
             at,
             kind: kind.to_string(),
@@ -147,7 +171,14 @@ impl ClusterStatus {
     }
 
     /// Sets a condition, keeping `since` when nothing about it changed.
-    pub fn set_condition(&mut self, kind: ConditionType, status: bool, reason: &str, message: impl Into<String>, now: DateTime<Utc>) {
+    pub fn set_condition(
+        &mut self,
+        kind: ConditionType,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+        now: DateTime<Utc>,
+    ) {
         let message = message.into();
         match self.conditions.iter_mut().find(|c| c.kind == kind) {
             Some(c) if c.status == status && c.reason == reason => c.message = message,
@@ -196,15 +227,24 @@ pub struct StatusStore {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("status store {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("status file {}: {source}", path.display())]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 impl StatusStore {
     pub fn open(state_dir: &Path) -> Result<StatusStore, StoreError> {
         let dir = state_dir.join("clusters");
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(StatusStore { dir })
     }
 
@@ -220,7 +260,10 @@ impl StatusStore {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(source) => {
-                errors.push(StoreError::Io { path: self.dir.clone(), source });
+                errors.push(StoreError::Io {
+                    path: self.dir.clone(),
+                    source,
+                });
                 return (out, errors);
             }
         };
@@ -245,8 +288,14 @@ impl StatusStore {
     pub fn save(&self, status: &ClusterStatus) -> Result<(), StoreError> {
         let path = self.path(&status.name);
         let tmp = self.dir.join(format!(".{}.json.tmp", status.name));
-        let io = |source| StoreError::Io { path: path.clone(), source };
-        let bytes = serde_json::to_vec_pretty(status).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(status).map_err(|source| StoreError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(&bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
@@ -257,7 +306,9 @@ impl StatusStore {
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
         let path = self.path(name);
         match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io { path, source: e }),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::Io { path, source: e })
+            }
             _ => Ok(()),
         }
     }
@@ -277,7 +328,10 @@ mod tests {
         s.set_condition(ConditionType::Ready, false, "Scaling", "1/2 in service", t0);
         s.set_condition(ConditionType::Ready, false, "Scaling", "still 1/2", t1);
         assert_eq!(s.condition(ConditionType::Ready).unwrap().since, t0);
-        assert_eq!(s.condition(ConditionType::Ready).unwrap().message, "still 1/2");
+        assert_eq!(
+            s.condition(ConditionType::Ready).unwrap().message,
+            "still 1/2"
+        );
         s.set_condition(ConditionType::Ready, true, "AllInService", "2/2", t1);
         assert_eq!(s.condition(ConditionType::Ready).unwrap().since, t1);
     }
