@@ -2,6 +2,7 @@
 //! problems" (invalid specs), 2 hangar itself could not do its job.
 
 mod plan;
+mod status;
 mod validate;
 
 use std::net::SocketAddr;
@@ -93,6 +94,8 @@ pub enum Command {
     /// Show what the planner decides for each cluster (offline: time and
     /// traffic are given on the command line).
     Plan(plan::PlanArgs),
+    /// Show what a running operator reports (clusters, nodes, activity).
+    Status(status::StatusArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -103,5 +106,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(args) => plan::run(args, &cli.global),
+        Command::Status(args) => status::run(args, &cli.global),
     }
 }
