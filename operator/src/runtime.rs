@@ -16,7 +16,7 @@ use crate::reconcile::{CloudProvider, LoopSettings, Operator};
 use crate::settings::Settings;
 use crate::specs::SpecSet;
 use crate::status::{StatusStore, StoreError};
-use crate::telemetry::Telemetry;
+use crate::telemetry::{ApiStats, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -37,12 +37,16 @@ pub async fn run(
     settings: Settings,
     loop_settings: Option<LoopSettings>,
     clouds: Arc<dyn CloudProvider>,
+    api_stats: Option<Arc<dyn ApiStats>>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let _lease = Lease::acquire(&settings.state_dir, &settings.owner)?;
     let store = StatusStore::open(&settings.state_dir)?;
     let board = Arc::new(Board::default());
     let telemetry = Telemetry::new();
+    if let Some(stats) = api_stats {
+        telemetry.set_api_stats(stats);
+    }
     let (triggers, trigger_rx) = TriggerSender::channel();
     let loop_settings = loop_settings.unwrap_or_else(|| LoopSettings::new(settings.state_dir.clone(), settings.owner.clone()));
     let resync = loop_settings.resync;

@@ -3,11 +3,12 @@
 //! Label sets stay small on purpose: per cluster and per phase/kind, never
 //! per node or per request, so a 1,000-cluster operator stays scrapeable.
 
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -43,8 +44,62 @@ pub struct KindLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
+    pub service: String,
     pub operation: String,
-    pub outcome: String,
+}
+
+/// Cumulative counters of one cloud API operation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiSample {
+    pub service: String,
+    pub operation: String,
+    pub calls: u64,
+    pub retries: u64,
+    pub throttles: u64,
+    pub errors: u64,
+}
+
+/// Where API counters come from (the cloud layer keeps them); read on
+/// every scrape, so the exported numbers are never stale copies.
+pub trait ApiStats: Send + Sync {
+    fn sample(&self) -> Vec<ApiSample>;
+}
+
+#[derive(Clone, Default)]
+struct ApiCollector {
+    source: Arc<RwLock<Option<Arc<dyn ApiStats>>>>,
+}
+
+impl std::fmt::Debug for ApiCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiCollector")
+    }
+}
+
+impl Collector for ApiCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let samples = match self.source.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(src) => src.sample(),
+            None => return Ok(()),
+        };
+        let families: [(&str, &str, fn(&ApiSample) -> u64); 4] = [
+            ("cloud_api_calls", "Cloud API calls by service and operation", |s| s.calls),
+            ("cloud_api_retries", "Retried attempts (backoff) by service and operation", |s| s.retries),
+            ("cloud_api_throttles", "Attempts the cloud throttled", |s| s.throttles),
+            ("cloud_api_errors", "Calls that failed after retries", |s| s.errors),
+        ];
+        for (name, help, value) in families {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for s in &samples {
+                let labels = ApiLabels {
+                    service: s.service.clone(),
+                    operation: s.operation.clone(),
+                };
+                ConstCounter::new(value(s)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Every metric hangar exports, cheap to clone (shared handles).
@@ -59,8 +114,8 @@ pub struct Telemetry {
     pub rollouts: Family<ResultLabels, Counter>,
     pub node_tasks: Family<TaskLabels, Counter>,
     pub ssh_errors: Family<KindLabel, Counter>,
-    pub cloud_api_calls: Family<ApiLabels, Counter<u64, AtomicU64>>,
     pub spec_problems: Gauge,
+    api: ApiCollector,
 }
 
 impl Default for Telemetry {
@@ -79,11 +134,19 @@ impl Telemetry {
             reconcile_duration.clone(),
         );
         let reconcile_errors = Family::default();
-        registry.register("reconcile_errors", "Reconciles that failed, per cluster", reconcile_errors.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, per cluster",
+            reconcile_errors.clone(),
+        );
         let nodes = Family::default();
         registry.register("nodes", "Nodes per cluster and phase", nodes.clone());
         let desired_nodes = Family::default();
-        registry.register("desired_nodes", "Node count the planner wants", desired_nodes.clone());
+        registry.register(
+            "desired_nodes",
+            "Node count the planner wants",
+            desired_nodes.clone(),
+        );
         let scaling_actions = Family::default();
         registry.register(
             "scaling_actions",
@@ -104,14 +167,14 @@ impl Telemetry {
         );
         let ssh_errors = Family::default();
         registry.register("ssh_errors", "SSH failures by kind", ssh_errors.clone());
-        let cloud_api_calls = Family::default();
-        registry.register(
-            "cloud_api_calls",
-            "Cloud API calls by operation and outcome (ok, throttled, error)",
-            cloud_api_calls.clone(),
-        );
+        let api = ApiCollector::default();
+        registry.register_collector(Box::new(api.clone()));
         let spec_problems = Gauge::default();
-        registry.register("spec_problems", "Problems in the spec directory", spec_problems.clone());
+        registry.register(
+            "spec_problems",
+            "Problems in the spec directory",
+            spec_problems.clone(),
+        );
         Telemetry {
             registry: Arc::new(Mutex::new(registry)),
             reconcile_duration,
@@ -122,9 +185,14 @@ impl Telemetry {
             rollouts,
             node_tasks,
             ssh_errors,
-            cloud_api_calls,
             spec_problems,
+            api,
         }
+    }
+
+    /// Exports the cloud layer's API counters from now on.
+    pub fn set_api_stats(&self, source: Arc<dyn ApiStats>) {
+        *self.api.source.write().unwrap_or_else(|e| e.into_inner()) = Some(source);
     }
 
     /// The text exposition format.
@@ -156,10 +224,21 @@ mod tests {
                 phase: "in-service".into(),
             })
             .set(3);
-        t.reconcile_errors.get_or_create(&Telemetry::cluster("web")).inc();
+        t.reconcile_errors
+            .get_or_create(&Telemetry::cluster("web"))
+            .inc();
         let text = t.encode();
-        assert!(text.contains("hangar_nodes{cluster=\"web\",phase=\"in-service\"} 3"), "{text}");
-        assert!(text.contains("hangar_reconcile_errors_total{cluster=\"web\"} 1"), "{text}");
-        assert!(text.contains("# TYPE hangar_reconcile_duration_seconds histogram"), "{text}");
+        assert!(
+            text.contains("hangar_nodes{cluster=\"web\",phase=\"in-service\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hangar_reconcile_errors_total{cluster=\"web\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE hangar_reconcile_duration_seconds histogram"),
+            "{text}"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! problems" (invalid specs), 2 hangar itself could not do its job.
 
 mod plan;
+mod run;
 mod status;
 mod validate;
 
@@ -94,6 +95,9 @@ pub enum Command {
     /// Show what the planner decides for each cluster (offline: time and
     /// traffic are given on the command line).
     Plan(plan::PlanArgs),
+    /// Run the operator: keep every cluster in the spec directory in shape
+    /// until SIGTERM/SIGINT.
+    Run(run::RunArgs),
     /// Show what a running operator reports (clusters, nodes, activity).
     Status(status::StatusArgs),
 }
@@ -106,6 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(args) => plan::run(args, &cli.global),
+        Command::Run(args) => run::run(args, &cli.global),
         Command::Status(args) => status::run(args, &cli.global),
     }
 }
