@@ -241,4 +241,30 @@ mod tests {
             "{text}"
         );
     }
+
+    struct Fixed;
+    impl ApiStats for Fixed {
+        fn sample(&self) -> Vec<ApiSample> {
+            vec![ApiSample {
+                service: "ec2".into(),
+                operation: "DescribeInstances".into(),
+                calls: 7,
+                retries: 2,
+                throttles: 1,
+                errors: 0,
+            }]
+        }
+    }
+
+    #[test]
+    fn exports_cloud_api_counters_read_at_scrape_time() {
+        let t = Telemetry::new();
+        assert!(!t.encode().contains("hangar_cloud_api_calls_total{"));
+        t.set_api_stats(Arc::new(Fixed));
+        let text = t.encode();
+        let series = |name: &str, v: u64| format!("{name}{{service=\"ec2\",operation=\"DescribeInstances\"}} {v}");
+        assert!(text.contains(&series("hangar_cloud_api_calls_total", 7)), "{text}");
+        assert!(text.contains(&series("hangar_cloud_api_throttles_total", 1)), "{text}");
+        assert!(text.contains(&series("hangar_cloud_api_retries_total", 2)), "{text}");
+    }
 }
