@@ -72,7 +72,10 @@ pub struct Node {
 
 impl Node {
     fn is_gone(&self) -> bool {
-        matches!(self.state, InstanceState::ShuttingDown | InstanceState::Terminated)
+        matches!(
+            self.state,
+            InstanceState::ShuttingDown | InstanceState::Terminated
+        )
     }
 
     /// On the target release and config.
@@ -81,7 +84,8 @@ impl Node {
     }
 
     fn is_leaving(&self) -> bool {
-        matches!(self.phase, Phase::Draining | Phase::Terminating) || matches!(self.task, Some(Task::Drain { .. }))
+        matches!(self.phase, Phase::Draining | Phase::Terminating)
+            || matches!(self.task, Some(Task::Drain { .. }))
     }
 }
 
@@ -112,11 +116,20 @@ pub struct Target<'a> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum Action {
-    Launch { subnet: String, count: u32 },
-    Start { node: String, task: Task },
+    Launch {
+        subnet: String,
+        count: u32,
+    },
+    Start {
+        node: String,
+        task: Task,
+    },
     /// Ask a running task to stop at its next safe point (its node was
     /// chosen for something else, e.g. scale-in).
-    Cancel { node: String, reason: String },
+    Cancel {
+        node: String,
+        reason: String,
+    },
 }
 
 /// The actions, plus the counts and words status shows.
@@ -142,7 +155,12 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
         if n.is_leaving() {
             leaving.insert(&n.id);
             if n.task.is_none() {
-                out.start(n, Task::Drain { reason: "resume drain".into() });
+                out.start(
+                    n,
+                    Task::Drain {
+                        reason: "resume drain".into(),
+                    },
+                );
             }
         } else if matches!(n.state, InstanceState::Stopping | InstanceState::Stopped) {
             leaving.insert(&n.id);
@@ -156,17 +174,27 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
     // 2. Self-healing: in-service nodes unhealthy for too long, a few at a time,
     //    never the last healthy one.
     let in_service = |n: &&&Node| n.phase == Phase::InService && !leaving.contains(n.id.as_str());
-    let healthy_in_service = live.iter().filter(in_service).filter(|n| n.unhealthy_since.is_none()).count();
+    let healthy_in_service = live
+        .iter()
+        .filter(in_service)
+        .filter(|n| n.unhealthy_since.is_none())
+        .count();
     let already_healing = live
         .iter()
-        .filter(|n| matches!(&n.task, Some(Task::Drain { reason }) if reason.starts_with("unhealthy")))
+        .filter(
+            |n| matches!(&n.task, Some(Task::Drain { reason }) if reason.starts_with("unhealthy")),
+        )
         .count() as u32;
     let mut heal_budget = t.self_healing.max_unhealthy.saturating_sub(already_healing);
-    let after = chrono::Duration::from_std(t.self_healing.unhealthy_after.get()).unwrap_or(chrono::Duration::MAX);
+    let after = chrono::Duration::from_std(t.self_healing.unhealthy_after.get())
+        .unwrap_or(chrono::Duration::MAX);
     let mut sick: Vec<&&Node> = live
         .iter()
         .filter(in_service)
-        .filter(|n| n.unhealthy_since.is_some_and(|s| t.now.signed_duration_since(s) >= after))
+        .filter(|n| {
+            n.unhealthy_since
+                .is_some_and(|s| t.now.signed_duration_since(s) >= after)
+        })
         .collect();
     sick.sort_by_key(|n| n.unhealthy_since);
     for n in sick {
@@ -178,7 +206,10 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
             break;
         }
         if heal_budget == 0 {
-            out.notes.push(format!("{} unhealthy: waiting, maxUnhealthy replacements in progress", n.id));
+            out.notes.push(format!(
+                "{} unhealthy: waiting, maxUnhealthy replacements in progress",
+                n.id
+            ));
             continue;
         }
         heal_budget -= 1;
@@ -186,14 +217,24 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
         out.replace(n, "unhealthy".to_string());
     }
 
-    let staying: Vec<&Node> = live.iter().copied().filter(|n| !leaving.contains(n.id.as_str())).collect();
+    let staying: Vec<&Node> = live
+        .iter()
+        .copied()
+        .filter(|n| !leaving.contains(n.id.as_str()))
+        .collect();
 
     // 3. Rollout accounting.
-    let serving: Vec<&Node> = staying.iter().copied().filter(|n| n.phase == Phase::InService).collect();
+    let serving: Vec<&Node> = staying
+        .iter()
+        .copied()
+        .filter(|n| n.phase == Phase::InService)
+        .collect();
     let outdated: Vec<&Node> = serving
         .iter()
         .copied()
-        .filter(|n| !n.is_current(t) && !matches!(n.task, Some(Task::Update { .. } | Task::Rollback { .. })))
+        .filter(|n| {
+            !n.is_current(t) && !matches!(n.task, Some(Task::Update { .. } | Task::Rollback { .. }))
+        })
         .collect();
     // Every update in flight uses the budget, whatever happened to its node since.
     let updating = nodes
@@ -201,7 +242,8 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
         .filter(|n| matches!(n.task, Some(Task::Update { .. })))
         .count() as u32;
     out.outdated = outdated.len() as u32;
-    let rolling = !t.rollout_halted && t.rolling_back_from.is_none() && (out.outdated > 0 || updating > 0);
+    let rolling =
+        !t.rollout_halted && t.rolling_back_from.is_none() && (out.outdated > 0 || updating > 0);
     out.surge = if rolling && t.rollout.max_unavailable == 0 {
         t.rollout.max_surge.min(out.outdated + updating)
     } else {
@@ -217,9 +259,14 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
             for (subnet, count) in spread(missing, t.subnets, &staying) {
                 out.actions.push(Action::Launch { subnet, count });
             }
-            out.notes.push(format!("launching {missing} (have {}, want {want})", out.counted));
+            out.notes.push(format!(
+                "launching {missing} (have {}, want {want})",
+                out.counted
+            ));
         } else {
-            out.notes.push(format!("{missing} missing, but launches are backing off after failures"));
+            out.notes.push(format!(
+                "{missing} missing, but launches are backing off after failures"
+            ));
         }
     }
     let mut chosen: BTreeSet<&str> = BTreeSet::new();
@@ -240,7 +287,12 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
                     reason: "scale-in".into(),
                 });
             } else if n.task.is_none() {
-                out.start(n, Task::Drain { reason: "scale-in".into() });
+                out.start(
+                    n,
+                    Task::Drain {
+                        reason: "scale-in".into(),
+                    },
+                );
             }
         }
     }
@@ -295,7 +347,10 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
             );
         }
         if out.outdated > 0 {
-            out.notes.push(format!("rollout of {}: {} node(s) to go", t.release, out.outdated));
+            out.notes.push(format!(
+                "rollout of {}: {} node(s) to go",
+                t.release, out.outdated
+            ));
         }
     } else if t.rollout_halted && out.outdated > 0 {
         out.notes.push(format!(
@@ -365,7 +420,12 @@ pub fn spread(count: u32, subnets: &[String], staying: &[&Node]) -> Vec<(String,
     }
     let mut load: Vec<u32> = subnets
         .iter()
-        .map(|s| staying.iter().filter(|n| n.subnet.as_deref() == Some(s)).count() as u32)
+        .map(|s| {
+            staying
+                .iter()
+                .filter(|n| n.subnet.as_deref() == Some(s))
+                .count() as u32
+        })
         .collect();
     let mut add: BTreeMap<usize, u32> = BTreeMap::new();
     for _ in 0..count {
@@ -377,7 +437,9 @@ pub fn spread(count: u32, subnets: &[String], staying: &[&Node]) -> Vec<(String,
         load[i] += 1;
         *add.entry(i).or_default() += 1;
     }
-    add.into_iter().map(|(i, n)| (subnets[i].clone(), n)).collect()
+    add.into_iter()
+        .map(|(i, n)| (subnets[i].clone(), n))
+        .collect()
 }
 
 #[cfg(test)]

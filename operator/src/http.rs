@@ -63,7 +63,10 @@ impl Board {
     }
 
     pub fn forget(&self, name: &str) {
-        self.clusters.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.clusters
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
     }
 
     pub fn set_problems(&self, problems: Vec<ProblemView>) {
@@ -75,15 +78,27 @@ impl Board {
     }
 
     pub fn clusters(&self) -> Vec<ClusterStatus> {
-        self.clusters.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.clusters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn cluster(&self, name: &str) -> Option<ClusterStatus> {
-        self.clusters.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.clusters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     pub fn problems(&self) -> Vec<ProblemView> {
-        self.problems.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.problems
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -114,7 +129,10 @@ async fn readyz(State(s): State<AppState>) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.telemetry.encode(),
     )
         .into_response()
@@ -127,7 +145,11 @@ async fn clusters(State(s): State<AppState>) -> Json<Vec<ClusterStatus>> {
 async fn cluster(State(s): State<AppState>, Path(name): Path<String>) -> Response {
     match s.board.cluster(&name) {
         Some(c) => Json(c).into_response(),
-        None => (StatusCode::NOT_FOUND, format!("no cluster named `{name}`\n")).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no cluster named `{name}`\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -161,10 +183,15 @@ mod tests {
 
     async fn get(app: &Router, path: &str) -> (StatusCode, String) {
         use tower::ServiceExt as _;
-        let req = axum::http::Request::builder().uri(path).body(axum::body::Body::empty()).unwrap();
+        let req = axum::http::Request::builder()
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
         let resp = app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
-        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
@@ -174,7 +201,10 @@ mod tests {
         let telemetry = Telemetry::new();
         let app = router(board.clone(), telemetry.clone());
         assert_eq!(get(&app, "/healthz").await.0, StatusCode::OK);
-        assert_eq!(get(&app, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            get(&app, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         board.set_ready(true);
         assert_eq!(get(&app, "/readyz").await.0, StatusCode::OK);
 
@@ -188,7 +218,10 @@ mod tests {
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].desired, 2);
         assert_eq!(get(&app, "/api/v1/clusters/web").await.0, StatusCode::OK);
-        assert_eq!(get(&app, "/api/v1/clusters/nope").await.0, StatusCode::NOT_FOUND);
+        assert_eq!(
+            get(&app, "/api/v1/clusters/nope").await.0,
+            StatusCode::NOT_FOUND
+        );
 
         telemetry.spec_problems.set(2);
         let (code, body) = get(&app, "/metrics").await;

@@ -14,9 +14,16 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     #[error("another hangar (pid {holder}) already runs for owner `{owner}` (lease {})", path.display())]
-    Held { owner: String, holder: String, path: PathBuf },
+    Held {
+        owner: String,
+        holder: String,
+        path: PathBuf,
+    },
     #[error("lease {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Held for as long as the value lives.
@@ -29,7 +36,10 @@ pub struct Lease {
 impl Lease {
     pub fn acquire(state_dir: &Path, owner: &str) -> Result<Lease, LeaseError> {
         let path = state_dir.join(format!("lease-{owner}.lock"));
-        let io = |source| LeaseError::Io { path: path.clone(), source };
+        let io = |source| LeaseError::Io {
+            path: path.clone(),
+            source,
+        };
         std::fs::create_dir_all(state_dir).map_err(io)?;
         let mut file = OpenOptions::new()
             .read(true)
@@ -73,7 +83,10 @@ mod tests {
         let err = Lease::acquire(dir.path(), "prod").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("owner `prod`"), "{msg}");
-        assert!(msg.contains(&std::process::id().to_string()), "names the holder: {msg}");
+        assert!(
+            msg.contains(&std::process::id().to_string()),
+            "names the holder: {msg}"
+        );
         // Another owner id is independent.
         let _other = Lease::acquire(dir.path(), "staging").unwrap();
         drop(first);

@@ -36,7 +36,10 @@ pub enum Step {
     DrainHooks,
     Terminate,
     /// Write the phase tag (and the release tag when given).
-    SetPhase { phase: Phase, release: bool },
+    SetPhase {
+        phase: Phase,
+        release: bool,
+    },
 }
 
 /// What the executor needs to know about the node besides its phase.
@@ -98,7 +101,10 @@ fn drain_tail() -> Vec<Step> {
 
 fn advance_from(phase: Phase, facts: NodeFacts) -> Vec<Step> {
     use Step::*;
-    let set = |phase| SetPhase { phase, release: false };
+    let set = |phase| SetPhase {
+        phase,
+        release: false,
+    };
     let provision = || vec![AwaitReachable, Provision, set(Phase::Releasing)];
     // Out of service first: a node may carry `releasing` because an update
     // of a serving node was interrupted.
@@ -118,7 +124,9 @@ fn advance_from(phase: Phase, facts: NodeFacts) -> Vec<Step> {
         s
     };
     let verify = || vec![HealthCheck, Register, set(Phase::InService)];
-    let provisioned = NodeFacts { config_outdated: false };
+    let provisioned = NodeFacts {
+        config_outdated: false,
+    };
     match phase {
         Phase::Launching => [
             vec![AwaitReachable, set(Phase::Provisioning)],
@@ -130,7 +138,9 @@ fn advance_from(phase: Phase, facts: NodeFacts) -> Vec<Step> {
         Phase::Provisioning => [provision(), release(provisioned), verify()].concat(),
         Phase::Releasing => [release(facts), verify()].concat(),
         // Re-provisioning a verified node means re-activating behind it.
-        Phase::Verifying if facts.config_outdated => [vec![set(Phase::Releasing)], release(facts), verify()].concat(),
+        Phase::Verifying if facts.config_outdated => {
+            [vec![set(Phase::Releasing)], release(facts), verify()].concat()
+        }
         Phase::Verifying => verify(),
         // Nothing to advance: in service already, or on its way out.
         Phase::InService | Phase::Draining | Phase::Terminating => Vec::new(),
@@ -142,10 +152,15 @@ mod tests {
     use super::*;
     use Step::*;
 
-    const FRESH: NodeFacts = NodeFacts { config_outdated: false };
+    const FRESH: NodeFacts = NodeFacts {
+        config_outdated: false,
+    };
 
     fn set(phase: Phase) -> Step {
-        SetPhase { phase, release: false }
+        SetPhase {
+            phase,
+            release: false,
+        }
     }
 
     #[test]
@@ -177,15 +192,32 @@ mod tests {
         // Invariant 2, for every task and starting phase.
         for phase in Phase::ALL {
             for outdated in [false, true] {
-                for task in [Task::Advance, Task::Update { release: "v2".into() }] {
-                    let s = steps(&task, phase, NodeFacts { config_outdated: outdated });
+                for task in [
+                    Task::Advance,
+                    Task::Update {
+                        release: "v2".into(),
+                    },
+                ] {
+                    let s = steps(
+                        &task,
+                        phase,
+                        NodeFacts {
+                            config_outdated: outdated,
+                        },
+                    );
                     if let Some(reg) = s.iter().position(|x| *x == Register) {
-                        let health = s.iter().position(|x| *x == HealthCheck).expect("health before register");
+                        let health = s
+                            .iter()
+                            .position(|x| *x == HealthCheck)
+                            .expect("health before register");
                         assert!(health < reg, "{task:?} from {phase}: {s:?}");
                         // The release it verifies is the one last activated.
                         let activated = s.iter().rposition(|x| *x == Activate);
                         let resumed_verifying = phase == Phase::Verifying && !outdated;
-                        assert!(activated.is_some_and(|a| a < health) || resumed_verifying, "{task:?} from {phase}: {s:?}");
+                        assert!(
+                            activated.is_some_and(|a| a < health) || resumed_verifying,
+                            "{task:?} from {phase}: {s:?}"
+                        );
                         if let Some(p) = s.iter().rposition(|x| *x == Provision) {
                             assert!(p < activated.unwrap_or(0) || resumed_verifying);
                         }
@@ -201,18 +233,46 @@ mod tests {
         let pos = |step: &Step| s.iter().position(|x| x == step).unwrap();
         assert!(pos(&AwaitReachable) < pos(&set(Phase::Provisioning)));
         assert!(pos(&Provision) < pos(&set(Phase::Releasing)));
-        assert!(pos(&Activate) < pos(&SetPhase { phase: Phase::Verifying, release: true }));
+        assert!(
+            pos(&Activate)
+                < pos(&SetPhase {
+                    phase: Phase::Verifying,
+                    release: true
+                })
+        );
         assert!(pos(&Register) < pos(&set(Phase::InService)));
     }
 
     #[test]
     fn an_update_leaves_service_before_anything_changes_on_the_node() {
-        let s = steps(&Task::Update { release: "v2".into() }, Phase::InService, FRESH);
+        let s = steps(
+            &Task::Update {
+                release: "v2".into(),
+            },
+            Phase::InService,
+            FRESH,
+        );
         assert_eq!(s[0], set(Phase::Releasing));
         assert_eq!(s[1], LeaveService);
         assert!(!s.contains(&Provision));
-        let s = steps(&Task::Update { release: "v2".into() }, Phase::InService, NodeFacts { config_outdated: true });
-        assert_eq!(&s[..4], [set(Phase::Releasing), LeaveService, AwaitReachable, Provision]);
+        let s = steps(
+            &Task::Update {
+                release: "v2".into(),
+            },
+            Phase::InService,
+            NodeFacts {
+                config_outdated: true,
+            },
+        );
+        assert_eq!(
+            &s[..4],
+            [
+                set(Phase::Releasing),
+                LeaveService,
+                AwaitReachable,
+                Provision
+            ]
+        );
         assert_eq!(&s[4..6], [Ship, Activate]);
     }
 
@@ -227,8 +287,17 @@ mod tests {
     fn nothing_serving_is_terminated_before_deregistration_and_hooks() {
         // Invariant 3, from every phase.
         for phase in Phase::ALL {
-            let s = steps(&Task::Drain { reason: "scale-in".into() }, phase, FRESH);
-            let term = s.iter().position(|x| *x == Terminate).expect("drain terminates");
+            let s = steps(
+                &Task::Drain {
+                    reason: "scale-in".into(),
+                },
+                phase,
+                FRESH,
+            );
+            let term = s
+                .iter()
+                .position(|x| *x == Terminate)
+                .expect("drain terminates");
             if phase != Phase::Terminating {
                 let dereg = s.iter().position(|x| *x == Deregister).unwrap();
                 let hooks = s.iter().position(|x| *x == DrainHooks).unwrap();
@@ -240,8 +309,24 @@ mod tests {
 
     #[test]
     fn rollback_swaps_in_place_and_rechecks() {
-        let s = steps(&Task::Rollback { release: "v1".into() }, Phase::InService, FRESH);
-        assert_eq!(s, [Reactivate, HealthCheck, SetPhase { phase: Phase::InService, release: true }]);
+        let s = steps(
+            &Task::Rollback {
+                release: "v1".into(),
+            },
+            Phase::InService,
+            FRESH,
+        );
+        assert_eq!(
+            s,
+            [
+                Reactivate,
+                HealthCheck,
+                SetPhase {
+                    phase: Phase::InService,
+                    release: true
+                }
+            ]
+        );
     }
 
     #[test]

@@ -231,6 +231,23 @@ impl Reconciler for Operator {
     }
 }
 
+/// A pass, decided but not acted on.
+struct Decided {
+    cloud: Cloud,
+    seen: Observed,
+    before: Option<ClusterStatus>,
+    status: ClusterStatus,
+    diff: fleet::Diff,
+    serving: Vec<Instance>,
+}
+
+/// The result of [`Operator::preview`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Preview {
+    pub status: ClusterStatus,
+    pub diff: fleet::Diff,
+}
+
 /// What one pass saw, before deciding.
 struct Observed {
     instances: Vec<Instance>,
@@ -247,10 +264,12 @@ impl Operator {
         })
     }
 
-    async fn reconcile_cluster(&self, entry: &ClusterSpecEntry) -> Result<Action, ReconcileError> {
+    /// Observes a cluster and runs the pure core on it: everything a pass
+    /// does except acting. `live` folds in finished node tasks; a preview
+    /// (`hangar plan`) leaves them alone.
+    async fn decide(&self, entry: &ClusterSpecEntry, now: DateTime<Utc>, live: bool) -> Result<Decided, ReconcileError> {
         let name = entry.name().to_string();
         let spec = &entry.loaded.cluster.spec;
-        let now = Utc::now();
         let cloud = self.clouds.cloud(&spec.region).await?;
         let seen = self.observe_cluster(&name, &spec.region, &cloud).await?;
         let before = self.status(&name);
@@ -264,7 +283,9 @@ impl Operator {
             status.record(now, "spec", None, "spec is back; managing the cluster again");
         }
 
-        self.absorb_task_results(&mut status, spec, now);
+        if live {
+            self.absorb_task_results(&mut status, spec, now);
+        }
         let counted = count_toward_capacity(&seen.instances);
         let serving: Vec<&Instance> = seen
             .instances
@@ -365,6 +386,30 @@ impl Operator {
             now,
         };
         let diff = fleet::diff(&nodes, &target);
+        let serving = serving.into_iter().cloned().collect();
+        Ok(Decided {
+            cloud,
+            seen,
+            before,
+            status,
+            diff,
+            serving,
+        })
+    }
+
+    async fn reconcile_cluster(&self, entry: &ClusterSpecEntry) -> Result<Action, ReconcileError> {
+        let name = entry.name().to_string();
+        let spec = &entry.loaded.cluster.spec;
+        let now = Utc::now();
+        let Decided {
+            cloud,
+            seen,
+            before,
+            mut status,
+            diff,
+            serving,
+        } = self.decide(entry, now, true).await?;
+        let serving: Vec<&Instance> = serving.iter().collect();
         let acted = !diff.actions.is_empty();
         for action in diff.actions {
             self.act(action, entry, spec, &cloud, &seen, &mut status, now).await?;
@@ -385,6 +430,20 @@ impl Operator {
             next = next.min(a.evaluation_interval.get());
         }
         Ok(Action::requeue(next))
+    }
+
+    /// What a pass would do now, without doing any of it (`hangar plan`):
+    /// only reads (instance listing, metrics), never a mutating call.
+    pub async fn preview(&self, name: &str) -> Result<Option<Preview>, ReconcileError> {
+        let specs = self.specs();
+        let Some(entry) = specs.get(name) else { return Ok(None) };
+        let now = Utc::now();
+        let mut d = self.decide(entry, now, false).await?;
+        self.fill_status(&mut d.status, &d.seen, &d.diff.notes, now);
+        Ok(Some(Preview {
+            status: d.status,
+            diff: d.diff,
+        }))
     }
 
     /// The spec is gone: retain (default) leaves the fleet alone; delete

@@ -15,12 +15,26 @@ use crate::status::ReleaseStatus;
 /// Something worth an activity entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    Started { release: String },
+    Started {
+        release: String,
+    },
     /// Every serving node runs it, and the auto-rollback window (if any) passed.
-    Proven { release: String },
-    Halted { release: String, reason: String },
-    RollingBack { from: String, to: String, reason: String },
-    RolledBack { from: String, to: String },
+    Proven {
+        release: String,
+    },
+    Halted {
+        release: String,
+        reason: String,
+    },
+    RollingBack {
+        from: String,
+        to: String,
+        reason: String,
+    },
+    RolledBack {
+        from: String,
+        to: String,
+    },
 }
 
 /// The fleet-level facts a rollout decision needs.
@@ -34,7 +48,12 @@ pub struct Observed<'a> {
 }
 
 /// Brings `state` up to date with the spec and the fleet; returns what happened.
-pub fn observe(state: &mut ReleaseStatus, desired: &str, rollback: Option<&Rollback>, seen: &Observed<'_>) -> Vec<Event> {
+pub fn observe(
+    state: &mut ReleaseStatus,
+    desired: &str,
+    rollback: Option<&Rollback>,
+    seen: &Observed<'_>,
+) -> Vec<Event> {
     let mut events = Vec::new();
     if state.last_good.is_none() {
         state.last_good = infer_last_good(desired, seen.serving);
@@ -52,7 +71,10 @@ pub fn observe(state: &mut ReleaseStatus, desired: &str, rollback: Option<&Rollb
     // naming it again later (a fixed build reusing the id) is on the user.
     let failed = state.failed.iter().any(|r| r == desired);
     state.target = if failed {
-        state.last_good.clone().unwrap_or_else(|| desired.to_string())
+        state
+            .last_good
+            .clone()
+            .unwrap_or_else(|| desired.to_string())
     } else {
         desired.to_string()
     };
@@ -67,17 +89,27 @@ pub fn observe(state: &mut ReleaseStatus, desired: &str, rollback: Option<&Rollb
         }
     }
 
-    let on_target = seen.serving.iter().filter(|r| **r == Some(state.target.as_str())).count() as u32;
+    let on_target = seen
+        .serving
+        .iter()
+        .filter(|r| **r == Some(state.target.as_str()))
+        .count() as u32;
     state.on_target = on_target;
     state.outdated = seen.serving.len() as u32 - on_target;
-    if !failed && on_target > 0 && state.activated_at.is_none() && state.last_good.as_deref() != Some(desired) {
+    if !failed
+        && on_target > 0
+        && state.activated_at.is_none()
+        && state.last_good.as_deref() != Some(desired)
+    {
         state.activated_at = Some(seen.now);
     }
 
     let complete = !failed && state.outdated == 0 && on_target > 0 && seen.settled;
     if complete && state.last_good.as_deref() != Some(desired) {
         let window_over = match (rollback, state.activated_at) {
-            (Some(rb), Some(at)) => seen.now >= at + chrono::Duration::from_std(rb.window.get()).unwrap_or_default(),
+            (Some(rb), Some(at)) => {
+                seen.now >= at + chrono::Duration::from_std(rb.window.get()).unwrap_or_default()
+            }
             _ => true,
         };
         if window_over {
@@ -93,19 +125,31 @@ pub fn observe(state: &mut ReleaseStatus, desired: &str, rollback: Option<&Rollb
 
 /// Whether the auto-rollback window is open for the target release (the
 /// caller then fetches the 5xx and request counts since `activated_at`).
-pub fn watching(state: &ReleaseStatus, rollback: Option<&Rollback>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+pub fn watching(
+    state: &ReleaseStatus,
+    rollback: Option<&Rollback>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
     let rb = rollback?;
     let at = state.activated_at?;
     let open = state.rolling_back_from.is_none()
         && state.target == state.desired
-        && state.last_good.as_deref().is_some_and(|g| g != state.target)
+        && state
+            .last_good
+            .as_deref()
+            .is_some_and(|g| g != state.target)
         && now < at + chrono::Duration::from_std(rb.window.get()).unwrap_or_default();
     open.then_some(at)
 }
 
 /// Decides on the error counts seen since activation; starts a rollback
 /// when they are over the threshold.
-pub fn judge(state: &mut ReleaseStatus, rollback: &Rollback, errors_5xx: f64, requests: f64) -> Option<Event> {
+pub fn judge(
+    state: &mut ReleaseStatus,
+    rollback: &Rollback,
+    errors_5xx: f64,
+    requests: f64,
+) -> Option<Event> {
     if requests < rollback.min_requests as f64 || requests <= 0.0 {
         return None;
     }
@@ -124,7 +168,11 @@ pub fn judge(state: &mut ReleaseStatus, rollback: &Rollback, errors_5xx: f64, re
     state.rolling_back_from = Some(bad.clone());
     state.target = good.clone();
     state.activated_at = None;
-    Some(Event::RollingBack { from: bad, to: good, reason })
+    Some(Event::RollingBack {
+        from: bad,
+        to: good,
+        reason,
+    })
 }
 
 /// A node failed its health check on `release`: halt the rollout.
@@ -197,21 +245,64 @@ mod tests {
     #[test]
     fn a_rollout_completes_then_is_proven_after_the_window() {
         let mut s = ReleaseStatus::default();
-        observe(&mut s, "v1", Some(&rb()), &seen(&[Some("v1"), Some("v1")], t(0)));
-        assert_eq!(s.last_good.as_deref(), Some("v1"), "inferred from the fleet");
+        observe(
+            &mut s,
+            "v1",
+            Some(&rb()),
+            &seen(&[Some("v1"), Some("v1")], t(0)),
+        );
+        assert_eq!(
+            s.last_good.as_deref(),
+            Some("v1"),
+            "inferred from the fleet"
+        );
 
-        let ev = observe(&mut s, "v2", Some(&rb()), &seen(&[Some("v1"), Some("v1")], t(1)));
-        assert_eq!(ev, [Event::Started { release: "v2".into() }]);
+        let ev = observe(
+            &mut s,
+            "v2",
+            Some(&rb()),
+            &seen(&[Some("v1"), Some("v1")], t(1)),
+        );
+        assert_eq!(
+            ev,
+            [Event::Started {
+                release: "v2".into()
+            }]
+        );
         assert_eq!((s.target.as_str(), s.outdated), ("v2", 2));
 
-        observe(&mut s, "v2", Some(&rb()), &seen(&[Some("v2"), Some("v1")], t(2)));
+        observe(
+            &mut s,
+            "v2",
+            Some(&rb()),
+            &seen(&[Some("v2"), Some("v1")], t(2)),
+        );
         assert_eq!(s.activated_at, Some(t(2)));
         assert_eq!(watching(&s, Some(&rb()), t(3)), Some(t(2)));
 
-        observe(&mut s, "v2", Some(&rb()), &seen(&[Some("v2"), Some("v2")], t(3)));
-        assert_eq!(s.last_good.as_deref(), Some("v1"), "not proven inside the window");
-        let ev = observe(&mut s, "v2", Some(&rb()), &seen(&[Some("v2"), Some("v2")], t(8)));
-        assert_eq!(ev, [Event::Proven { release: "v2".into() }]);
+        observe(
+            &mut s,
+            "v2",
+            Some(&rb()),
+            &seen(&[Some("v2"), Some("v2")], t(3)),
+        );
+        assert_eq!(
+            s.last_good.as_deref(),
+            Some("v1"),
+            "not proven inside the window"
+        );
+        let ev = observe(
+            &mut s,
+            "v2",
+            Some(&rb()),
+            &seen(&[Some("v2"), Some("v2")], t(8)),
+        );
+        assert_eq!(
+            ev,
+            [Event::Proven {
+                release: "v2".into()
+            }]
+        );
         assert_eq!(s.last_good.as_deref(), Some("v2"));
         assert_eq!(watching(&s, Some(&rb()), t(9)), None);
     }
@@ -222,17 +313,30 @@ mod tests {
         observe(&mut s, "v1", Some(&rb()), &seen(&[Some("v1")], t(0)));
         observe(&mut s, "v2", Some(&rb()), &seen(&[Some("v2")], t(1)));
         assert!(watching(&s, Some(&rb()), t(2)).is_some());
-        assert_eq!(judge(&mut s, &rb(), 1.0, 10.0), None, "too few requests to judge");
+        assert_eq!(
+            judge(&mut s, &rb(), 1.0, 10.0),
+            None,
+            "too few requests to judge"
+        );
         assert_eq!(judge(&mut s, &rb(), 2.0, 100.0), None, "2% is under 5%");
         let ev = judge(&mut s, &rb(), 30.0, 100.0).unwrap();
-        assert!(matches!(&ev, Event::RollingBack { from, to, .. } if from == "v2" && to == "v1"), "{ev:?}");
+        assert!(
+            matches!(&ev, Event::RollingBack { from, to, .. } if from == "v2" && to == "v1"),
+            "{ev:?}"
+        );
         assert_eq!(s.target, "v1");
         assert_eq!(s.rolling_back_from.as_deref(), Some("v2"));
         assert!(!halted(&s), "a rollback is running, not a halt");
 
         // Once no serving node runs v2 any more, the rollback is done; v2 stays failed.
         let ev = observe(&mut s, "v2", Some(&rb()), &seen(&[Some("v1")], t(3)));
-        assert_eq!(ev, [Event::RolledBack { from: "v2".into(), to: "v1".into() }]);
+        assert_eq!(
+            ev,
+            [Event::RolledBack {
+                from: "v2".into(),
+                to: "v1".into()
+            }]
+        );
         assert_eq!(s.target, "v1");
         assert!(halted(&s));
         // A new release in the spec moves on.
@@ -262,12 +366,19 @@ mod tests {
         observe(&mut s, "v1", Some(&rb()), &seen(&[], t(1)));
         assert_eq!(s.target, "v1");
         assert!(halted(&s));
-        assert_eq!(judge(&mut s, &rb(), 100.0, 100.0), None, "no good release to roll back to");
+        assert_eq!(
+            judge(&mut s, &rb(), 100.0, 100.0),
+            None,
+            "no good release to roll back to"
+        );
     }
 
     #[test]
     fn inference_prefers_the_majority_that_is_not_being_rolled_out() {
-        assert_eq!(infer_last_good("v3", &[Some("v2"), Some("v3"), Some("v2")]), Some("v2".into()));
+        assert_eq!(
+            infer_last_good("v3", &[Some("v2"), Some("v3"), Some("v2")]),
+            Some("v2".into())
+        );
         assert_eq!(infer_last_good("v3", &[Some("v3")]), Some("v3".into()));
         assert_eq!(infer_last_good("v3", &[]), None);
     }

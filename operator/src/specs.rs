@@ -76,15 +76,19 @@ impl SpecSet {
     pub fn changed(&self, newer: &SpecSet) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
         for (name, entry) in &newer.clusters {
-            let same = self
-                .clusters
-                .get(name)
-                .is_some_and(|old| old.spec_hash == entry.spec_hash && old.config_hash == entry.config_hash);
+            let same = self.clusters.get(name).is_some_and(|old| {
+                old.spec_hash == entry.spec_hash && old.config_hash == entry.config_hash
+            });
             if !same {
                 names.push(name.clone());
             }
         }
-        names.extend(self.clusters.keys().filter(|n| !newer.clusters.contains_key(*n)).cloned());
+        names.extend(
+            self.clusters
+                .keys()
+                .filter(|n| !newer.clusters.contains_key(*n))
+                .cloned(),
+        );
         names.sort();
         names
     }
@@ -182,7 +186,11 @@ spec:
         let before = b.get("web").unwrap().config_hash.clone();
         std::fs::write(specs.join("runbook.yaml"), "steps: [] # changed\n").unwrap();
         let c = SpecSet::load(&specs).unwrap();
-        assert_ne!(c.get("web").unwrap().config_hash, before, "a runbook edit changes the config hash");
+        assert_ne!(
+            c.get("web").unwrap().config_hash,
+            before,
+            "a runbook edit changes the config hash"
+        );
         assert_eq!(b.changed(&c), ["jobs", "web"]);
     }
 

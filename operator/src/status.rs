@@ -222,6 +222,7 @@ impl ClusterStatus {
 #[derive(Clone, Debug)]
 pub struct StatusStore {
     dir: PathBuf,
+    read_only: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,7 +246,16 @@ impl StatusStore {
             path: dir.clone(),
             source,
         })?;
-        Ok(StatusStore { dir })
+        Ok(StatusStore { dir, read_only: false })
+    }
+
+    /// A store that can be read but is never written (for `hangar plan`,
+    /// which may run beside the operator that owns the state directory).
+    pub fn read_only(state_dir: &Path) -> StatusStore {
+        StatusStore {
+            dir: state_dir.join("clusters"),
+            read_only: true,
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -286,6 +296,9 @@ impl StatusStore {
 
     /// Writes atomically: a crash leaves the old or the new file, never half.
     pub fn save(&self, status: &ClusterStatus) -> Result<(), StoreError> {
+        if self.read_only {
+            return Ok(());
+        }
         let path = self.path(&status.name);
         let tmp = self.dir.join(format!(".{}.json.tmp", status.name));
         let io = |source| StoreError::Io {
@@ -304,6 +317,9 @@ impl StatusStore {
     }
 
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        if self.read_only {
+            return Ok(());
+        }
         let path = self.path(name);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -29,7 +29,10 @@ pub enum Outcome {
     NodeFailed(String),
     /// The release failed its health check on this node (which was rolled
     /// back): halt the rollout.
-    ReleaseFailed { release: String, reason: String },
+    ReleaseFailed {
+        release: String,
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -96,12 +99,16 @@ impl TaskHandle {
         let message = message.into();
         tracing::info!(cluster = %self.cluster, node = %self.node, kind, "{message}");
         let mut inner = self.tasks.lock();
-        inner.notes.entry(self.cluster.clone()).or_default().push(Note {
-            at: Utc::now(),
-            node: self.node.clone(),
-            kind: kind.to_string(),
-            message,
-        });
+        inner
+            .notes
+            .entry(self.cluster.clone())
+            .or_default()
+            .push(Note {
+                at: Utc::now(),
+                node: self.node.clone(),
+                kind: kind.to_string(),
+                message,
+            });
     }
 
     pub fn cancelled(&self) -> bool {
@@ -164,12 +171,16 @@ impl Tasks {
             {
                 let mut inner = this.lock();
                 inner.running.remove(&node);
-                inner.finished.entry(cluster.clone()).or_default().push(Finished {
-                    node,
-                    task,
-                    outcome,
-                    at: Utc::now(),
-                });
+                inner
+                    .finished
+                    .entry(cluster.clone())
+                    .or_default()
+                    .push(Finished {
+                        node,
+                        task,
+                        outcome,
+                        at: Utc::now(),
+                    });
             }
             this.triggers.now(cluster);
         });
@@ -232,11 +243,17 @@ mod tests {
             let _ = wait.await;
             Outcome::Done
         }));
-        assert!(!tasks.start("web", "i-1", Task::Advance, |_| async { Outcome::Done }), "second task refused");
+        assert!(
+            !tasks.start("web", "i-1", Task::Advance, |_| async { Outcome::Done }),
+            "second task refused"
+        );
         assert_eq!(tasks.running("web").len(), 1);
         assert!(tasks.running("api").is_empty());
         release.send(()).unwrap();
-        let trig = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        let trig = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(trig.key, "web");
         let (finished, notes) = tasks.drain("web");
         assert_eq!(finished.len(), 1);

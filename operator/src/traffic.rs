@@ -24,24 +24,43 @@ pub async fn read_rate(
         return Ok(None);
     };
     match &auto.metric {
-        MetricSource::Prometheus(p) => Ok(metrics.prometheus(&p.url, &p.query).await?.map(|v| Observation {
-            requests_per_minute: v,
-            observed_at: now,
-        })),
+        MetricSource::Prometheus(p) => {
+            Ok(metrics
+                .prometheus(&p.url, &p.query)
+                .await?
+                .map(|v| Observation {
+                    requests_per_minute: v,
+                    observed_at: now,
+                }))
+        }
         MetricSource::Cloudwatch(cw) => {
             let period = cw.options().period.get().max(Duration::from_secs(1));
             let (metric, per_target) = match cw {
-                CloudwatchMetric::RequestCountPerTarget(_) => (AlbMetric::RequestCountPerTarget, true),
+                CloudwatchMetric::RequestCountPerTarget(_) => {
+                    (AlbMetric::RequestCountPerTarget, true)
+                }
                 CloudwatchMetric::RequestCount(_) => (AlbMetric::RequestCount, false),
             };
             let end = align_down(now, period);
             let start = end - chrono::Duration::from_std(period * 5).unwrap_or_default();
             let points = metrics
-                .alb_sums(&spec.load_balancer.target_group_arn, metric, period, start, end)
+                .alb_sums(
+                    &spec.load_balancer.target_group_arn,
+                    metric,
+                    period,
+                    start,
+                    end,
+                )
                 .await?;
-            let Some(last) = points.last() else { return Ok(None) };
+            let Some(last) = points.last() else {
+                return Ok(None);
+            };
             let per_minute = last.value * 60.0 / period.as_secs_f64();
-            let total = if per_target { per_minute * f64::from(serving) } else { per_minute };
+            let total = if per_target {
+                per_minute * f64::from(serving)
+            } else {
+                per_minute
+            };
             Ok(Some(Observation {
                 requests_per_minute: total,
                 observed_at: last.start + chrono::Duration::from_std(period).unwrap_or_default(),
@@ -63,10 +82,22 @@ pub async fn read_errors(
     let end = align_down(now, period) + chrono::Duration::from_std(period).unwrap_or_default();
     let sum = |points: Vec<hangar_cloud::Datapoint>| points.iter().map(|p| p.value).sum::<f64>();
     let errors = sum(metrics
-        .alb_sums(target_group_arn, AlbMetric::Target5xxCount, period, start, end)
+        .alb_sums(
+            target_group_arn,
+            AlbMetric::Target5xxCount,
+            period,
+            start,
+            end,
+        )
         .await?);
     let requests = sum(metrics
-        .alb_sums(target_group_arn, AlbMetric::RequestCount, period, start, end)
+        .alb_sums(
+            target_group_arn,
+            AlbMetric::RequestCount,
+            period,
+            start,
+            end,
+        )
         .await?);
     Ok((errors, requests))
 }
@@ -139,7 +170,9 @@ spec:
 "#,
             sha = "a".repeat(64)
         );
-        serde_saphyr::from_str::<hangar_crds::Cluster>(&yaml).unwrap().spec
+        serde_saphyr::from_str::<hangar_crds::Cluster>(&yaml)
+            .unwrap()
+            .spec
     }
 
     fn t(s: u32) -> DateTime<Utc> {
@@ -150,8 +183,14 @@ spec:
     async fn per_target_sums_become_a_total_rate_per_minute() {
         let m = Canned {
             points: vec![
-                Datapoint { start: t(0), value: 10.0 },
-                Datapoint { start: t(10), value: 50.0 },
+                Datapoint {
+                    start: t(0),
+                    value: 10.0,
+                },
+                Datapoint {
+                    start: t(10),
+                    value: 50.0,
+                },
             ],
             asked: Mutex::default(),
         };
@@ -181,7 +220,8 @@ spec:
             points: vec![],
             asked: Mutex::default(),
         };
-        let s = spec("{ prometheus: { url: \"http://127.0.0.1:9\", query: \"sum(rate(x[1m]))*60\" } }");
+        let s =
+            spec("{ prometheus: { url: \"http://127.0.0.1:9\", query: \"sum(rate(x[1m]))*60\" } }");
         let obs = read_rate(&m, &s, 3, t(0)).await.unwrap().unwrap();
         assert_eq!(obs.requests_per_minute, 42.0);
     }
@@ -189,10 +229,21 @@ spec:
     #[tokio::test]
     async fn error_counts_cover_the_window_since_activation() {
         let m = Canned {
-            points: vec![Datapoint { start: t(0), value: 4.0 }, Datapoint { start: t(10), value: 6.0 }],
+            points: vec![
+                Datapoint {
+                    start: t(0),
+                    value: 4.0,
+                },
+                Datapoint {
+                    start: t(10),
+                    value: 6.0,
+                },
+            ],
             asked: Mutex::default(),
         };
-        let (errors, requests) = read_errors(&m, "tg", t(3), t(25), Duration::from_secs(10)).await.unwrap();
+        let (errors, requests) = read_errors(&m, "tg", t(3), t(25), Duration::from_secs(10))
+            .await
+            .unwrap();
         assert_eq!((errors, requests), (10.0, 10.0));
         let asked = m.asked.lock().unwrap();
         assert_eq!(asked[0], (AlbMetric::Target5xxCount, t(0), t(30)));

@@ -17,6 +17,10 @@ use super::{Global, Output, SettingsFlags};
 pub struct PlanArgs {
     #[command(flatten)]
     settings: SettingsFlags,
+    /// Plan without the cloud: time, traffic and node counts come from the
+    /// flags below (implied by any of them).
+    #[arg(long)]
+    offline: bool,
     /// Instant to plan for (RFC 3339); default now.
     #[arg(long, value_name = "RFC3339")]
     at: Option<DateTime<Utc>>,
@@ -52,6 +56,10 @@ struct Row {
 }
 
 pub fn run(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
+    let offline = args.offline || args.at.is_some() || !args.metrics.is_empty() || !args.current.is_empty();
+    if !offline {
+        return run_against_cloud(args, global);
+    }
     let specs = match &args.settings.specs {
         Some(dir) => dir.clone(),
         None => args.settings.load(global)?.specs,
@@ -118,4 +126,66 @@ pub fn run(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Cloud-aware: observe each cluster and print what a reconcile would do
+/// now. Only reads — listing instances, reading metrics — never a change.
+fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
+    let settings = args.settings.load(global)?;
+    let set = hangar::specs::SpecSet::load(&settings.specs).with_context(|| "loading specs")?;
+    let problems = set.problems.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let previews = runtime.block_on(async {
+        let clouds = hangar::clouds::aws(&settings.owner, &settings.state_dir);
+        let (triggers, _rx) = hangar::controller::TriggerSender::channel();
+        // Read-only: statuses are read from the state dir, never written.
+        let store = hangar::status::StatusStore::read_only(&settings.state_dir);
+        let operator = hangar::reconcile::Operator::new(
+            hangar::reconcile::LoopSettings::new(settings.state_dir.clone(), settings.owner.clone()),
+            clouds,
+            store,
+            std::sync::Arc::new(hangar::http::Board::default()),
+            hangar::telemetry::Telemetry::new(),
+            triggers,
+        );
+        let names: Vec<String> = set.clusters.keys().cloned().collect();
+        operator.set_specs(set);
+        let mut out = Vec::new();
+        for name in names {
+            let p = operator.preview(&name).await.with_context(|| format!("cluster {name}"))?;
+            out.extend(p);
+        }
+        Ok::<_, anyhow::Error>(out)
+    })?;
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&previews)?),
+        Output::Text => {
+            for p in &previews {
+                let s = &p.status;
+                let window = s.window.as_ref().map(|w| format!("[{}, {}]", w.min, w.max)).unwrap_or_default();
+                let phases: Vec<String> = s.phases.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                println!("{}: window {window}, nodes: {}", s.name, if phases.is_empty() { "none".into() } else { phases.join(", ") });
+                if let Some(d) = &s.last_decision {
+                    println!("  desired {}: {}", d.desired, d.reason);
+                }
+                if p.diff.actions.is_empty() {
+                    println!("  nothing to do");
+                }
+                for a in &p.diff.actions {
+                    match a {
+                        hangar::fleet::Action::Launch { subnet, count } => println!("  would launch {count} in {subnet}"),
+                        hangar::fleet::Action::Start { node, task } => println!("  would start {} on {node}", task.name()),
+                        hangar::fleet::Action::Cancel { node, reason } => println!("  would cancel the task on {node} ({reason})"),
+                    }
+                }
+                for n in &p.diff.notes {
+                    println!("  note: {n}");
+                }
+            }
+        }
+    }
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

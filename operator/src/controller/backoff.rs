@@ -32,7 +32,9 @@ impl Backoff {
     /// failed together do not retry together, yet never retry too early.
     pub fn failed(&mut self, key: &Key, unit_random: f64) -> Duration {
         let n = self.failures.entry(key.clone()).or_insert(0);
-        let exp = self.base.saturating_mul(1u32.checked_shl((*n).min(31)).unwrap_or(u32::MAX));
+        let exp = self
+            .base
+            .saturating_mul(1u32.checked_shl((*n).min(31)).unwrap_or(u32::MAX));
         *n = n.saturating_add(1);
         let d = exp.min(self.cap);
         d.mul_f64(0.5 + 0.5 * unit_random.clamp(0.0, 1.0))

@@ -33,12 +33,16 @@ pub struct Action {
 impl Action {
     /// Look again after `d` (level-triggered: even if nothing changes).
     pub fn requeue(d: Duration) -> Action {
-        Action { requeue_after: Some(d) }
+        Action {
+            requeue_after: Some(d),
+        }
     }
 
     /// Only look again when a trigger arrives.
     pub fn await_change() -> Action {
-        Action { requeue_after: None }
+        Action {
+            requeue_after: None,
+        }
     }
 
     pub fn requeue_after(&self) -> Option<Duration> {

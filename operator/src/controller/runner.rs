@@ -38,7 +38,10 @@ impl TriggerSender {
     /// Sending fails only once the runner has stopped, when nobody needs
     /// the trigger any more.
     pub fn after(&self, key: impl Into<Key>, after: Duration) {
-        let _ = self.0.send(Trigger { key: key.into(), after });
+        let _ = self.0.send(Trigger {
+            key: key.into(),
+            after,
+        });
     }
 }
 
@@ -79,12 +82,21 @@ pub async fn run<R: Reconciler>(
 
     loop {
         if !stopping {
-            start_due(&mut scheduler, &mut running, &mut dirty, &mut tasks, &reconciler, concurrency);
+            start_due(
+                &mut scheduler,
+                &mut running,
+                &mut dirty,
+                &mut tasks,
+                &reconciler,
+                concurrency,
+            );
         }
         if stopping && tasks.is_empty() {
             return;
         }
-        let next = scheduler.next_deadline().filter(|_| !stopping && running.len() < concurrency);
+        let next = scheduler
+            .next_deadline()
+            .filter(|_| !stopping && running.len() < concurrency);
         tokio::select! {
             _ = shutdown.cancelled(), if !stopping => stopping = true,
             trigger = triggers.recv(), if !stopping => match trigger {

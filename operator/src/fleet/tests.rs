@@ -14,7 +14,14 @@ fn node(id: &str, phase: Phase, release: &str, minutes_old: i64) -> Node {
         state: InstanceState::Running,
         release: Some(release.into()),
         config: Some("cfg1".into()),
-        subnet: Some(if id.ends_with(['1', '3', '5', '7', '9']) { "subnet-a" } else { "subnet-b" }.into()),
+        subnet: Some(
+            if id.ends_with(['1', '3', '5', '7', '9']) {
+                "subnet-a"
+            } else {
+                "subnet-b"
+            }
+            .into(),
+        ),
         launched_at: Some(now() - Duration::minutes(minutes_old)),
         protected: false,
         task: None,
@@ -82,16 +89,25 @@ fn cancelled(d: &Diff) -> Vec<String> {
 #[test]
 fn cold_start_launches_the_desired_count_spread_over_subnets() {
     let d = diff(&[], &target(3));
-    assert_eq!(launches(&d), [("subnet-a".into(), 2), ("subnet-b".into(), 1)]);
+    assert_eq!(
+        launches(&d),
+        [("subnet-a".into(), 2), ("subnet-b".into(), 1)]
+    );
     assert_eq!(d.counted, 0);
 }
 
 #[test]
 fn a_launching_instance_counts_so_nothing_is_launched_twice() {
-    let nodes = [node("i-1", Phase::Launching, "v2", 0), node("i-2", Phase::Provisioning, "v2", 1)];
+    let nodes = [
+        node("i-1", Phase::Launching, "v2", 0),
+        node("i-2", Phase::Provisioning, "v2", 1),
+    ];
     let d = diff(&nodes, &target(2));
     assert!(launches(&d).is_empty(), "{d:?}");
-    assert_eq!(started(&d), [("i-1".into(), "advance"), ("i-2".into(), "advance")]);
+    assert_eq!(
+        started(&d),
+        [("i-1".into(), "advance"), ("i-2".into(), "advance")]
+    );
 }
 
 #[test]
@@ -106,10 +122,23 @@ fn running_tasks_are_left_alone() {
 fn scale_in_takes_nodes_not_yet_serving_first_then_the_newest() {
     let mut booting = node("i-9", Phase::Provisioning, "v2", 1);
     booting.task = Some(Task::Advance);
-    let nodes = [serving("i-1", "v2", 300), serving("i-2", "v2", 200), serving("i-3", "v2", 100), booting];
+    let nodes = [
+        serving("i-1", "v2", 300),
+        serving("i-2", "v2", 200),
+        serving("i-3", "v2", 100),
+        booting,
+    ];
     let d = diff(&nodes, &target(2));
-    assert_eq!(cancelled(&d), ["i-9"], "the booting node's task is stopped first");
-    assert_eq!(started(&d), [("i-3".into(), "drain")], "then the newest serving node drains");
+    assert_eq!(
+        cancelled(&d),
+        ["i-9"],
+        "the booting node's task is stopped first"
+    );
+    assert_eq!(
+        started(&d),
+        [("i-3".into(), "drain")],
+        "then the newest serving node drains"
+    );
 }
 
 #[test]
@@ -121,7 +150,11 @@ fn scale_in_oldest_policy_and_protection() {
     let nodes = [oldest, serving("i-2", "v2", 200), serving("i-3", "v2", 100)];
     let d = diff(&nodes, &t);
     let drained: Vec<_> = started(&d).into_iter().map(|(n, _)| n).collect();
-    assert_eq!(drained, ["i-2", "i-3"], "oldest first, the protected one never");
+    assert_eq!(
+        drained,
+        ["i-2", "i-3"],
+        "oldest first, the protected one never"
+    );
 }
 
 #[test]
@@ -132,12 +165,19 @@ fn only_protected_nodes_left_is_reported_not_forced() {
     b.protected = true;
     let d = diff(&[a, b], &target(1));
     assert!(d.actions.is_empty());
-    assert!(d.notes.iter().any(|n| n.contains("protected")), "{:?}", d.notes);
+    assert!(
+        d.notes.iter().any(|n| n.contains("protected")),
+        "{:?}",
+        d.notes
+    );
 }
 
 #[test]
 fn draining_nodes_do_not_count_and_resume_their_drain() {
-    let nodes = [node("i-1", Phase::Draining, "v2", 10), serving("i-2", "v2", 10)];
+    let nodes = [
+        node("i-1", Phase::Draining, "v2", 10),
+        serving("i-2", "v2", 10),
+    ];
     let d = diff(&nodes, &target(2));
     assert_eq!(d.counted, 1);
     assert_eq!(started(&d), [("i-1".into(), "drain")]);
@@ -161,7 +201,10 @@ fn stopped_and_failed_nodes_are_replaced() {
     let mut failed = node("i-2", Phase::Provisioning, "v2", 3);
     failed.failed = Some("runbook step `install` failed".into());
     let d = diff(&[stopped, failed], &target(2));
-    assert_eq!(started(&d), [("i-1".into(), "drain"), ("i-2".into(), "drain")]);
+    assert_eq!(
+        started(&d),
+        [("i-1".into(), "drain"), ("i-2".into(), "drain")]
+    );
     assert_eq!(launches(&d).iter().map(|(_, n)| n).sum::<u32>(), 2);
 }
 
@@ -190,17 +233,27 @@ fn unhealthy_nodes_are_replaced_one_at_a_time_and_never_the_last_healthy() {
 
 #[test]
 fn rollout_updates_within_max_unavailable_oldest_first() {
-    let nodes = [serving("i-1", "v1", 10), serving("i-2", "v1", 30), serving("i-3", "v1", 20), serving("i-4", "v1", 40)];
+    let nodes = [
+        serving("i-1", "v1", 10),
+        serving("i-2", "v1", 30),
+        serving("i-3", "v1", 20),
+        serving("i-4", "v1", 40),
+    ];
     let d = diff(&nodes, &target(4));
     assert_eq!(started(&d), [("i-4".into(), "update")]);
     assert_eq!(d.outdated, 4);
     assert_eq!(d.surge, 0, "maxUnavailable > 0: update in place, no surge");
 
     let mut busy = nodes.clone();
-    busy[3].task = Some(Task::Update { release: "v2".into() });
+    busy[3].task = Some(Task::Update {
+        release: "v2".into(),
+    });
     busy[3].phase = Phase::Releasing;
     let d = diff(&busy, &target(4));
-    assert!(started(&d).is_empty(), "one update in flight is the budget: {d:?}");
+    assert!(
+        started(&d).is_empty(),
+        "one update in flight is the budget: {d:?}"
+    );
 }
 
 #[test]
@@ -214,15 +267,26 @@ fn rollout_with_no_unavailability_surges_first() {
     let d = diff(&nodes, &t);
     assert_eq!(d.surge, 1);
     assert_eq!(launches(&d).iter().map(|(_, n)| n).sum::<u32>(), 1);
-    assert!(started(&d).is_empty(), "no node leaves service before the surge node serves");
+    assert!(
+        started(&d).is_empty(),
+        "no node leaves service before the surge node serves"
+    );
 
-    let with_surge = [serving("i-1", "v1", 10), serving("i-2", "v1", 20), serving("i-3", "v2", 1)];
+    let with_surge = [
+        serving("i-1", "v1", 10),
+        serving("i-2", "v1", 20),
+        serving("i-3", "v2", 1),
+    ];
     let d = diff(&with_surge, &t);
     assert_eq!(started(&d), [("i-2".into(), "update")]);
     assert!(launches(&d).is_empty());
 
     // Done: the surge node is surplus and goes.
-    let done = [serving("i-1", "v2", 10), serving("i-2", "v2", 20), serving("i-3", "v2", 1)];
+    let done = [
+        serving("i-1", "v2", 10),
+        serving("i-2", "v2", 20),
+        serving("i-3", "v2", 1),
+    ];
     let d = diff(&done, &t);
     assert_eq!(d.surge, 0);
     assert_eq!(started(&d), [("i-3".into(), "drain")]);
@@ -253,10 +317,15 @@ fn auto_rollback_swaps_every_bad_node_at_once_and_stops_updates_to_it() {
     t.rolling_back_from = Some("v2");
     let mut updating = serving("i-3", "v2", 30);
     updating.phase = Phase::Verifying;
-    updating.task = Some(Task::Update { release: "v2".into() });
+    updating.task = Some(Task::Update {
+        release: "v2".into(),
+    });
     let nodes = [serving("i-1", "v2", 10), serving("i-2", "v2", 20), updating];
     let d = diff(&nodes, &t);
-    assert_eq!(started(&d), [("i-1".into(), "rollback"), ("i-2".into(), "rollback")]);
+    assert_eq!(
+        started(&d),
+        [("i-1".into(), "rollback"), ("i-2".into(), "rollback")]
+    );
     assert_eq!(cancelled(&d), ["i-3"]);
 }
 
@@ -271,11 +340,17 @@ fn launches_back_off_after_failures() {
 
 #[test]
 fn spread_fills_the_emptiest_subnet_first() {
-    let subnets: Vec<String> = ["subnet-a", "subnet-b", "subnet-c"].iter().map(|s| s.to_string()).collect();
+    let subnets: Vec<String> = ["subnet-a", "subnet-b", "subnet-c"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let a = serving("i-1", "v2", 1);
     let a2 = serving("i-3", "v2", 1);
     let existing = [&a, &a2];
-    assert_eq!(spread(3, &subnets, &existing), [("subnet-b".into(), 2), ("subnet-c".into(), 1)]);
+    assert_eq!(
+        spread(3, &subnets, &existing),
+        [("subnet-b".into(), 2), ("subnet-c".into(), 1)]
+    );
     assert!(spread(2, &[], &existing).is_empty());
 }
 
@@ -289,7 +364,15 @@ fn arb_node() -> impl Strategy<Value = Node> {
         InstanceState::Stopped,
         InstanceState::Terminated,
     ]);
-    (0u32..1000, phases, states, prop::bool::ANY, prop::bool::weighted(0.2), 0i64..500, prop::option::weighted(0.3, 0u8..4))
+    (
+        0u32..1000,
+        phases,
+        states,
+        prop::bool::ANY,
+        prop::bool::weighted(0.2),
+        0i64..500,
+        prop::option::weighted(0.3, 0u8..4),
+    )
         .prop_map(|(id, phase, state, on_v2, protected, age, task)| Node {
             id: format!("i-{id}"),
             phase,
@@ -301,9 +384,13 @@ fn arb_node() -> impl Strategy<Value = Node> {
             protected,
             task: task.map(|k| match k {
                 0 => Task::Advance,
-                1 => Task::Update { release: "v2".into() },
+                1 => Task::Update {
+                    release: "v2".into(),
+                },
                 2 => Task::Drain { reason: "x".into() },
-                _ => Task::Rollback { release: "v2".into() },
+                _ => Task::Rollback {
+                    release: "v2".into(),
+                },
             }),
             failed: None,
             unhealthy_since: None,

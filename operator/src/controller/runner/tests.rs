@@ -38,13 +38,22 @@ impl Reconciler for Probe {
                 return Err(format!("{key} is broken"));
             }
         }
-        Ok(self.requeue.map(Action::requeue).unwrap_or_else(Action::await_change))
+        Ok(self
+            .requeue
+            .map(Action::requeue)
+            .unwrap_or_else(Action::await_change))
     }
 }
 
 impl Probe {
     fn runs(&self, key: &str) -> Vec<Instant> {
-        self.log.lock().unwrap().iter().filter(|(k, _)| k == key).map(|(_, t)| *t).collect()
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, t)| *t)
+            .collect()
     }
 }
 
@@ -90,7 +99,10 @@ async fn one_cluster_never_runs_twice_at_once_but_runs_again_after() {
     settle(Duration::from_secs(20)).await;
     let runs = probe.runs("web");
     assert_eq!(runs.len(), 2, "the trigger during the run is not lost");
-    assert!(runs[1] - runs[0] >= Duration::from_secs(5), "the second run waited for the first");
+    assert!(
+        runs[1] - runs[0] >= Duration::from_secs(5),
+        "the second run waited for the first"
+    );
     stop.cancel();
     handle.await.unwrap();
 }
@@ -129,7 +141,10 @@ async fn requeue_is_honoured() {
     assert_eq!(runs.len(), 4, "t≈0, 15, 30, 45");
     for w in runs.windows(2) {
         let gap = w[1] - w[0];
-        assert!(gap >= Duration::from_secs(15) && gap < Duration::from_secs(16), "{gap:?}");
+        assert!(
+            gap >= Duration::from_secs(15) && gap < Duration::from_secs(16),
+            "{gap:?}"
+        );
     }
     stop.cancel();
     handle.await.unwrap();
@@ -154,9 +169,16 @@ async fn a_failing_cluster_backs_off_alone_and_resets_on_success() {
     // Backoff 1s, 2s, 4s, 8s, each jittered into [½, 1]×.
     for (gap, full) in gaps.iter().zip([1u64, 2, 4, 8]) {
         let full = Duration::from_secs(full);
-        assert!(*gap >= full / 2 && *gap <= full + Duration::from_millis(10), "{gap:?} vs {full:?}");
+        assert!(
+            *gap >= full / 2 && *gap <= full + Duration::from_millis(10),
+            "{gap:?} vs {full:?}"
+        );
     }
-    assert_eq!(probe.runs("good").len(), 1, "the healthy cluster was not dragged along");
+    assert_eq!(
+        probe.runs("good").len(),
+        1,
+        "the healthy cluster was not dragged along"
+    );
     stop.cancel();
     handle.await.unwrap();
 }
@@ -175,7 +197,10 @@ async fn shutdown_lets_in_flight_reconciles_finish() {
     stop.cancel();
     tx.now("api"); // too late: nothing new starts
     handle.await.unwrap();
-    assert!(probe.active.lock().unwrap().is_empty(), "the running reconcile completed");
+    assert!(
+        probe.active.lock().unwrap().is_empty(),
+        "the running reconcile completed"
+    );
     assert_eq!(probe.runs("web").len(), 1);
     assert!(probe.runs("api").is_empty());
 }

@@ -1,0 +1,177 @@
+use super::*;
+
+fn parse(yaml: &str) -> Result<Runbook, RunbookError> {
+    Runbook::parse(yaml, Path::new("runbooks/test.yaml"))
+}
+
+fn facts() -> Facts {
+    Facts {
+        instance_id: "i-1".into(),
+        private_ip: "127.77.1.2".into(),
+        app_root: "/srv/app".into(),
+        health_path: "/health".into(),
+        health_port: 80,
+    }
+}
+
+#[test]
+fn unknown_fields_are_rejected_naming_file_and_field() {
+    let err = parse("steps:\n  - name: a\n    run: true\n    creates: /x\n    onlyif: true\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("runbooks/test.yaml"), "{err}");
+    assert!(err.contains("onlyif"), "{err}");
+}
+
+#[test]
+fn command_steps_need_a_guard() {
+    let err = parse("steps:\n  - name: a\n    run: echo hi\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs a guard"), "{err}");
+    assert!(err.contains("#1 `a`"), "{err}");
+}
+
+#[test]
+fn step_shape_is_checked() {
+    for (yaml, want) in [
+        (
+            "steps:\n  - name: a\n    run: x\n    unless: y\n    file: {path: /p, content: c}\n",
+            "both",
+        ),
+        ("steps:\n  - name: a\n", "needs `run` or `file`"),
+        (
+            "steps:\n  - name: a\n    file: {path: /p, content: c, template: t}\n",
+            "exactly one",
+        ),
+        (
+            "steps:\n  - name: a\n    file: {path: /p, content: c, mode: '0999'}\n",
+            "octal",
+        ),
+        (
+            "steps:\n  - {name: a, run: x, unless: y}\n  - {name: a, run: x, unless: y}\n",
+            "duplicate",
+        ),
+        (
+            "steps:\n  - name: a\n    creates: /x\n    file: {path: /p, content: c}\n",
+            "`creates` applies",
+        ),
+    ] {
+        let err = parse(yaml).unwrap_err().to_string();
+        assert!(err.contains(want), "{yaml}: {err}");
+    }
+}
+
+#[test]
+fn plan_renders_vars_facts_and_spec_overrides() {
+    let rb = parse(
+        "vars: {port: '8080', greeting: hi}\nsteps:\n  - name: conf\n    file:\n      path: '{{ release.app_root }}/conf'\n      template: |\n        listen {{ node.private_ip }}:{{ vars.port }} {{ vars.greeting }}\n      mode: '0640'\n  - name: start\n    run: start --port {{ vars.port }}\n    unless: pgrep server\n",
+    )
+    .unwrap();
+    let spec_vars = BTreeMap::from([("port".to_string(), "9090".to_string())]);
+    let plan = rb.plan(&spec_vars, &facts()).unwrap();
+    let Action::File(f) = &plan.steps[0].action else {
+        panic!("file step expected")
+    };
+    assert_eq!(f.path, "/srv/app/conf");
+    assert_eq!(
+        String::from_utf8_lossy(&f.content),
+        "listen 127.77.1.2:9090 hi\n"
+    );
+    assert_eq!(f.mode, Some(0o640));
+    let Action::Command { script } = &plan.steps[1].action else {
+        panic!("command step expected")
+    };
+    assert_eq!(script, "start --port 9090");
+    assert_eq!(plan.steps[1].guards.unless.as_deref(), Some("pgrep server"));
+}
+
+#[test]
+fn undefined_variables_fail_before_anything_runs() {
+    let rb = parse("steps:\n  - {name: a, run: 'echo {{ vars.nope }}', unless: 'true'}\n").unwrap();
+    let err = rb.plan(&BTreeMap::new(), &facts()).unwrap_err().to_string();
+    assert!(err.contains("#1 `a`") && err.contains("`run`"), "{err}");
+}
+
+#[test]
+fn check_output_is_parsed() {
+    assert_eq!(parse_check("run\n"), Some(CheckResult::Run));
+    assert_eq!(
+        parse_check("skip:creates\n"),
+        Some(CheckResult::Skip("creates"))
+    );
+    assert_eq!(parse_check("absent"), Some(CheckResult::FileAbsent));
+    assert_eq!(
+        parse_check("file 640 root adm abc123\n"),
+        Some(CheckResult::FilePresent {
+            mode: 0o640,
+            owner: "root".into(),
+            group: "adm".into(),
+            sha256: "abc123".into()
+        })
+    );
+    assert_eq!(parse_check("garbage"), None);
+    assert_eq!(parse_check(""), None);
+}
+
+#[test]
+fn a_file_matches_only_with_same_content_mode_and_owner() {
+    let want = PlannedFile {
+        path: "/p".into(),
+        content: b"x".to_vec(),
+        sha256: "h".into(),
+        mode: Some(0o600),
+        owner: Some("root".into()),
+        group: None,
+    };
+    let present = |mode, owner: &str, sha: &str| CheckResult::FilePresent {
+        mode,
+        owner: owner.into(),
+        group: "any".into(),
+        sha256: sha.into(),
+    };
+    assert!(file_matches(&want, &present(0o600, "root", "h")));
+    assert!(!file_matches(&want, &present(0o644, "root", "h")));
+    assert!(!file_matches(&want, &present(0o600, "www", "h")));
+    assert!(!file_matches(&want, &present(0o600, "root", "other")));
+    assert!(!file_matches(&want, &CheckResult::FileAbsent));
+}
+
+#[test]
+fn scripts_quote_paths_and_wrap_become() {
+    let f = PlannedFile {
+        path: "/srv/my app/x".into(),
+        content: b"secret".to_vec(),
+        sha256: "h".into(),
+        mode: Some(0o600),
+        owner: Some("www-data".into()),
+        group: Some("www-data".into()),
+    };
+    let w = write_script(&f);
+    assert!(w.contains("cat > '/srv/my app/x.hangar-tmp'"), "{w}");
+    assert!(w.contains("chmod 0600"), "{w}");
+    assert!(w.contains("chown www-data:www-data"), "{w}");
+    assert!(!w.contains("secret"), "content must travel on stdin");
+    assert!(wrap("id", true, "deploy").starts_with("sudo -n -- sh -c "));
+    assert_eq!(wrap("id", true, "root"), "sh -c id");
+    assert_eq!(wrap("a b", false, "deploy"), "sh -c 'a b'");
+}
+
+#[test]
+fn the_stock_runbooks_parse_and_plan() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks");
+    for name in ["static-http.yaml", "nginx-php-fpm.yaml"] {
+        let rb = Runbook::load(&root.join(name)).unwrap_or_else(|e| panic!("{e}"));
+        let vars = BTreeMap::from([
+            ("php_version".to_string(), "8.2".to_string()),
+            ("fpm_max_children".to_string(), "24".to_string()),
+            ("fpm_start_servers".to_string(), "6".to_string()),
+            ("fpm_min_spare_servers".to_string(), "4".to_string()),
+            ("fpm_max_spare_servers".to_string(), "12".to_string()),
+            ("fpm_max_requests".to_string(), "500".to_string()),
+            ("server_name".to_string(), "shop.example.com".to_string()),
+        ]);
+        let plan = rb.plan(&vars, &facts()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!plan.steps.is_empty());
+    }
+}
