@@ -152,8 +152,10 @@ impl Operator {
         self.statuses.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
 
+    /// Persists only when something besides timestamps changed: a
+    /// thousand idle clusters must not rewrite a thousand files per pass.
     fn save_status(&self, before: Option<&ClusterStatus>, status: ClusterStatus) {
-        if before != Some(&status) {
+        if !before.is_some_and(|b| b.same_content(&status)) {
             if let Err(e) = self.store.save(&status) {
                 tracing::error!(cluster = %status.name, error = %e, "cannot persist status");
             }

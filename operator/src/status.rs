@@ -208,6 +208,20 @@ impl ClusterStatus {
         self.conditions.iter().find(|c| c.kind == kind)
     }
 
+    /// Equal but for the time of the last look (what is worth persisting).
+    pub fn same_content(&self, other: &ClusterStatus) -> bool {
+        let strip = |s: &ClusterStatus| {
+            let mut s = s.clone();
+            s.updated_at = None;
+            s.last_eval_at = None;
+            if let Some(d) = &mut s.last_decision {
+                d.at = DateTime::<Utc>::MIN_UTC;
+            }
+            s
+        };
+        strip(self) == strip(other)
+    }
+
     /// The view served to clients: without the internal planner memory and spec copy.
     pub fn public(&self) -> ClusterStatus {
         ClusterStatus {
