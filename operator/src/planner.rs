@@ -48,8 +48,15 @@ pub struct History {
 
 impl History {
     /// Records `rec` and forgets what no stabilization window can see anymore.
+    ///
+    /// Equal consecutive recommendations are kept as one entry stamped with
+    /// the latest time: windows only ask "was N recommended after T", so
+    /// this is exact, and a steady cluster's history stays one entry long.
     pub fn record(&mut self, rec: Recommendation, spec: &ClusterSpec) {
-        self.recommendations.push_back(rec);
+        match self.recommendations.back_mut() {
+            Some(last) if last.nodes == rec.nodes => last.at = last.at.max(rec.at),
+            _ => self.recommendations.push_back(rec),
+        }
         let horizon = spec
             .autoscaling
             .as_ref()

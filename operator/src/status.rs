@@ -324,8 +324,9 @@ impl StatusStore {
             source,
         })?;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        // No fsync: status is memory of decisions, rebuilt from the cloud if
+        // lost, and a thousand clusters must not cost a thousand fsyncs.
         f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
         Ok(())
     }

@@ -142,6 +142,18 @@ fn scale_down_waits_for_its_stabilization_window() {
 }
 
 #[test]
+fn a_steady_recommendation_is_one_history_entry() {
+    let s = spec(AUTOSCALING);
+    let mut h = History::default();
+    for i in 0..100 {
+        h.record(Recommendation { at: t0() + Duration::seconds(15 * i), nodes: 3 }, &s);
+    }
+    assert_eq!(h.len(), 1);
+    h.record(Recommendation { at: t0() + Duration::seconds(1500), nodes: 4 }, &s);
+    assert_eq!(h.len(), 2);
+}
+
+#[test]
 fn a_brief_dip_sheds_nothing() {
     let s = spec(AUTOSCALING);
     let mut h = History::default();
