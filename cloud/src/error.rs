@@ -97,3 +97,16 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit_random: f64) ->
     let exp = base.saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX));
     exp.min(cap).mul_f64(unit_random.clamp(0.0, 1.0))
 }
+
+/// An error and its sources, `: `-separated (reqwest and hyper put the
+/// useful part in the sources).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}

@@ -6,15 +6,23 @@
 //! Everything is scoped to one *owner* (the operator id): an implementation
 //! never modifies an instance or target that does not carry that owner's
 //! tags, and says so with [`CloudError::NotOwned`].
+//!
+//! [`aws::AwsCloud`] implements all four traits on the official AWS SDK;
+//! `AwsCloud::cloud()` gives the operator its [`Cloud`].
 
+pub mod artifact_cache;
+pub mod artifact_sources;
 pub mod artifacts;
+pub mod aws;
 pub mod compute;
 pub mod error;
 pub mod load_balancer;
 pub mod metrics;
 pub mod model;
+pub mod prometheus;
 
 pub use artifacts::{Artifacts, VerifiedArtifact};
+pub use aws::{ApiCalls, AwsCloud, AwsCloudBuilder, Budgets, RetryPolicy};
 pub use compute::{Compute, LaunchRequest};
 pub use error::CloudError;
 pub use load_balancer::{LoadBalancer, TargetHealth, TargetState};
