@@ -21,7 +21,7 @@ pub struct Window {
 
 #[derive(Clone, Debug)]
 enum Close {
-    At(Cron),
+    At(Box<Cron>),
     After(Duration),
 }
 
@@ -73,7 +73,7 @@ impl Window {
             }
             Ok(d) => Some(Close::After(d)),
             Err(_) => match parse_cron(&schedule.until) {
-                Ok(c) => Some(Close::At(c)),
+                Ok(c) => Some(Close::At(Box::new(c))),
                 Err(e) => {
                     errors.push(ScheduleError {
                         field: "until",

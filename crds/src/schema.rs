@@ -52,7 +52,10 @@ type Json = serde_json::Value;
 fn resolve<'a>(root: &'a Json, node: &'a Json) -> &'a Json {
     // `Option<T>` is `anyOf: [T, null]`: document T.
     if let Some(options) = node.get("anyOf").and_then(Json::as_array) {
-        if let Some(inner) = options.iter().find(|o| o.get("type").and_then(Json::as_str) != Some("null")) {
+        if let Some(inner) = options
+            .iter()
+            .find(|o| o.get("type").and_then(Json::as_str) != Some("null"))
+        {
             return resolve(root, inner);
         }
     }
@@ -66,7 +69,10 @@ fn resolve<'a>(root: &'a Json, node: &'a Json) -> &'a Json {
 }
 
 fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "\\|")
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "\\|")
 }
 
 /// A short type label: `string`, `integer`, `duration`, `list of string`, `a | b`.
@@ -86,14 +92,23 @@ fn type_label(root: &Json, node: &Json) -> String {
     if let Some(options) = node.get("oneOf").and_then(Json::as_array) {
         let consts: Vec<String> = options
             .iter()
-            .filter_map(|o| o.get("const").and_then(Json::as_str).map(|v| format!("`{v}`")))
+            .filter_map(|o| {
+                o.get("const")
+                    .and_then(Json::as_str)
+                    .map(|v| format!("`{v}`"))
+            })
             .collect();
         if consts.len() == options.len() {
             return consts.join(" \\| ");
         }
         let keys: Vec<String> = options
             .iter()
-            .filter_map(|o| o.get("required")?.get(0)?.as_str().map(|k| format!("`{k}`")))
+            .filter_map(|o| {
+                o.get("required")?
+                    .get(0)?
+                    .as_str()
+                    .map(|k| format!("`{k}`"))
+            })
             .collect();
         return format!("one of {}", keys.join(", "));
     }
@@ -133,12 +148,22 @@ fn walk(root: &Json, node: &Json, path: &str, rows: &mut Vec<Row>) {
         .map(|r| r.iter().filter_map(Json::as_str).collect())
         .unwrap_or_default();
     for (name, prop) in props {
-        let p = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
+        let p = if path.is_empty() {
+            name.clone()
+        } else {
+            format!("{path}.{name}")
+        };
         let target = resolve(root, prop);
         let is_duration = prop.get("$ref").and_then(Json::as_str) == Some("#/$defs/Duration");
         let description = prop
             .get("description")
-            .or_else(|| if is_duration { None } else { target.get("description") })
+            .or_else(|| {
+                if is_duration {
+                    None
+                } else {
+                    target.get("description")
+                }
+            })
             .and_then(Json::as_str)
             .map(one_line)
             .unwrap_or_default();

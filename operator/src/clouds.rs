@@ -40,16 +40,28 @@ impl CloudProvider for AwsClouds {
         if let Some(c) = regions.get(region) {
             return Ok(c.cloud());
         }
-        let c = AwsCloud::from_env(Some(region), self.owner.clone(), self.artifact_cache.clone()).await?;
+        let c = AwsCloud::from_env(
+            Some(region),
+            self.owner.clone(),
+            self.artifact_cache.clone(),
+        )
+        .await?;
         regions.insert(region.to_string(), c.clone());
-        self.for_stats.lock().unwrap_or_else(|e| e.into_inner()).push(c.clone());
+        self.for_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(c.clone());
         Ok(c.cloud())
     }
 }
 
 impl ApiStats for AwsClouds {
     fn sample(&self) -> Vec<ApiSample> {
-        let clouds = self.for_stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let clouds = self
+            .for_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut merged: HashMap<(String, String), ApiSample> = HashMap::new();
         for c in clouds {
             for op in c.api_calls().snapshot() {

@@ -67,7 +67,10 @@ impl From<CloudError> for Fail {
 
 pub async fn run(ctx: NodeContext, instance: Instance, task: Task, handle: TaskHandle) -> Outcome {
     let facts = NodeFacts {
-        config_outdated: ctx.config_hash.as_deref().is_some_and(|c| instance.tags.get(tags::CONFIG).map(String::as_str) != Some(c)),
+        config_outdated: ctx
+            .config_hash
+            .as_deref()
+            .is_some_and(|c| instance.tags.get(tags::CONFIG).map(String::as_str) != Some(c)),
     };
     let phase = instance.phase.unwrap_or(Phase::Launching);
     let steps = lifecycle::steps(&task, phase, facts);
@@ -132,14 +135,21 @@ impl NodeRun {
             Step::Terminate => self.terminate().await,
             Step::SetPhase { phase, release } => {
                 let rel = release.then_some(self.release.as_str());
-                self.ctx.cloud.compute.set_phase(self.id(), *phase, rel).await?;
+                self.ctx
+                    .cloud
+                    .compute
+                    .set_phase(self.id(), *phase, rel)
+                    .await?;
                 self.ctx
                     .inventory
                     .set_phase(&self.spec().region, &self.instance.id, *phase, rel, None)
                     .await;
                 self.instance.phase = Some(*phase);
                 if *phase == Phase::InService {
-                    self.handle.note("in-service", format!("{} is in service on {}", self.id(), self.release));
+                    self.handle.note(
+                        "in-service",
+                        format!("{} is in service on {}", self.id(), self.release),
+                    );
                 }
                 Ok(())
             }
@@ -157,7 +167,9 @@ impl NodeRun {
                 if matches!(self.task, Task::Update { .. }) {
                     if let Err(e) = self.restore().await {
                         // Could not put it back: it must not serve; replace it.
-                        return Outcome::NodeFailed(format!("{why}; restoring the previous release failed: {e}"));
+                        return Outcome::NodeFailed(format!(
+                            "{why}; restoring the previous release failed: {e}"
+                        ));
                     }
                     return Outcome::ReleaseFailed {
                         release: self.ctx.release.clone(),
@@ -177,12 +189,15 @@ impl NodeRun {
         let session = self.session().await.map_err(|e| fail_text(&e))?;
         let config = self.release_config().map_err(|e| fail_text(&e))?;
         let back = match &self.ctx.fallback_release {
-            Some(good) => release::activate(&session, &config, good).await.map(|r| r.id),
+            Some(good) => release::activate(&session, &config, good)
+                .await
+                .map(|r| r.id),
             None => release::rollback(&session, &config).await,
         }
         .map_err(|e| e.to_string())?;
         self.release = back.clone();
-        self.handle.note("rollback", format!("{} rolled back to {back}", self.id()));
+        self.handle
+            .note("rollback", format!("{} rolled back to {back}", self.id()));
         self.health_check().await.map_err(|e| fail_text(&e))?;
         self.ctx
             .cloud
@@ -199,7 +214,13 @@ impl NodeRun {
             .map_err(|e| e.to_string())?;
         self.ctx
             .inventory
-            .set_phase(&self.spec().region, &self.instance.id, Phase::InService, Some(&back), None)
+            .set_phase(
+                &self.spec().region,
+                &self.instance.id,
+                Phase::InService,
+                Some(&back),
+                None,
+            )
             .await;
         Ok(())
     }
@@ -212,9 +233,13 @@ impl NodeRun {
     }
 
     fn target(&self) -> Result<Target, Fail> {
-        let ip = self
-            .address()
-            .ok_or_else(|| Fail::Retry(format!("{} has no {:?} address yet", self.id(), self.spec().ssh.address)))?;
+        let ip = self.address().ok_or_else(|| {
+            Fail::Retry(format!(
+                "{} has no {:?} address yet",
+                self.id(),
+                self.spec().ssh.address
+            ))
+        })?;
         Ok(Target::new(self.id(), ip, self.spec().ssh.port))
     }
 
@@ -223,7 +248,13 @@ impl NodeRun {
             return Ok(s.clone());
         }
         let target = self.target()?;
-        let s = Arc::new(self.ctx.ssh.session(&target).await.map_err(|e| self.ssh_fail(e))?);
+        let s = Arc::new(
+            self.ctx
+                .ssh
+                .session(&target)
+                .await
+                .map_err(|e| self.ssh_fail(e))?,
+        );
         self.session = Some(s.clone());
         Ok(s)
     }
@@ -232,7 +263,9 @@ impl NodeRun {
         self.ctx
             .telemetry
             .ssh_errors
-            .get_or_create(&KindLabel { kind: ssh_kind(&e).into() })
+            .get_or_create(&KindLabel {
+                kind: ssh_kind(&e).into(),
+            })
             .inc();
         if matches!(e, SshError::HostKey(_)) {
             // A changed host key is never "retry": it is a possible attack
@@ -258,7 +291,8 @@ impl NodeRun {
             if self.instance.state == InstanceState::Running && self.address().is_some() {
                 match self.session().await {
                     Ok(_) => {
-                        self.handle.note("reachable", format!("{} answers SSH", self.id()));
+                        self.handle
+                            .note("reachable", format!("{} answers SSH", self.id()));
                         return Ok(());
                     }
                     Err(Fail::Node(why)) => return Err(Fail::Node(why)),
@@ -270,7 +304,9 @@ impl NodeRun {
                 self.refresh_instance().await;
             }
             if Instant::now() >= deadline {
-                return Err(Fail::Node(format!("not reachable over SSH in time; last: {last}")));
+                return Err(Fail::Node(format!(
+                    "not reachable over SSH in time; last: {last}"
+                )));
             }
             self.pause(Duration::from_secs(1)).await?;
         }
@@ -294,7 +330,9 @@ impl NodeRun {
 
     async fn provision(&mut self) -> Result<(), Fail> {
         let Some(path) = self.ctx.runbook.clone() else {
-            return Err(Fail::Retry("the cluster's spec is gone: cannot provision".into()));
+            return Err(Fail::Retry(
+                "the cluster's spec is gone: cannot provision".into(),
+            ));
         };
         // A runbook that does not load is the spec's problem, not the node's.
         let runbook = Runbook::load(&path).map_err(|e| Fail::Retry(e.to_string()))?;
@@ -335,7 +373,8 @@ impl NodeRun {
                 )
                 .await;
         }
-        self.handle.note("provision", format!("{} provisioned: {summary}", self.id()));
+        self.handle
+            .note("provision", format!("{} provisioned: {summary}", self.id()));
         Ok(())
     }
 
@@ -363,7 +402,10 @@ impl NodeRun {
 
     async fn ship(&mut self) -> Result<(), Fail> {
         let known = self.ctx.artifacts.get(&self.release).ok_or_else(|| {
-            Fail::Retry(format!("hangar does not know the artifact of release {}", self.release))
+            Fail::Retry(format!(
+                "hangar does not know the artifact of release {}",
+                self.release
+            ))
         })?;
         let source = known
             .artifact
@@ -378,13 +420,24 @@ impl NodeRun {
             .map_err(|e| Fail::Retry(e.to_string()))?;
         let session = self.session().await?;
         let config = self.release_config()?;
-        let report = release::ship(&session, &config, &self.release, &Artifact::new(&artifact.path, &artifact.sha256))
-            .await
-            .map_err(|e| self.release_fail(e, false))?;
+        let report = release::ship(
+            &session,
+            &config,
+            &self.release,
+            &Artifact::new(&artifact.path, &artifact.sha256),
+        )
+        .await
+        .map_err(|e| self.release_fail(e, false))?;
         if report.uploaded {
             self.handle.note(
                 "ship",
-                format!("{} got release {} ({} bytes in {:.1}s)", self.id(), report.id, report.bytes, report.elapsed.as_secs_f64()),
+                format!(
+                    "{} got release {} ({} bytes in {:.1}s)",
+                    self.id(),
+                    report.id,
+                    report.bytes,
+                    report.elapsed.as_secs_f64()
+                ),
             );
         }
         Ok(())
@@ -397,8 +450,15 @@ impl NodeRun {
         let report = release::activate(&session, &config, &self.release)
             .await
             .map_err(|e| self.release_fail(e, unproven))?;
-        self.handle
-            .note("activate", format!("{} activated {} (was {:?})", self.id(), report.id, report.replaced));
+        self.handle.note(
+            "activate",
+            format!(
+                "{} activated {} (was {:?})",
+                self.id(),
+                report.id,
+                report.replaced
+            ),
+        );
         Ok(())
     }
 
@@ -407,20 +467,31 @@ impl NodeRun {
     async fn reactivate(&mut self) -> Result<(), Fail> {
         let session = self.session().await?;
         let config = self.release_config()?;
-        let state = release::read_state(&session, &config).await.map_err(|e| self.release_fail(e, false))?;
-        if !state.releases.iter().any(|r| *r == self.release) {
+        let state = release::read_state(&session, &config)
+            .await
+            .map_err(|e| self.release_fail(e, false))?;
+        if !state.releases.contains(&self.release) {
             self.ship().await?;
         }
         let report = release::activate(&session, &config, &self.release)
             .await
             .map_err(|e| self.release_fail(e, false))?;
-        self.handle
-            .note("rollback", format!("{} swapped back to {} (from {:?})", self.id(), report.id, report.replaced));
+        self.handle.note(
+            "rollback",
+            format!(
+                "{} swapped back to {} (from {:?})",
+                self.id(),
+                report.id,
+                report.replaced
+            ),
+        );
         Ok(())
     }
 
     async fn health_check(&mut self) -> Result<(), Fail> {
-        let ip = self.address().ok_or_else(|| Fail::Retry("no address".into()))?;
+        let ip = self
+            .address()
+            .ok_or_else(|| Fail::Retry("no address".into()))?;
         let probe = HealthProbe::for_node(ip, &self.spec().release.health_check);
         self.session = None;
         let result = tokio::select! {
@@ -429,8 +500,15 @@ impl NodeRun {
         };
         match result {
             Ok(h) => {
-                self.handle
-                    .note("healthy", format!("{} healthy on {} after {} attempt(s)", self.id(), self.release, h.attempts));
+                self.handle.note(
+                    "healthy",
+                    format!(
+                        "{} healthy on {} after {} attempt(s)",
+                        self.id(),
+                        self.release,
+                        h.attempts
+                    ),
+                );
                 Ok(())
             }
             Err(e) if self.release_unproven() => Err(Fail::Release(e.to_string())),
@@ -443,15 +521,27 @@ impl NodeRun {
     }
 
     async fn target_state(&self) -> Result<Option<TargetState>, Fail> {
-        let health = self.ctx.cloud.load_balancer.target_health(&self.target_group()).await?;
-        Ok(health.into_iter().find(|t| t.id == self.instance.id).map(|t| t.state))
+        let health = self
+            .ctx
+            .cloud
+            .load_balancer
+            .target_health(&self.target_group())
+            .await?;
+        Ok(health
+            .into_iter()
+            .find(|t| t.id == self.instance.id)
+            .map(|t| t.state))
     }
 
     /// Registers, then waits (up to the health deadline) for the ALB to
     /// call the target healthy: only then does it count as serving.
     async fn register(&mut self) -> Result<(), Fail> {
         let tg = self.target_group();
-        self.ctx.cloud.load_balancer.register(&tg, std::slice::from_ref(&self.instance.id)).await?;
+        self.ctx
+            .cloud
+            .load_balancer
+            .register(&tg, std::slice::from_ref(&self.instance.id))
+            .await?;
         let deadline = Instant::now() + self.spec().release.health_check.deadline.get();
         loop {
             match self.target_state().await? {
@@ -464,7 +554,10 @@ impl NodeRun {
                 _ => self.pause(Duration::from_secs(2)).await?,
             }
         }
-        self.handle.note("register", format!("{} registered in the target group", self.id()));
+        self.handle.note(
+            "register",
+            format!("{} registered in the target group", self.id()),
+        );
         Ok(())
     }
 
@@ -482,7 +575,13 @@ impl NodeRun {
     async fn drain(&mut self) -> Result<(), Fail> {
         if !self.deregistered {
             let tg = self.target_group();
-            match self.ctx.cloud.load_balancer.deregister(&tg, std::slice::from_ref(&self.instance.id)).await {
+            match self
+                .ctx
+                .cloud
+                .load_balancer
+                .deregister(&tg, std::slice::from_ref(&self.instance.id))
+                .await
+            {
                 Ok(()) | Err(CloudError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -499,16 +598,31 @@ impl NodeRun {
                 lb_done = !matches!(self.target_state().await?, Some(TargetState::Draining));
                 last_lb_check = Some(Instant::now());
             }
-            let open = if lb_done { self.open_connections(port).await } else { None };
+            let open = if lb_done {
+                self.open_connections(port).await
+            } else {
+                None
+            };
             if lb_done && open.unwrap_or(0) == 0 {
-                self.handle
-                    .note("drained", format!("{} drained in {:.1}s", self.id(), started.elapsed().as_secs_f64()));
+                self.handle.note(
+                    "drained",
+                    format!(
+                        "{} drained in {:.1}s",
+                        self.id(),
+                        started.elapsed().as_secs_f64()
+                    ),
+                );
                 return Ok(());
             }
             if started.elapsed() >= timeout {
                 self.handle.note(
                     "drained",
-                    format!("{} drain timeout ({}s) reached with {:?} connection(s) open", self.id(), timeout.as_secs(), open),
+                    format!(
+                        "{} drain timeout ({}s) reached with {:?} connection(s) open",
+                        self.id(),
+                        timeout.as_secs(),
+                        open
+                    ),
                 );
                 return Ok(());
             }
@@ -535,7 +649,10 @@ impl NodeRun {
         }
         let timeout = self.spec().drain.timeout.get();
         let Ok(session) = self.session().await else {
-            self.handle.note("drain-hooks", format!("{} unreachable: drain hooks skipped", self.id()));
+            self.handle.note(
+                "drain-hooks",
+                format!("{} unreachable: drain hooks skipped", self.id()),
+            );
             return Ok(());
         };
         let started = Instant::now();
@@ -549,7 +666,10 @@ impl NodeRun {
                     "drain-hooks",
                     format!("{}: drain hook `{hook}` exited {}", self.id(), out.status),
                 ),
-                Err(e) => self.handle.note("drain-hooks", format!("{}: drain hook `{hook}`: {e}", self.id())),
+                Err(e) => self.handle.note(
+                    "drain-hooks",
+                    format!("{}: drain hook `{hook}`: {e}", self.id()),
+                ),
             }
         }
         Ok(())
@@ -560,12 +680,22 @@ impl NodeRun {
         if let Ok(t) = self.target() {
             self.ctx.ssh.forget(&t).await;
         }
-        match self.ctx.cloud.compute.terminate(std::slice::from_ref(&self.instance.id)).await {
+        match self
+            .ctx
+            .cloud
+            .compute
+            .terminate(std::slice::from_ref(&self.instance.id))
+            .await
+        {
             Ok(()) | Err(CloudError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        self.ctx.inventory.terminated(&self.spec().region, &self.instance.id).await;
-        self.handle.note("terminate", format!("{} terminated", self.id()));
+        self.ctx
+            .inventory
+            .terminated(&self.spec().region, &self.instance.id)
+            .await;
+        self.handle
+            .note("terminate", format!("{} terminated", self.id()));
         Ok(())
     }
 }

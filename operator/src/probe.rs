@@ -49,12 +49,21 @@ impl Probes {
     }
 
     /// Starts a probe round for `serving` unless one ran recently or runs now.
-    pub fn maybe_probe(&self, cluster: &str, spec: &ClusterSpec, serving: &[&Instance], now: DateTime<Utc>) {
+    pub fn maybe_probe(
+        &self,
+        cluster: &str,
+        spec: &ClusterSpec,
+        serving: &[&Instance],
+        now: DateTime<Utc>,
+    ) {
         let check = &spec.release.health_check;
         let every = check.interval.get().max(Duration::from_secs(5));
         {
             let mut st = self.lock();
-            let recent = st.last_round.get(cluster).is_some_and(|t| t.elapsed() < every);
+            let recent = st
+                .last_round
+                .get(cluster)
+                .is_some_and(|t| t.elapsed() < every);
             if recent || st.in_flight.contains(cluster) {
                 return;
             }
@@ -62,7 +71,8 @@ impl Probes {
             st.in_flight.insert(cluster.to_string());
             // Forget nodes no longer serving.
             let ids: HashSet<&str> = serving.iter().map(|i| i.id.as_str()).collect();
-            st.failing.retain(|node, (c, _)| c != cluster || ids.contains(node.as_str()));
+            st.failing
+                .retain(|node, (c, _)| c != cluster || ids.contains(node.as_str()));
         }
         let targets: Vec<(String, HealthProbe)> = serving
             .iter()
@@ -76,7 +86,12 @@ impl Probes {
                     futures::stream::iter(targets)
                         .map(|(id, p)| {
                             let client = client.clone();
-                            async move { (id, health::probe_once(&client, &p.url, p.timeout).await.is_ok()) }
+                            async move {
+                                (
+                                    id,
+                                    health::probe_once(&client, &p.url, p.timeout).await.is_ok(),
+                                )
+                            }
                         })
                         .buffer_unordered(CONCURRENCY)
                         .collect()
@@ -92,7 +107,9 @@ impl Probes {
                 if ok {
                     st.failing.remove(&id);
                 } else {
-                    st.failing.entry(id).or_insert_with(|| (cluster.clone(), now));
+                    st.failing
+                        .entry(id)
+                        .or_insert_with(|| (cluster.clone(), now));
                 }
             }
             st.in_flight.remove(&cluster);

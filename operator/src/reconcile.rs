@@ -126,7 +126,13 @@ impl Operator {
     /// Every cluster known from specs or from stored status.
     pub fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.specs().clusters.keys().cloned().collect();
-        keys.extend(self.statuses.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+        keys.extend(
+            self.statuses
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned(),
+        );
         keys.sort();
         keys.dedup();
         keys
@@ -140,7 +146,8 @@ impl Operator {
     pub fn set_specs(&self, set: SpecSet) -> Vec<String> {
         let changed = self.specs().changed(&set);
         self.telemetry.spec_problems.set(set.problems.len() as i64);
-        self.board.set_problems(set.problems.iter().map(ProblemView::from).collect());
+        self.board
+            .set_problems(set.problems.iter().map(ProblemView::from).collect());
         for p in &set.problems {
             tracing::warn!(problem = %p, "spec problem; other clusters keep reconciling");
         }
@@ -149,7 +156,11 @@ impl Operator {
     }
 
     fn status(&self, key: &str) -> Option<ClusterStatus> {
-        self.statuses.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+        self.statuses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
     }
 
     /// Persists only when something besides timestamps changed: a
@@ -172,10 +183,18 @@ impl Operator {
             tracing::error!(cluster = %key, error = %e, "cannot remove status");
         }
         self.board.forget(key);
-        self.statuses.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.statuses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 
-    fn ssh_pool(&self, name: &str, spec: &ClusterSpec, spec_dir: Option<&std::path::Path>) -> Result<Arc<SshPool>, ReconcileError> {
+    fn ssh_pool(
+        &self,
+        name: &str,
+        spec: &ClusterSpec,
+        spec_dir: Option<&std::path::Path>,
+    ) -> Result<Arc<SshPool>, ReconcileError> {
         let mut ssh = spec.ssh.clone();
         if let Some(dir) = spec_dir {
             ssh.private_key_file = dir.join(&ssh.private_key_file);
@@ -189,7 +208,8 @@ impl Operator {
                 return Ok(pool.clone());
             }
         }
-        let settings = SshSettings::from_spec(&ssh, &self.settings.state_dir).map_err(|e| ReconcileError::Ssh(e.to_string()))?;
+        let settings = SshSettings::from_spec(&ssh, &self.settings.state_dir)
+            .map_err(|e| ReconcileError::Ssh(e.to_string()))?;
         let pool = Arc::new(SshPool::new(settings, redactor));
         pools.insert(name.to_string(), (key, pool.clone()));
         Ok(pool)
@@ -226,9 +246,14 @@ impl Reconciler for Operator {
     }
 
     fn observe(&self, key: &Key, outcome: Result<&Action, &ReconcileError>, took: Duration) {
-        self.telemetry.reconcile_duration.observe(took.as_secs_f64());
+        self.telemetry
+            .reconcile_duration
+            .observe(took.as_secs_f64());
         if outcome.is_err() {
-            self.telemetry.reconcile_errors.get_or_create(&Telemetry::cluster(key)).inc();
+            self.telemetry
+                .reconcile_errors
+                .get_or_create(&Telemetry::cluster(key))
+                .inc();
         }
     }
 }
@@ -257,8 +282,16 @@ struct Observed {
 }
 
 impl Operator {
-    async fn observe_cluster(&self, name: &str, region: &str, cloud: &Cloud) -> Result<Observed, ReconcileError> {
-        let all = self.inventory.instances(region, cloud.compute.as_ref()).await?;
+    async fn observe_cluster(
+        &self,
+        name: &str,
+        region: &str,
+        cloud: &Cloud,
+    ) -> Result<Observed, ReconcileError> {
+        let all = self
+            .inventory
+            .instances(region, cloud.compute.as_ref())
+            .await?;
         let instances = all.iter().filter(|i| i.cluster == name).cloned().collect();
         Ok(Observed {
             instances,
@@ -269,7 +302,12 @@ impl Operator {
     /// Observes a cluster and runs the pure core on it: everything a pass
     /// does except acting. `live` folds in finished node tasks; a preview
     /// (`hangar plan`) leaves them alone.
-    async fn decide(&self, entry: &ClusterSpecEntry, now: DateTime<Utc>, live: bool) -> Result<Decided, ReconcileError> {
+    async fn decide(
+        &self,
+        entry: &ClusterSpecEntry,
+        now: DateTime<Utc>,
+        live: bool,
+    ) -> Result<Decided, ReconcileError> {
         let name = entry.name().to_string();
         let spec = &entry.loaded.cluster.spec;
         let cloud = self.clouds.cloud(&spec.region).await?;
@@ -282,7 +320,12 @@ impl Operator {
         status.spec = Some(spec.clone());
         if status.spec_removed {
             status.spec_removed = false;
-            status.record(now, "spec", None, "spec is back; managing the cluster again");
+            status.record(
+                now,
+                "spec",
+                None,
+                "spec is back; managing the cluster again",
+            );
         }
 
         if live {
@@ -297,16 +340,21 @@ impl Operator {
 
         // Traffic and the planner.
         let eval_due = spec.autoscaling.as_ref().is_some_and(|a| {
-            status
-                .last_eval_at
-                .is_none_or(|t| now.signed_duration_since(t).to_std().unwrap_or_default() >= a.evaluation_interval.get())
+            status.last_eval_at.is_none_or(|t| {
+                now.signed_duration_since(t).to_std().unwrap_or_default()
+                    >= a.evaluation_interval.get()
+            })
         });
         if eval_due {
             status.last_eval_at = Some(now);
-            match crate::traffic::read_rate(cloud.metrics.as_ref(), spec, serving.len() as u32, now).await {
+            match crate::traffic::read_rate(cloud.metrics.as_ref(), spec, serving.len() as u32, now)
+                .await
+            {
                 Ok(Some(obs)) => status.last_metric = Some(obs),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(cluster = %name, error = %e, "cannot read traffic metric; holding"),
+                Err(e) => {
+                    tracing::warn!(cluster = %name, error = %e, "cannot read traffic metric; holding")
+                }
             }
         }
         let metric: Option<Observation> = status.last_metric;
@@ -317,7 +365,11 @@ impl Operator {
             }
         }
         if decision.desired != status.desired || before.is_none() {
-            let direction = if decision.desired > status.desired { "out" } else { "in" };
+            let direction = if decision.desired > status.desired {
+                "out"
+            } else {
+                "in"
+            };
             if before.is_some() {
                 self.telemetry
                     .scaling_actions
@@ -327,7 +379,15 @@ impl Operator {
                     })
                     .inc();
             }
-            status.record(now, "scale", None, format!("desired {} → {}: {}", status.desired, decision.desired, decision.reason));
+            status.record(
+                now,
+                "scale",
+                None,
+                format!(
+                    "desired {} → {}: {}",
+                    status.desired, decision.desired, decision.reason
+                ),
+            );
             tracing::info!(cluster = %name, desired = decision.desired, "{}", decision.reason);
         }
         status.desired = decision.desired;
@@ -340,8 +400,12 @@ impl Operator {
 
         // Releases.
         remember_release(&mut status, spec, now);
-        let serving_releases: Vec<Option<&str>> = serving.iter().map(|i| i.release.as_deref()).collect();
-        let settled = !seen.running.values().any(|t| matches!(t, Task::Update { .. } | Task::Rollback { .. }));
+        let serving_releases: Vec<Option<&str>> =
+            serving.iter().map(|i| i.release.as_deref()).collect();
+        let settled = !seen
+            .running
+            .values()
+            .any(|t| matches!(t, Task::Update { .. } | Task::Rollback { .. }));
         let events = rollout::observe(
             &mut status.release,
             &spec.release.id,
@@ -353,12 +417,24 @@ impl Operator {
             },
         );
         self.record_rollout(&mut status, &name, events, now);
-        if let (true, Some(since)) = (eval_due, rollout::watching(&status.release, spec.release.rollback.as_ref(), now)) {
+        if let (true, Some(since)) = (
+            eval_due,
+            rollout::watching(&status.release, spec.release.rollback.as_ref(), now),
+        ) {
             let period = crate::traffic::error_period(spec);
-            match crate::traffic::read_errors(cloud.metrics.as_ref(), &spec.load_balancer.target_group_arn, since, now, period).await {
+            match crate::traffic::read_errors(
+                cloud.metrics.as_ref(),
+                &spec.load_balancer.target_group_arn,
+                since,
+                now,
+                period,
+            )
+            .await
+            {
                 Ok((errors, requests)) => {
                     if let Some(rb) = &spec.release.rollback {
-                        if let Some(ev) = rollout::judge(&mut status.release, rb, errors, requests) {
+                        if let Some(ev) = rollout::judge(&mut status.release, rb, errors, requests)
+                        {
                             self.record_rollout(&mut status, &name, vec![ev], now);
                         }
                     }
@@ -414,7 +490,8 @@ impl Operator {
         let serving: Vec<&Instance> = serving.iter().collect();
         let acted = !diff.actions.is_empty();
         for action in diff.actions {
-            self.act(action, entry, spec, &cloud, &seen, &mut status, now).await?;
+            self.act(action, entry, spec, &cloud, &seen, &mut status, now)
+                .await?;
         }
 
         // Health probes of serving nodes, off the reconcile path.
@@ -426,8 +503,15 @@ impl Operator {
         self.export_metrics(&name, &status);
         self.save_status(before.as_ref(), status.clone());
 
-        let busy = acted || !seen_after.running.is_empty() || status.release.outdated > 0 || diff.counted != status.desired;
-        let mut next = if busy { self.settings.busy_requeue } else { self.settings.resync };
+        let busy = acted
+            || !seen_after.running.is_empty()
+            || status.release.outdated > 0
+            || diff.counted != status.desired;
+        let mut next = if busy {
+            self.settings.busy_requeue
+        } else {
+            self.settings.resync
+        };
         if let Some(a) = &spec.autoscaling {
             next = next.min(a.evaluation_interval.get());
         }
@@ -438,7 +522,9 @@ impl Operator {
     /// only reads (instance listing, metrics), never a mutating call.
     pub async fn preview(&self, name: &str) -> Result<Option<Preview>, ReconcileError> {
         let specs = self.specs();
-        let Some(entry) = specs.get(name) else { return Ok(None) };
+        let Some(entry) = specs.get(name) else {
+            return Ok(None);
+        };
         let now = Utc::now();
         let mut d = self.decide(entry, now, false).await?;
         self.fill_status(&mut d.status, &d.seen, &d.diff.notes, now);
@@ -451,7 +537,9 @@ impl Operator {
     /// The spec is gone: retain (default) leaves the fleet alone; delete
     /// drains and terminates it, then forgets the cluster.
     async fn reconcile_removed(&self, key: &str) -> Result<Action, ReconcileError> {
-        let Some(before) = self.status(key) else { return Ok(Action::await_change()) };
+        let Some(before) = self.status(key) else {
+            return Ok(Action::await_change());
+        };
         let Some(spec) = before.spec.clone() else {
             self.forget(key);
             return Ok(Action::await_change());
@@ -462,13 +550,21 @@ impl Operator {
             status.spec_removed = true;
             let what = match spec.deletion_policy {
                 DeletionPolicy::Retain => "deletionPolicy retain: nodes keep running, unmanaged",
-                DeletionPolicy::Delete => "deletionPolicy delete: draining and terminating every node",
+                DeletionPolicy::Delete => {
+                    "deletionPolicy delete: draining and terminating every node"
+                }
             };
             status.record(now, "spec", None, format!("spec removed; {what}"));
             tracing::warn!(cluster = %key, "spec removed; {what}");
         }
         if spec.deletion_policy == DeletionPolicy::Retain {
-            status.set_condition(ConditionType::Ready, false, "SpecRemoved", "spec removed; nodes retained, unmanaged", now);
+            status.set_condition(
+                ConditionType::Ready,
+                false,
+                "SpecRemoved",
+                "spec removed; nodes retained, unmanaged",
+                now,
+            );
             status.set_condition(ConditionType::Progressing, false, "SpecRemoved", "", now);
             self.save_status(Some(&before), status);
             return Ok(Action::await_change());
@@ -479,10 +575,20 @@ impl Operator {
         let live: Vec<&Instance> = seen
             .instances
             .iter()
-            .filter(|i| !matches!(i.state, InstanceState::Terminated | InstanceState::ShuttingDown))
+            .filter(|i| {
+                !matches!(
+                    i.state,
+                    InstanceState::Terminated | InstanceState::ShuttingDown
+                )
+            })
             .collect();
         if live.is_empty() && seen.running.is_empty() {
-            status.record(now, "spec", None, "every node terminated; forgetting the cluster");
+            status.record(
+                now,
+                "spec",
+                None,
+                "every node terminated; forgetting the cluster",
+            );
             self.forget(key);
             return Ok(Action::await_change());
         }
@@ -507,9 +613,15 @@ impl Operator {
         };
         let diff = fleet::diff(&nodes, &target);
         for action in diff.actions {
-            if let fleet::Action::Start { node, task: task @ Task::Drain { .. } } = action {
+            if let fleet::Action::Start {
+                node,
+                task: task @ Task::Drain { .. },
+            } = action
+            {
                 if let Some(inst) = seen.instances.iter().find(|i| i.id == node) {
-                    if let Err(e) = self.start_task(key, None, &spec, &cloud, inst, task, &status.release) {
+                    if let Err(e) =
+                        self.start_task(key, None, &spec, &cloud, inst, task, &status.release)
+                    {
                         status.record(now, "error", Some(&node), e.to_string());
                     }
                 }
@@ -550,7 +662,12 @@ impl Operator {
                 };
                 let launched = cloud.compute.launch(&req).await?;
                 let ids: Vec<&str> = launched.iter().map(|i| i.id.as_str()).collect();
-                status.record(now, "launch", None, format!("launched {} in {subnet}: {}", ids.len(), ids.join(", ")));
+                status.record(
+                    now,
+                    "launch",
+                    None,
+                    format!("launched {} in {subnet}: {}", ids.len(), ids.join(", ")),
+                );
                 tracing::info!(cluster = %name, subnet = %subnet, instances = ?ids, "launched");
                 self.inventory.launched(&spec.region, launched).await;
             }
@@ -561,7 +678,9 @@ impl Operator {
                     }
                     // A cluster whose SSH settings are broken (missing key
                     // file…) cannot start node work; say so, keep going.
-                    if let Err(e) = self.start_task(name, Some(entry), spec, cloud, inst, task, &status.release) {
+                    if let Err(e) =
+                        self.start_task(name, Some(entry), spec, cloud, inst, task, &status.release)
+                    {
                         status.node_errors.insert(node.clone(), e.to_string());
                         tracing::warn!(cluster = %name, node = %node, error = %e, "cannot start node task");
                     }
@@ -605,13 +724,19 @@ impl Operator {
         let instance = instance.clone();
         let node = instance.id.clone();
         let task_for_run = task.clone();
-        self.tasks
-            .start(cluster, &node, task, move |handle| node_task::run(ctx, instance, task_for_run, handle));
+        self.tasks.start(cluster, &node, task, move |handle| {
+            node_task::run(ctx, instance, task_for_run, handle)
+        });
         Ok(())
     }
 
     /// Folds finished tasks and their notes into status.
-    fn absorb_task_results(&self, status: &mut ClusterStatus, spec: &ClusterSpec, now: DateTime<Utc>) {
+    fn absorb_task_results(
+        &self,
+        status: &mut ClusterStatus,
+        spec: &ClusterSpec,
+        now: DateTime<Utc>,
+    ) {
         let (finished, notes) = self.tasks.drain(&status.name);
         for n in notes {
             status.record(n.at, &n.kind, Some(&n.node), n.message);
@@ -635,18 +760,37 @@ impl Operator {
                 Outcome::Cancelled => {}
                 Outcome::Retry(why) => {
                     status.node_errors.insert(f.node.clone(), why.clone());
-                    status.record(f.at, "retry", Some(&f.node), format!("{}: {why} (will retry)", f.task.name()));
+                    status.record(
+                        f.at,
+                        "retry",
+                        Some(&f.node),
+                        format!("{}: {why} (will retry)", f.task.name()),
+                    );
                 }
                 Outcome::NodeFailed(why) => {
                     status.failed_nodes.insert(f.node.clone(), why.clone());
                     status.node_errors.insert(f.node.clone(), why.clone());
                     status.node_failures += 1;
-                    status.record(f.at, "error", Some(&f.node), format!("{} failed: {why}; replacing the node", f.task.name()));
+                    status.record(
+                        f.at,
+                        "error",
+                        Some(&f.node),
+                        format!("{} failed: {why}; replacing the node", f.task.name()),
+                    );
                     if status.node_failures >= 3 {
                         let exp = 30u64.saturating_mul(1 << (status.node_failures - 3).min(5));
                         let wait = chrono::Duration::seconds(exp.min(600) as i64);
                         status.launch_backoff_until = Some(now + wait);
-                        status.record(now, "backoff", None, format!("{} nodes failed in a row: launches wait {}s", status.node_failures, wait.num_seconds()));
+                        status.record(
+                            now,
+                            "backoff",
+                            None,
+                            format!(
+                                "{} nodes failed in a row: launches wait {}s",
+                                status.node_failures,
+                                wait.num_seconds()
+                            ),
+                        );
                     }
                 }
                 Outcome::ReleaseFailed { release, reason } => {
@@ -666,14 +810,32 @@ impl Operator {
         let _ = spec;
     }
 
-    fn record_rollout(&self, status: &mut ClusterStatus, name: &str, events: Vec<rollout::Event>, now: DateTime<Utc>) {
+    fn record_rollout(
+        &self,
+        status: &mut ClusterStatus,
+        name: &str,
+        events: Vec<rollout::Event>,
+        now: DateTime<Utc>,
+    ) {
         for ev in events {
             let (result, message) = match &ev {
-                rollout::Event::Started { release } => ("started", format!("rolling out {release}")),
-                rollout::Event::Proven { release } => ("completed", format!("{release} is on every serving node and proven good")),
-                rollout::Event::Halted { release, reason } => ("halted", format!("rollout of {release} halted: {reason}")),
-                rollout::Event::RollingBack { from, to, reason } => ("rolled-back", format!("rolling back {from} → {to}: {reason}")),
-                rollout::Event::RolledBack { from, to } => ("rollback-done", format!("rollback {from} → {to} complete")),
+                rollout::Event::Started { release } => {
+                    ("started", format!("rolling out {release}"))
+                }
+                rollout::Event::Proven { release } => (
+                    "completed",
+                    format!("{release} is on every serving node and proven good"),
+                ),
+                rollout::Event::Halted { release, reason } => {
+                    ("halted", format!("rollout of {release} halted: {reason}"))
+                }
+                rollout::Event::RollingBack { from, to, reason } => (
+                    "rolled-back",
+                    format!("rolling back {from} → {to}: {reason}"),
+                ),
+                rollout::Event::RolledBack { from, to } => {
+                    ("rollback-done", format!("rollback {from} → {to} complete"))
+                }
             };
             self.telemetry
                 .rollouts
@@ -687,15 +849,25 @@ impl Operator {
         }
     }
 
-    fn fill_status(&self, status: &mut ClusterStatus, seen: &Observed, notes: &[String], now: DateTime<Utc>) {
+    fn fill_status(
+        &self,
+        status: &mut ClusterStatus,
+        seen: &Observed,
+        notes: &[String],
+        now: DateTime<Utc>,
+    ) {
         status.updated_at = Some(now);
         let live: Vec<&Instance> = seen
             .instances
             .iter()
             .filter(|i| !matches!(i.state, InstanceState::Terminated))
             .collect();
-        status.failed_nodes.retain(|id, _| live.iter().any(|i| i.id == *id));
-        status.node_errors.retain(|id, _| live.iter().any(|i| i.id == *id));
+        status
+            .failed_nodes
+            .retain(|id, _| live.iter().any(|i| i.id == *id));
+        status
+            .node_errors
+            .retain(|id, _| live.iter().any(|i| i.id == *id));
         let mut phases: BTreeMap<String, u32> = BTreeMap::new();
         for i in &live {
             *phases.entry(phase_label(i)).or_default() += 1;
@@ -718,33 +890,67 @@ impl Operator {
             .collect();
         let in_service = status.phases.get("in-service").copied().unwrap_or(0);
         let on_target = status.release.on_target;
-        let ready = in_service == status.desired && on_target == in_service && status.release.outdated == 0;
-        let msg = format!("{in_service}/{} in service on {}", status.desired, status.release.target);
+        let ready =
+            in_service == status.desired && on_target == in_service && status.release.outdated == 0;
+        let msg = format!(
+            "{in_service}/{} in service on {}",
+            status.desired, status.release.target
+        );
         if ready {
             status.set_condition(ConditionType::Ready, true, "AllInService", msg, now);
         } else {
             status.set_condition(ConditionType::Ready, false, "Converging", msg, now);
         }
         let progressing = !seen.running.is_empty() || !ready;
-        let why = if notes.is_empty() { String::new() } else { notes.join("; ") };
-        status.set_condition(ConditionType::Progressing, progressing, if progressing { "Working" } else { "Idle" }, why, now);
+        let why = if notes.is_empty() {
+            String::new()
+        } else {
+            notes.join("; ")
+        };
+        status.set_condition(
+            ConditionType::Progressing,
+            progressing,
+            if progressing { "Working" } else { "Idle" },
+            why,
+            now,
+        );
         let degraded = if rollout::halted(&status.release) {
-            Some(("ReleaseFailed", format!("release {} failed; serving {}", status.release.desired, status.release.target)))
+            Some((
+                "ReleaseFailed",
+                format!(
+                    "release {} failed; serving {}",
+                    status.release.desired, status.release.target
+                ),
+            ))
         } else if status.release.rolling_back_from.is_some() {
-            Some(("RollingBack", format!("rolling back from {}", status.release.rolling_back_from.clone().unwrap_or_default())))
+            Some((
+                "RollingBack",
+                format!(
+                    "rolling back from {}",
+                    status.release.rolling_back_from.clone().unwrap_or_default()
+                ),
+            ))
         } else if status.node_failures >= 3 {
-            Some(("NodesFailing", format!("{} nodes in a row failed to come up", status.node_failures)))
+            Some((
+                "NodesFailing",
+                format!("{} nodes in a row failed to come up", status.node_failures),
+            ))
         } else {
             None
         };
         match degraded {
-            Some((reason, message)) => status.set_condition(ConditionType::Degraded, true, reason, message, now),
+            Some((reason, message)) => {
+                status.set_condition(ConditionType::Degraded, true, reason, message, now)
+            }
             None => status.set_condition(ConditionType::Degraded, false, "AsExpected", "", now),
         }
     }
 
     fn export_metrics(&self, name: &str, status: &ClusterStatus) {
-        self.telemetry.desired_nodes.get_or_create(&Telemetry::cluster(name)).set(status.desired.into());
+        self.telemetry
+            .desired_nodes
+            .get_or_create(&Telemetry::cluster(name))
+            .set(status.desired.into());
         for phase in Phase::ALL {
             let n = status.phases.get(phase.as_str()).copied().unwrap_or(0);
             self.telemetry
@@ -773,7 +979,11 @@ fn remember_release(status: &mut ClusterStatus, spec: &ClusterSpec, now: DateTim
         };
     }
     while known.len() > KEEP {
-        let keep = [Some(r.id.as_str()), status.release.last_good.as_deref(), Some(status.release.target.as_str())];
+        let keep = [
+            Some(r.id.as_str()),
+            status.release.last_good.as_deref(),
+            Some(status.release.target.as_str()),
+        ];
         let oldest = known
             .iter()
             .filter(|(id, _)| !keep.contains(&Some(id.as_str())))
@@ -873,8 +1083,14 @@ mod tests {
 
     #[test]
     fn client_tokens_are_stable_for_one_observation_and_fit_ec2() {
-        let a = [inst("i-2", None, InstanceState::Running), inst("i-1", None, InstanceState::Running)];
-        let b = [inst("i-1", None, InstanceState::Running), inst("i-2", None, InstanceState::Running)];
+        let a = [
+            inst("i-2", None, InstanceState::Running),
+            inst("i-1", None, InstanceState::Running),
+        ];
+        let b = [
+            inst("i-1", None, InstanceState::Running),
+            inst("i-2", None, InstanceState::Running),
+        ];
         let t = client_token("web", "subnet-a", 2, &a);
         assert_eq!(t, client_token("web", "subnet-a", 2, &b));
         assert_ne!(t, client_token("web", "subnet-b", 2, &a));

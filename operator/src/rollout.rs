@@ -80,7 +80,7 @@ pub fn observe(
     };
 
     if let Some(bad) = state.rolling_back_from.clone() {
-        if !seen.serving.iter().any(|r| *r == Some(bad.as_str())) {
+        if !seen.serving.contains(&Some(bad.as_str())) {
             state.rolling_back_from = None;
             events.push(Event::RolledBack {
                 from: bad,
@@ -196,7 +196,7 @@ pub fn fail(state: &mut ReleaseStatus, release: &str, reason: &str) -> Option<Ev
 /// Updates of serving nodes are paused: the desired release failed and no
 /// emergency rollback is running.
 pub fn halted(state: &ReleaseStatus) -> bool {
-    state.failed.iter().any(|r| *r == state.desired) && state.rolling_back_from.is_none()
+    state.failed.contains(&state.desired) && state.rolling_back_from.is_none()
 }
 
 /// Without memory (first start, lost state dir) the release most serving

@@ -29,7 +29,10 @@ pub enum RunError {
     #[error("watching {dir}: {source}")]
     Watch { dir: String, source: notify::Error },
     #[error("HTTP server on {addr}: {source}")]
-    Http { addr: String, source: std::io::Error },
+    Http {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the operator until `shutdown` fires (SIGTERM/SIGINT in the binary).
@@ -48,7 +51,8 @@ pub async fn run(
         telemetry.set_api_stats(stats);
     }
     let (triggers, trigger_rx) = TriggerSender::channel();
-    let loop_settings = loop_settings.unwrap_or_else(|| LoopSettings::new(settings.state_dir.clone(), settings.owner.clone()));
+    let loop_settings = loop_settings
+        .unwrap_or_else(|| LoopSettings::new(settings.state_dir.clone(), settings.owner.clone()));
     let resync = loop_settings.resync;
     let operator = Arc::new(Operator::new(
         loop_settings,
@@ -72,18 +76,24 @@ pub async fn run(
         triggers.now(key);
     }
 
-    let http_task = http::serve(settings.listen, board.clone(), telemetry.clone(), shutdown.clone())
-        .await
-        .map_err(|source| RunError::Http {
-            addr: settings.listen.to_string(),
-            source,
-        })?;
-
-    let (changed_tx, changed_rx) = mpsc::unbounded_channel();
-    let _watcher = crate::specs::watch(&settings.specs, changed_tx).map_err(|source| RunError::Watch {
-        dir: settings.specs.display().to_string(),
+    let http_task = http::serve(
+        settings.listen,
+        board.clone(),
+        telemetry.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| RunError::Http {
+        addr: settings.listen.to_string(),
         source,
     })?;
+
+    let (changed_tx, changed_rx) = mpsc::unbounded_channel();
+    let _watcher =
+        crate::specs::watch(&settings.specs, changed_tx).map_err(|source| RunError::Watch {
+            dir: settings.specs.display().to_string(),
+            source,
+        })?;
     let specs_task = tokio::spawn(follow_specs(
         settings.specs.clone(),
         operator.clone(),

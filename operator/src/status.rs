@@ -260,7 +260,10 @@ impl StatusStore {
             path: dir.clone(),
             source,
         })?;
-        Ok(StatusStore { dir, read_only: false })
+        Ok(StatusStore {
+            dir,
+            read_only: false,
+        })
     }
 
     /// A store that can be read but is never written (for `hangar plan`,

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,15 +78,33 @@ impl std::fmt::Debug for ApiCollector {
 
 impl Collector for ApiCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let samples = match self.source.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let samples = match self
+            .source
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             Some(src) => src.sample(),
             None => return Ok(()),
         };
-        let families: [(&str, &str, fn(&ApiSample) -> u64); 4] = [
-            ("cloud_api_calls", "Cloud API calls by service and operation", |s| s.calls),
-            ("cloud_api_retries", "Retried attempts (backoff) by service and operation", |s| s.retries),
-            ("cloud_api_throttles", "Attempts the cloud throttled", |s| s.throttles),
-            ("cloud_api_errors", "Calls that failed after retries", |s| s.errors),
+        type Family = (&'static str, &'static str, fn(&ApiSample) -> u64);
+        let families: [Family; 4] = [
+            (
+                "cloud_api_calls",
+                "Cloud API calls by service and operation",
+                |s| s.calls,
+            ),
+            (
+                "cloud_api_retries",
+                "Retried attempts (backoff) by service and operation",
+                |s| s.retries,
+            ),
+            ("cloud_api_throttles", "Attempts the cloud throttled", |s| {
+                s.throttles
+            }),
+            ("cloud_api_errors", "Calls that failed after retries", |s| {
+                s.errors
+            }),
         ];
         for (name, help, value) in families {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -262,9 +280,20 @@ mod tests {
         assert!(!t.encode().contains("hangar_cloud_api_calls_total{"));
         t.set_api_stats(Arc::new(Fixed));
         let text = t.encode();
-        let series = |name: &str, v: u64| format!("{name}{{service=\"ec2\",operation=\"DescribeInstances\"}} {v}");
-        assert!(text.contains(&series("hangar_cloud_api_calls_total", 7)), "{text}");
-        assert!(text.contains(&series("hangar_cloud_api_throttles_total", 1)), "{text}");
-        assert!(text.contains(&series("hangar_cloud_api_retries_total", 2)), "{text}");
+        let series = |name: &str, v: u64| {
+            format!("{name}{{service=\"ec2\",operation=\"DescribeInstances\"}} {v}")
+        };
+        assert!(
+            text.contains(&series("hangar_cloud_api_calls_total", 7)),
+            "{text}"
+        );
+        assert!(
+            text.contains(&series("hangar_cloud_api_throttles_total", 1)),
+            "{text}"
+        );
+        assert!(
+            text.contains(&series("hangar_cloud_api_retries_total", 2)),
+            "{text}"
+        );
     }
 }

@@ -128,10 +128,12 @@ mod tests {
 
     use super::*;
 
+    type Asked = (AlbMetric, DateTime<Utc>, DateTime<Utc>);
+
     /// Records the queries and answers with canned sums.
     struct Canned {
         points: Vec<Datapoint>,
-        asked: Mutex<Vec<(AlbMetric, DateTime<Utc>, DateTime<Utc>)>>,
+        asked: Mutex<Vec<Asked>>,
     }
 
     #[async_trait]

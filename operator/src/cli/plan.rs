@@ -56,7 +56,8 @@ struct Row {
 }
 
 pub fn run(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
-    let offline = args.offline || args.at.is_some() || !args.metrics.is_empty() || !args.current.is_empty();
+    let offline =
+        args.offline || args.at.is_some() || !args.metrics.is_empty() || !args.current.is_empty();
     if !offline {
         return run_against_cloud(args, global);
     }
@@ -134,14 +135,19 @@ fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode
     let settings = args.settings.load(global)?;
     let set = hangar::specs::SpecSet::load(&settings.specs).with_context(|| "loading specs")?;
     let problems = set.problems.clone();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let previews = runtime.block_on(async {
         let clouds = hangar::clouds::aws(&settings.owner, &settings.state_dir);
         let (triggers, _rx) = hangar::controller::TriggerSender::channel();
         // Read-only: statuses are read from the state dir, never written.
         let store = hangar::status::StatusStore::read_only(&settings.state_dir);
         let operator = hangar::reconcile::Operator::new(
-            hangar::reconcile::LoopSettings::new(settings.state_dir.clone(), settings.owner.clone()),
+            hangar::reconcile::LoopSettings::new(
+                settings.state_dir.clone(),
+                settings.owner.clone(),
+            ),
             clouds,
             store,
             std::sync::Arc::new(hangar::http::Board::default()),
@@ -152,7 +158,10 @@ fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode
         operator.set_specs(set);
         let mut out = Vec::new();
         for name in names {
-            let p = operator.preview(&name).await.with_context(|| format!("cluster {name}"))?;
+            let p = operator
+                .preview(&name)
+                .await
+                .with_context(|| format!("cluster {name}"))?;
             out.extend(p);
         }
         Ok::<_, anyhow::Error>(out)
@@ -162,9 +171,22 @@ fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode
         Output::Text => {
             for p in &previews {
                 let s = &p.status;
-                let window = s.window.as_ref().map(|w| format!("[{}, {}]", w.min, w.max)).unwrap_or_default();
-                let phases: Vec<String> = s.phases.iter().map(|(k, v)| format!("{k} {v}")).collect();
-                println!("{}: window {window}, nodes: {}", s.name, if phases.is_empty() { "none".into() } else { phases.join(", ") });
+                let window = s
+                    .window
+                    .as_ref()
+                    .map(|w| format!("[{}, {}]", w.min, w.max))
+                    .unwrap_or_default();
+                let phases: Vec<String> =
+                    s.phases.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                println!(
+                    "{}: window {window}, nodes: {}",
+                    s.name,
+                    if phases.is_empty() {
+                        "none".into()
+                    } else {
+                        phases.join(", ")
+                    }
+                );
                 if let Some(d) = &s.last_decision {
                     println!("  desired {}: {}", d.desired, d.reason);
                 }
@@ -173,9 +195,15 @@ fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode
                 }
                 for a in &p.diff.actions {
                     match a {
-                        hangar::fleet::Action::Launch { subnet, count } => println!("  would launch {count} in {subnet}"),
-                        hangar::fleet::Action::Start { node, task } => println!("  would start {} on {node}", task.name()),
-                        hangar::fleet::Action::Cancel { node, reason } => println!("  would cancel the task on {node} ({reason})"),
+                        hangar::fleet::Action::Launch { subnet, count } => {
+                            println!("  would launch {count} in {subnet}")
+                        }
+                        hangar::fleet::Action::Start { node, task } => {
+                            println!("  would start {} on {node}", task.name())
+                        }
+                        hangar::fleet::Action::Cancel { node, reason } => {
+                            println!("  would cancel the task on {node} ({reason})")
+                        }
                     }
                 }
                 for n in &p.diff.notes {
@@ -187,5 +215,9 @@ fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode
     for p in &problems {
         eprintln!("{p}");
     }
-    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

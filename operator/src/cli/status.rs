@@ -23,12 +23,18 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<ExitCode> {
-    let server = match args.server.clone().or_else(|| std::env::var("HANGAR_SERVER").ok()) {
+    let server = match args
+        .server
+        .clone()
+        .or_else(|| std::env::var("HANGAR_SERVER").ok())
+    {
         Some(s) => s,
         None => format!("http://{}", args.settings.load(global)?.listen),
     };
     let server = server.trim_end_matches('/').to_string();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let client = reqwest::Client::builder().no_proxy().build()?;
         let get = |path: String| {
@@ -81,20 +87,32 @@ pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<ExitCode> {
 }
 
 fn ready(c: &ClusterStatus) -> String {
-    format!("{}/{}", c.phases.get("in-service").copied().unwrap_or(0), c.desired)
+    format!(
+        "{}/{}",
+        c.phases.get("in-service").copied().unwrap_or(0),
+        c.desired
+    )
 }
 
 fn phases(c: &ClusterStatus) -> String {
     if c.phases.is_empty() {
         return "-".into();
     }
-    c.phases.iter().map(|(p, n)| format!("{p} {n}")).collect::<Vec<_>>().join(", ")
+    c.phases
+        .iter()
+        .map(|(p, n)| format!("{p} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn release(c: &ClusterStatus) -> String {
     let r = &c.release;
     if r.rolling_back_from.is_some() {
-        format!("{} ← {} (rolling back)", r.target, r.rolling_back_from.clone().unwrap_or_default())
+        format!(
+            "{} ← {} (rolling back)",
+            r.target,
+            r.rolling_back_from.clone().unwrap_or_default()
+        )
     } else if r.desired != r.target {
         format!("{} ({} failed)", r.target, r.desired)
     } else if r.outdated > 0 {
@@ -127,7 +145,14 @@ fn conditions(c: &ClusterStatus) -> String {
 
 /// One line per cluster, aligned.
 fn table(list: &[ClusterStatus]) -> String {
-    let header = ["CLUSTER", "READY", "WINDOW", "PHASES", "RELEASE", "CONDITIONS"];
+    let header = [
+        "CLUSTER",
+        "READY",
+        "WINDOW",
+        "PHASES",
+        "RELEASE",
+        "CONDITIONS",
+    ];
     let rows: Vec<[String; 6]> = list
         .iter()
         .map(|c| {
@@ -138,7 +163,14 @@ fn table(list: &[ClusterStatus]) -> String {
                 },
                 None => "-".into(),
             };
-            [c.name.clone(), ready(c), window, phases(c), release(c), conditions(c)]
+            [
+                c.name.clone(),
+                ready(c),
+                window,
+                phases(c),
+                release(c),
+                conditions(c),
+            ]
         })
         .collect();
     let mut widths = header.map(str::len);
@@ -172,7 +204,11 @@ fn detail(c: &ClusterStatus) -> String {
     let mut out = String::new();
     out.push_str(&format!("cluster {} ({})\n", c.name, c.region));
     if let Some(f) = &c.file {
-        out.push_str(&format!("  spec:     {} (hash {})\n", f.display(), c.observed_spec_hash));
+        out.push_str(&format!(
+            "  spec:     {} (hash {})\n",
+            f.display(),
+            c.observed_spec_hash
+        ));
     }
     out.push_str(&format!("  ready:    {} in service\n", ready(c)));
     if let Some(w) = &c.window {
@@ -180,7 +216,10 @@ fn detail(c: &ClusterStatus) -> String {
             "  window:   [{}, {}]{}\n",
             w.min,
             w.max,
-            w.schedule.as_ref().map(|s| format!(" ({s} schedule)")).unwrap_or_default()
+            w.schedule
+                .as_ref()
+                .map(|s| format!(" ({s} schedule)"))
+                .unwrap_or_default()
         ));
     }
     if let Some(d) = &c.last_decision {
@@ -193,7 +232,11 @@ fn detail(c: &ClusterStatus) -> String {
             format!("{:?}:", cond.kind),
             cond.status,
             cond.reason,
-            if cond.message.is_empty() { String::new() } else { format!(" — {}", cond.message) }
+            if cond.message.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", cond.message)
+            }
         ));
     }
     out.push_str("\n  NODE                 PHASE         RELEASE     ADDRESS        TASK\n");
@@ -205,7 +248,10 @@ fn detail(c: &ClusterStatus) -> String {
             n.release.as_deref().unwrap_or("-"),
             n.address.as_deref().unwrap_or("-"),
             n.task.as_deref().unwrap_or("-"),
-            n.last_error.as_ref().map(|e| format!("  (last error: {e})")).unwrap_or_default()
+            n.last_error
+                .as_ref()
+                .map(|e| format!("  (last error: {e})"))
+                .unwrap_or_default()
         ));
     }
     out.push_str("\n  recent activity:\n");
@@ -214,7 +260,10 @@ fn detail(c: &ClusterStatus) -> String {
             "  {}  {:<10} {}{}\n",
             a.at.format("%H:%M:%S"),
             a.kind,
-            a.node.as_ref().map(|n| format!("{n}: ")).unwrap_or_default(),
+            a.node
+                .as_ref()
+                .map(|n| format!("{n}: "))
+                .unwrap_or_default(),
             a.message
         ));
     }

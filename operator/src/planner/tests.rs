@@ -146,10 +146,22 @@ fn a_steady_recommendation_is_one_history_entry() {
     let s = spec(AUTOSCALING);
     let mut h = History::default();
     for i in 0..100 {
-        h.record(Recommendation { at: t0() + Duration::seconds(15 * i), nodes: 3 }, &s);
+        h.record(
+            Recommendation {
+                at: t0() + Duration::seconds(15 * i),
+                nodes: 3,
+            },
+            &s,
+        );
     }
     assert_eq!(h.len(), 1);
-    h.record(Recommendation { at: t0() + Duration::seconds(1500), nodes: 4 }, &s);
+    h.record(
+        Recommendation {
+            at: t0() + Duration::seconds(1500),
+            nodes: 4,
+        },
+        &s,
+    );
     assert_eq!(h.len(), 2);
 }
 
