@@ -148,7 +148,7 @@ impl NodeRun {
                 if *phase == Phase::InService {
                     self.handle.note(
                         "in-service",
-                        format!("{} is in service on {}", self.id(), self.release),
+                        format!("is in service on {}", self.release),
                     );
                 }
                 Ok(())
@@ -197,7 +197,7 @@ impl NodeRun {
         .map_err(|e| e.to_string())?;
         self.release = back.clone();
         self.handle
-            .note("rollback", format!("{} rolled back to {back}", self.id()));
+            .note("rollback", format!("rolled back to {back}"));
         self.health_check().await.map_err(|e| fail_text(&e))?;
         self.ctx
             .cloud
@@ -292,7 +292,7 @@ impl NodeRun {
                 match self.session().await {
                     Ok(_) => {
                         self.handle
-                            .note("reachable", format!("{} answers SSH", self.id()));
+                            .note("reachable", "answers SSH".to_string());
                         return Ok(());
                     }
                     Err(Fail::Node(why)) => return Err(Fail::Node(why)),
@@ -374,7 +374,7 @@ impl NodeRun {
                 .await;
         }
         self.handle
-            .note("provision", format!("{} provisioned: {summary}", self.id()));
+            .note("provision", format!("provisioned: {}", summary.lines().last().unwrap_or_default()));
         Ok(())
     }
 
@@ -431,9 +431,7 @@ impl NodeRun {
         if report.uploaded {
             self.handle.note(
                 "ship",
-                format!(
-                    "{} got release {} ({} bytes in {:.1}s)",
-                    self.id(),
+                format!("got release {} ({} bytes in {:.1}s)",
                     report.id,
                     report.bytes,
                     report.elapsed.as_secs_f64()
@@ -452,9 +450,7 @@ impl NodeRun {
             .map_err(|e| self.release_fail(e, unproven))?;
         self.handle.note(
             "activate",
-            format!(
-                "{} activated {} (was {:?})",
-                self.id(),
+            format!("activated {} (was {:?})",
                 report.id,
                 report.replaced
             ),
@@ -478,9 +474,7 @@ impl NodeRun {
             .map_err(|e| self.release_fail(e, false))?;
         self.handle.note(
             "rollback",
-            format!(
-                "{} swapped back to {} (from {:?})",
-                self.id(),
+            format!("swapped back to {} (from {:?})",
                 report.id,
                 report.replaced
             ),
@@ -502,9 +496,7 @@ impl NodeRun {
             Ok(h) => {
                 self.handle.note(
                     "healthy",
-                    format!(
-                        "{} healthy on {} after {} attempt(s)",
-                        self.id(),
+                    format!("healthy on {} after {} attempt(s)",
                         self.release,
                         h.attempts
                     ),
@@ -556,7 +548,7 @@ impl NodeRun {
         }
         self.handle.note(
             "register",
-            format!("{} registered in the target group", self.id()),
+            "registered in the target group, healthy there".to_string(),
         );
         Ok(())
     }
@@ -606,9 +598,7 @@ impl NodeRun {
             if lb_done && open.unwrap_or(0) == 0 {
                 self.handle.note(
                     "drained",
-                    format!(
-                        "{} drained in {:.1}s",
-                        self.id(),
+                    format!("drained in {:.1}s",
                         started.elapsed().as_secs_f64()
                     ),
                 );
@@ -617,9 +607,7 @@ impl NodeRun {
             if started.elapsed() >= timeout {
                 self.handle.note(
                     "drained",
-                    format!(
-                        "{} drain timeout ({}s) reached with {:?} connection(s) open",
-                        self.id(),
+                    format!("drain timeout ({}s) reached with {:?} connection(s) open",
                         timeout.as_secs(),
                         open
                     ),
@@ -651,7 +639,7 @@ impl NodeRun {
         let Ok(session) = self.session().await else {
             self.handle.note(
                 "drain-hooks",
-                format!("{} unreachable: drain hooks skipped", self.id()),
+                "unreachable: drain hooks skipped".to_string(),
             );
             return Ok(());
         };
@@ -664,11 +652,11 @@ impl NodeRun {
                 // A hook failing must not keep a node alive forever: say so and go on.
                 Ok(out) => self.handle.note(
                     "drain-hooks",
-                    format!("{}: drain hook `{hook}` exited {}", self.id(), out.status),
+                    format!("drain hook `{hook}` exited {}", out.status),
                 ),
                 Err(e) => self.handle.note(
                     "drain-hooks",
-                    format!("{}: drain hook `{hook}`: {e}", self.id()),
+                    format!("drain hook `{hook}`: {e}"),
                 ),
             }
         }
@@ -695,7 +683,7 @@ impl NodeRun {
             .terminated(&self.spec().region, &self.instance.id)
             .await;
         self.handle
-            .note("terminate", format!("{} terminated", self.id()));
+            .note("terminate", "terminated".to_string());
         Ok(())
     }
 }
