@@ -2,11 +2,42 @@
 //!
 //! - [`moto`]: the AWS API emulator (moto + the CloudWatch CBOR adapter),
 //!   started on a loopback port and stopped by PID;
+//! - [`faults`]: a loopback proxy in front of moto that injects
+//!   protocol-correct throttling, 5xx, hangs and resets;
 //! - [`node`]: real OpenSSH `sshd` nodes on loopback addresses, each in its
 //!   own mount namespace.
+//!
+//! On top of those, the local cloud itself:
+//! - [`slot`]: each cloud's addresses inside 127.0.0.0/8, leased so clouds
+//!   can run side by side;
+//! - [`seed`]: the emulated account's VPC, subnets, launch template, ALB,
+//!   target group and release bucket; [`artifact`]: release tarballs;
+//! - [`hosts`]: the host manager turning running instances into nodes;
+//! - [`lb`]: the load balancer's data plane; [`gateway`]: the AWS endpoint
+//!   (moto, with target health and draining as the data plane sees them);
+//!   [`metrics`]: the LB's CloudWatch metrics; [`services`]: all of them together;
+//! - [`harness`]: [`LocalCloud`], the whole thing inside one test;
+//! - [`spec`]: ready-to-use cluster specs; [`load`]: a fixed-rate load generator.
 
+pub mod artifact;
+pub mod aws;
+pub mod faults;
+pub mod gateway;
+pub mod harness;
+pub mod hosts;
+pub mod lb;
+pub mod load;
+pub mod metrics;
 pub mod moto;
 pub mod node;
+pub mod seed;
+pub mod services;
+pub mod slot;
+pub mod spec;
+
+pub use artifact::{Artifact, ReleaseKind};
+pub use harness::{eventually, init_test_logging, LocalCloud, LocalCloudError, LocalCloudOptions};
+pub use spec::ClusterSpec;
 
 use std::path::PathBuf;
 
