@@ -189,10 +189,15 @@ pub fn validate(cluster: &Cluster, spec_dir: Option<&Path>) -> Vec<FieldError> {
         );
         if let MetricSource::Cloudwatch(cw) = &a.metric {
             let period = cw.options().period;
+            // GetMetricData accepts these periods and no others.
+            let secs = period.get().as_secs();
             e.check(
-                period >= Duration::from_secs(1) && period.get().subsec_millis() == 0,
+                period.get().subsec_millis() == 0
+                    && (matches!(secs, 1 | 5 | 10 | 30) || (secs > 0 && secs % 60 == 0)),
                 format!("{p}.metric.cloudwatch"),
-                "period must be a whole number of seconds, at least 1s",
+                format!(
+                    "period {period}: CloudWatch accepts 1s, 5s, 10s, 30s or a multiple of 60s"
+                ),
             );
             e.check(
                 a.metric_max_age.get() >= period.get() * 2,

@@ -49,17 +49,31 @@ impl From<&hangar_crds::Problem> for ProblemView {
 }
 
 /// What the reconciler publishes and the HTTP server reads.
+///
+/// Statuses are held shared with the reconciler ([`Board::publish_shared`])
+/// and stripped to their public view only when served: a second copy of
+/// every status was ~10 % of the operator's memory at 1,000 clusters.
 #[derive(Default)]
 pub struct Board {
-    clusters: RwLock<BTreeMap<String, ClusterStatus>>,
+    clusters: RwLock<BTreeMap<String, Arc<ClusterStatus>>>,
     problems: RwLock<Vec<ProblemView>>,
     ready: AtomicBool,
 }
 
 impl Board {
     pub fn publish(&self, status: &ClusterStatus) {
+        self.publish_shared(Arc::new(status.clone()));
+    }
+
+    /// Publishes a status without copying it.
+    pub fn publish_shared(&self, status: Arc<ClusterStatus>) {
         let mut map = self.clusters.write().unwrap_or_else(|e| e.into_inner());
-        map.insert(status.name.clone(), status.public());
+        match map.get_mut(status.name.as_str()) {
+            Some(slot) => *slot = status,
+            None => {
+                map.insert(status.name.clone(), status);
+            }
+        }
     }
 
     pub fn forget(&self, name: &str) {
@@ -82,7 +96,7 @@ impl Board {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .cloned()
+            .map(|s| s.public())
             .collect()
     }
 
@@ -91,7 +105,7 @@ impl Board {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
-            .cloned()
+            .map(|s| s.public())
     }
 
     pub fn problems(&self) -> Vec<ProblemView> {

@@ -6,6 +6,11 @@
 //! snapshot serves every reconcile for a short while; hangar's own changes
 //! (launches, phase tags, terminations) are written through to it, and a
 //! change made behind hangar's back shows up at the next refresh.
+//!
+//! Each snapshot is indexed by cluster when it is taken or edited, so a
+//! reconcile picks its own instances out in O(its instances) rather than
+//! scanning the whole region (at 1,000 clusters × 10,000 instances the
+//! scan alone was ~20 M comparisons per pass).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,10 +20,34 @@ use hangar_cloud::{CloudError, Compute, Instance, InstanceState, Phase};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+/// The snapshot keeps only hangar's own tags: nothing in the operator
+/// reads the others, and instances often carry dozens of them (cost
+/// centres, CloudFormation and Auto Scaling tags) — at 10,000 instances
+/// they were a large share of the operator's memory.
+const HANGAR_TAG_PREFIX: &str = "hangar:";
+
 #[derive(Default)]
 struct Snapshot {
     taken: Option<Instant>,
     instances: Arc<Vec<Instance>>,
+    /// Cluster name → positions in `instances`, kept in step with it.
+    by_cluster: HashMap<String, Vec<usize>>,
+}
+
+impl Snapshot {
+    fn replace(&mut self, instances: Vec<Instance>) {
+        let mut by_cluster: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, inst) in instances.iter().enumerate() {
+            match by_cluster.get_mut(inst.cluster.as_str()) {
+                Some(v) => v.push(i),
+                None => {
+                    by_cluster.insert(inst.cluster.clone(), vec![i]);
+                }
+            }
+        }
+        self.by_cluster = by_cluster;
+        self.instances = Arc::new(instances);
+    }
 }
 
 /// Per-region snapshots; cheap to clone.
@@ -50,13 +79,49 @@ impl Inventory {
     ) -> Result<Arc<Vec<Instance>>, CloudError> {
         let slot = self.region(region);
         let mut snap = slot.lock().await;
+        self.refresh_if_stale(&mut snap, compute).await?;
+        Ok(snap.instances.clone())
+    }
+
+    /// One cluster's instances from the region's snapshot (refreshed like
+    /// [`Inventory::instances`]), in listing order.
+    pub async fn cluster_instances(
+        &self,
+        region: &str,
+        compute: &dyn Compute,
+        cluster: &str,
+    ) -> Result<Vec<Instance>, CloudError> {
+        let slot = self.region(region);
+        let mut snap = slot.lock().await;
+        self.refresh_if_stale(&mut snap, compute).await?;
+        Ok(snap
+            .by_cluster
+            .get(cluster)
+            .map(|idx| idx.iter().map(|&i| snap.instances[i].clone()).collect())
+            .unwrap_or_default())
+    }
+
+    async fn refresh_if_stale(
+        &self,
+        snap: &mut Snapshot,
+        compute: &dyn Compute,
+    ) -> Result<(), CloudError> {
         let fresh = snap.taken.is_some_and(|t| t.elapsed() <= self.max_age);
         if !fresh {
-            let listed = compute.list(None).await?;
-            snap.instances = Arc::new(listed);
+            // Let go of the stale copy first: two copies of a 10,000-instance
+            // region at once were the memory peak of a pass. (Nobody else
+            // can look meanwhile: the region's lock is held.)
+            snap.taken = None;
+            snap.replace(Vec::new());
+            let mut listed = compute.list(None).await?;
+            for i in &mut listed {
+                i.tags.retain(|k, _| k.starts_with(HANGAR_TAG_PREFIX));
+            }
+            listed.shrink_to_fit();
+            snap.replace(listed);
             snap.taken = Some(Instant::now());
         }
-        Ok(snap.instances.clone())
+        Ok(())
     }
 
     /// Forces the next [`Inventory::instances`] call for `region` to list.
@@ -69,7 +134,7 @@ impl Inventory {
         let mut snap = slot.lock().await;
         let mut list = (*snap.instances).clone();
         f(&mut list);
-        snap.instances = Arc::new(list);
+        snap.replace(list);
     }
 
     pub async fn launched(&self, region: &str, new: Vec<Instance>) {
@@ -224,6 +289,33 @@ mod tests {
         assert_eq!(
             list.iter().find(|i| i.id == "i-2").unwrap().state,
             InstanceState::ShuttingDown
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_sees_only_its_instances_and_the_index_follows_edits() {
+        let compute = Counting(AtomicU32::new(0));
+        let inv = Inventory::new(Duration::from_secs(60));
+        let ids = |list: Vec<Instance>| list.into_iter().map(|i| i.id).collect::<Vec<_>>();
+        let web = inv.cluster_instances("r", &compute, "web").await.unwrap();
+        assert_eq!(ids(web), ["i-1"]);
+        let mut api = instance("i-2");
+        api.cluster = "api".into();
+        inv.launched("r", vec![api, instance("i-3")]).await;
+        let web = inv.cluster_instances("r", &compute, "web").await.unwrap();
+        assert_eq!(ids(web), ["i-1", "i-3"]);
+        let api = inv.cluster_instances("r", &compute, "api").await.unwrap();
+        assert_eq!(ids(api), ["i-2"]);
+        let none = inv.cluster_instances("r", &compute, "nope").await.unwrap();
+        assert!(none.is_empty());
+        inv.set_phase("r", "i-3", Phase::InService, None, None)
+            .await;
+        let web = inv.cluster_instances("r", &compute, "web").await.unwrap();
+        assert_eq!(web[1].phase, Some(Phase::InService));
+        assert_eq!(
+            compute.0.load(Ordering::SeqCst),
+            1,
+            "one listing served all"
         );
     }
 }

@@ -146,10 +146,8 @@ impl NodeRun {
                     .await;
                 self.instance.phase = Some(*phase);
                 if *phase == Phase::InService {
-                    self.handle.note(
-                        "in-service",
-                        format!("is in service on {}", self.release),
-                    );
+                    self.handle
+                        .note("in-service", format!("is in service on {}", self.release));
                 }
                 Ok(())
             }
@@ -291,8 +289,7 @@ impl NodeRun {
             if self.instance.state == InstanceState::Running && self.address().is_some() {
                 match self.session().await {
                     Ok(_) => {
-                        self.handle
-                            .note("reachable", "answers SSH".to_string());
+                        self.handle.note("reachable", "answers SSH".to_string());
                         return Ok(());
                     }
                     Err(Fail::Node(why)) => return Err(Fail::Node(why)),
@@ -373,8 +370,13 @@ impl NodeRun {
                 )
                 .await;
         }
-        self.handle
-            .note("provision", format!("provisioned: {}", summary.lines().last().unwrap_or_default()));
+        self.handle.note(
+            "provision",
+            format!(
+                "provisioned: {}",
+                summary.lines().last().unwrap_or_default()
+            ),
+        );
         Ok(())
     }
 
@@ -431,7 +433,8 @@ impl NodeRun {
         if report.uploaded {
             self.handle.note(
                 "ship",
-                format!("got release {} ({} bytes in {:.1}s)",
+                format!(
+                    "got release {} ({} bytes in {:.1}s)",
                     report.id,
                     report.bytes,
                     report.elapsed.as_secs_f64()
@@ -450,10 +453,7 @@ impl NodeRun {
             .map_err(|e| self.release_fail(e, unproven))?;
         self.handle.note(
             "activate",
-            format!("activated {} (was {:?})",
-                report.id,
-                report.replaced
-            ),
+            format!("activated {} (was {:?})", report.id, report.replaced),
         );
         Ok(())
     }
@@ -474,10 +474,7 @@ impl NodeRun {
             .map_err(|e| self.release_fail(e, false))?;
         self.handle.note(
             "rollback",
-            format!("swapped back to {} (from {:?})",
-                report.id,
-                report.replaced
-            ),
+            format!("swapped back to {} (from {:?})", report.id, report.replaced),
         );
         Ok(())
     }
@@ -496,9 +493,9 @@ impl NodeRun {
             Ok(h) => {
                 self.handle.note(
                     "healthy",
-                    format!("healthy on {} after {} attempt(s)",
-                        self.release,
-                        h.attempts
+                    format!(
+                        "healthy on {} after {} attempt(s)",
+                        self.release, h.attempts
                     ),
                 );
                 Ok(())
@@ -598,16 +595,15 @@ impl NodeRun {
             if lb_done && open.unwrap_or(0) == 0 {
                 self.handle.note(
                     "drained",
-                    format!("drained in {:.1}s",
-                        started.elapsed().as_secs_f64()
-                    ),
+                    format!("drained in {:.1}s", started.elapsed().as_secs_f64()),
                 );
                 return Ok(());
             }
             if started.elapsed() >= timeout {
                 self.handle.note(
                     "drained",
-                    format!("drain timeout ({}s) reached with {:?} connection(s) open",
+                    format!(
+                        "drain timeout ({}s) reached with {:?} connection(s) open",
                         timeout.as_secs(),
                         open
                     ),
@@ -625,7 +621,13 @@ impl NodeRun {
             return Some(0);
         }
         let session = self.session().await.ok()?;
-        let cmd = format!("ss -Htn state established '( sport = :{port} )' | wc -l");
+        // Only connections to this node's own address: a host may carry
+        // other listeners on the port (other containers, or in the local
+        // cloud other nodes sharing the network namespace).
+        let cmd = match self.instance.private_ip {
+            Some(ip) => format!("ss -Htn state established '( sport = :{port} )' src {ip} | wc -l"),
+            None => format!("ss -Htn state established '( sport = :{port} )' | wc -l"),
+        };
         let out = session.run(&cmd).await.ok()?;
         out.stdout_lossy().trim().parse().ok()
     }
@@ -654,10 +656,9 @@ impl NodeRun {
                     "drain-hooks",
                     format!("drain hook `{hook}` exited {}", out.status),
                 ),
-                Err(e) => self.handle.note(
-                    "drain-hooks",
-                    format!("drain hook `{hook}`: {e}"),
-                ),
+                Err(e) => self
+                    .handle
+                    .note("drain-hooks", format!("drain hook `{hook}`: {e}")),
             }
         }
         Ok(())
@@ -682,8 +683,7 @@ impl NodeRun {
             .inventory
             .terminated(&self.spec().region, &self.instance.id)
             .await;
-        self.handle
-            .note("terminate", "terminated".to_string());
+        self.handle.note("terminate", "terminated".to_string());
         Ok(())
     }
 }

@@ -78,7 +78,8 @@ pub struct Operator {
     settings: LoopSettings,
     clouds: Arc<dyn CloudProvider>,
     specs: RwLock<Arc<SpecSet>>,
-    statuses: Mutex<HashMap<String, ClusterStatus>>,
+    /// The latest status of each cluster, shared with the [`Board`].
+    statuses: Mutex<HashMap<String, Arc<ClusterStatus>>>,
     store: StatusStore,
     board: Arc<Board>,
     telemetry: Telemetry,
@@ -86,7 +87,16 @@ pub struct Operator {
     tasks: Tasks,
     ssh_pools: Mutex<HashMap<String, (String, Arc<SshPool>)>>,
     probes: crate::probe::Probes,
+    /// When each cluster's status was last written by this process.
+    persisted_at: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How stale a status file may get while only readings change (the
+/// metric, the planner's time stamps): at 1,000 clusters, persisting every
+/// evaluation meant 1,000 file writes every 15 s with no decision in them.
+/// A crash loses at most this much of the planner's clock, well inside the
+/// stabilization windows it serves.
+const READINGS_PERSIST_EVERY: Duration = Duration::from_secs(60);
 
 impl Operator {
     pub fn new(
@@ -110,12 +120,18 @@ impl Operator {
             settings,
             clouds,
             specs: RwLock::new(Arc::new(SpecSet::default())),
-            statuses: Mutex::new(statuses.into_iter().map(|s| (s.name.clone(), s)).collect()),
+            statuses: Mutex::new(
+                statuses
+                    .into_iter()
+                    .map(|s| (s.name.clone(), Arc::new(s)))
+                    .collect(),
+            ),
             store,
             board,
             telemetry,
             ssh_pools: Mutex::default(),
             probes: crate::probe::Probes::default(),
+            persisted_at: Mutex::default(),
         }
     }
 
@@ -160,18 +176,41 @@ impl Operator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
-            .cloned()
+            .map(|s| (**s).clone())
     }
 
     /// Persists only when something besides timestamps changed: a
     /// thousand idle clusters must not rewrite a thousand files per pass.
+    /// A change of decisions is written at once; new readings alone (see
+    /// [`ClusterStatus::same_decisions`]) at most every
+    /// [`READINGS_PERSIST_EVERY`].
     fn save_status(&self, before: Option<&ClusterStatus>, status: ClusterStatus) {
-        if !before.is_some_and(|b| b.same_content(&status)) {
-            if let Err(e) = self.store.save(&status) {
-                tracing::error!(cluster = %status.name, error = %e, "cannot persist status");
+        let write = match before {
+            None => true,
+            Some(b) if !b.same_decisions(&status) => true,
+            Some(b) if b.same_content(&status) => false,
+            Some(_) => self
+                .persisted_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&status.name)
+                .is_none_or(|t| t.elapsed() >= READINGS_PERSIST_EVERY),
+        };
+        if write {
+            match self.store.save(&status) {
+                Ok(()) => {
+                    self.persisted_at
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(status.name.clone(), std::time::Instant::now());
+                }
+                Err(e) => {
+                    tracing::error!(cluster = %status.name, error = %e, "cannot persist status")
+                }
             }
         }
-        self.board.publish(&status);
+        let status = Arc::new(status);
+        self.board.publish_shared(status.clone());
         self.statuses
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -183,6 +222,10 @@ impl Operator {
             tracing::error!(cluster = %key, error = %e, "cannot remove status");
         }
         self.board.forget(key);
+        self.persisted_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
         self.statuses
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -215,9 +258,23 @@ impl Operator {
         Ok(pool)
     }
 
-    /// Cancels every node task and waits for each to reach a safe point.
+    /// Cancels every node task and waits for each to reach a safe point,
+    /// then writes every status, so readings held back by
+    /// [`READINGS_PERSIST_EVERY`] survive a graceful stop.
     pub async fn shutdown(&self) {
         self.tasks.shutdown().await;
+        let statuses: Vec<Arc<ClusterStatus>> = self
+            .statuses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for s in statuses {
+            if let Err(e) = self.store.save(&s) {
+                tracing::error!(cluster = %s.name, error = %e, "cannot persist status");
+            }
+        }
     }
 }
 
@@ -288,11 +345,11 @@ impl Operator {
         region: &str,
         cloud: &Cloud,
     ) -> Result<Observed, ReconcileError> {
-        let all = self
+        // Only this cluster's instances, through the snapshot's index.
+        let instances = self
             .inventory
-            .instances(region, cloud.compute.as_ref())
+            .cluster_instances(region, cloud.compute.as_ref(), name)
             .await?;
-        let instances = all.iter().filter(|i| i.cluster == name).cloned().collect();
         Ok(Observed {
             instances,
             running: self.tasks.running(name),
@@ -339,14 +396,20 @@ impl Operator {
             .collect();
 
         // Traffic and the planner.
-        let eval_due = spec.autoscaling.as_ref().is_some_and(|a| {
-            status.last_eval_at.is_none_or(|t| {
-                now.signed_duration_since(t).to_std().unwrap_or_default()
-                    >= a.evaluation_interval.get()
-            })
+        // Metrics are read every evaluation interval: the traffic for the
+        // planner (with autoscaling), the 5xx rate while a release is
+        // watched for auto-rollback (with or without autoscaling).
+        let eval_every = spec
+            .autoscaling
+            .as_ref()
+            .map_or(ERRORS_EVALUATION_INTERVAL, |a| a.evaluation_interval.get());
+        let eval_due = status.last_eval_at.is_none_or(|t| {
+            now.signed_duration_since(t).to_std().unwrap_or_default() >= eval_every
         });
         if eval_due {
             status.last_eval_at = Some(now);
+        }
+        if eval_due && spec.autoscaling.is_some() {
             match crate::traffic::read_rate(cloud.metrics.as_ref(), spec, serving.len() as u32, now)
                 .await
             {
@@ -497,16 +560,21 @@ impl Operator {
         // Health probes of serving nodes, off the reconcile path.
         self.probes.maybe_probe(&name, spec, &serving, now);
 
-        // Status.
-        let seen_after = self.observe_cluster(&name, &spec.region, &cloud).await?;
+        // Status. After acting, look again to show what the actions
+        // started; a pass that did nothing shows what it saw.
+        let seen_after = if acted {
+            self.observe_cluster(&name, &spec.region, &cloud).await?
+        } else {
+            seen
+        };
         self.fill_status(&mut status, &seen_after, &diff.notes, now);
         self.export_metrics(&name, &status);
-        self.save_status(before.as_ref(), status.clone());
-
         let busy = acted
             || !seen_after.running.is_empty()
             || status.release.outdated > 0
             || diff.counted != status.desired;
+        self.save_status(before.as_ref(), status);
+
         let mut next = if busy {
             self.settings.busy_requeue
         } else {
@@ -540,6 +608,40 @@ impl Operator {
         let Some(before) = self.status(key) else {
             return Ok(Action::await_change());
         };
+        // A cluster whose file is still there but no longer loads is broken,
+        // not removed: whatever its deletion policy, its nodes keep serving
+        // exactly as they are until the file is fixed.
+        let specs = self.specs();
+        let broken = before
+            .file
+            .as_ref()
+            .and_then(|f| specs.problems.iter().find(|p| &p.file == f));
+        if let Some(problem) = broken {
+            let now = Utc::now();
+            let mut status = before.clone();
+            let already = before
+                .condition(ConditionType::Degraded)
+                .is_some_and(|c| c.status && c.reason == "SpecInvalid");
+            if !already {
+                status.record(
+                    now,
+                    "spec",
+                    None,
+                    format!("spec does not load; holding every node as it is: {problem}"),
+                );
+                tracing::warn!(cluster = %key, %problem, "spec does not load; holding every node as it is");
+            }
+            status.set_condition(
+                ConditionType::Degraded,
+                true,
+                "SpecInvalid",
+                problem.to_string(),
+                now,
+            );
+            status.set_condition(ConditionType::Progressing, false, "SpecInvalid", "", now);
+            self.save_status(Some(&before), status);
+            return Ok(Action::await_change());
+        }
         let Some(spec) = before.spec.clone() else {
             self.forget(key);
             return Ok(Action::await_change());
@@ -749,9 +851,11 @@ impl Operator {
                     result: f.outcome.label().into(),
                 })
                 .inc();
-            match &f.outcome {
+            let outcome = give_up_after_retries(status, &f.node, &f.task, &f.outcome);
+            match &outcome {
                 Outcome::Done => {
                     status.node_errors.remove(&f.node);
+                    status.node_retries.remove(&f.node);
                     if matches!(f.task, Task::Advance) {
                         status.node_failures = 0;
                         status.launch_backoff_until = None;
@@ -867,6 +971,9 @@ impl Operator {
             .retain(|id, _| live.iter().any(|i| i.id == *id));
         status
             .node_errors
+            .retain(|id, _| live.iter().any(|i| i.id == *id));
+        status
+            .node_retries
             .retain(|id, _| live.iter().any(|i| i.id == *id));
         let mut phases: BTreeMap<String, u32> = BTreeMap::new();
         for i in &live {
@@ -1047,9 +1154,69 @@ fn client_token(cluster: &str, subnet: &str, count: u32, instances: &[Instance])
     format!("hangar-{token}")
 }
 
+/// How often the 5xx rate of a watched release is read when the cluster
+/// has no autoscaling (whose `evaluationInterval` sets it otherwise).
+const ERRORS_EVALUATION_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Transient failures in a row after which a node still coming up is
+/// given up and replaced: at the default timeouts that is several minutes
+/// of a node hanging or dropping every connection.
+const MAX_ADVANCE_RETRIES: u32 = 5;
+
+/// Counts a node's retried `Advance` attempts and turns the one that
+/// reaches [`MAX_ADVANCE_RETRIES`] into a node failure. Updates, drains and
+/// rollbacks of nodes that are (or were) serving keep retrying: replacing
+/// those is the job of self-healing, which knows about minimum capacity.
+fn give_up_after_retries(
+    status: &mut ClusterStatus,
+    node: &str,
+    task: &Task,
+    outcome: &Outcome,
+) -> Outcome {
+    match outcome {
+        Outcome::Retry(why) if matches!(task, Task::Advance) => {
+            let n = status.node_retries.entry(node.to_string()).or_default();
+            *n += 1;
+            if *n >= MAX_ADVANCE_RETRIES {
+                Outcome::NodeFailed(format!("gave up after {n} attempts; last: {why}"))
+            } else {
+                outcome.clone()
+            }
+        }
+        _ => outcome.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_coming_up_that_only_ever_fails_transiently_is_given_up() {
+        let mut status = ClusterStatus::new("web");
+        let retry = Outcome::Retry("connect timed out".into());
+        for _ in 1..MAX_ADVANCE_RETRIES {
+            let o = give_up_after_retries(&mut status, "i-1", &Task::Advance, &retry);
+            assert_eq!(o, retry);
+        }
+        let o = give_up_after_retries(&mut status, "i-1", &Task::Advance, &retry);
+        assert!(
+            matches!(&o, Outcome::NodeFailed(why) if why.contains("gave up after 5 attempts")),
+            "{o:?}"
+        );
+        // A serving node's drain keeps retrying: replacing it is not this
+        // rule's call.
+        let o = give_up_after_retries(
+            &mut status,
+            "i-2",
+            &Task::Drain {
+                reason: "scale in".into(),
+            },
+            &retry,
+        );
+        assert_eq!(o, retry);
+        assert!(!status.node_retries.contains_key("i-2"));
+    }
 
     fn inst(id: &str, phase: Option<Phase>, state: InstanceState) -> Instance {
         Instance {

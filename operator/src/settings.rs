@@ -247,7 +247,8 @@ mod tests {
 
     #[test]
     fn the_shipped_example_file_loads() {
-        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/systemd/hangar.toml");
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/systemd/hangar.toml");
         let s = Settings::load_with_env(Some(&file), env(&[]), &Overrides::default()).unwrap();
         assert_eq!(s.owner, "hangar-prod");
         assert_eq!(s.state_dir, PathBuf::from("/var/lib/hangar"));

@@ -35,8 +35,9 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     pub release: ReleaseStatus,
     pub last_metric: Option<Observation>,
-    /// When the traffic metric was last read (evaluations are spaced by
-    /// `autoscaling.evaluationInterval`).
+    /// When metrics were last read: the traffic (evaluations are spaced by
+    /// `autoscaling.evaluationInterval`) and, while a new release is
+    /// watched for auto-rollback, its 5xx rate.
     pub last_eval_at: Option<DateTime<Utc>>,
     pub last_decision: Option<DecisionRecord>,
     pub conditions: Vec<Condition>,
@@ -49,6 +50,11 @@ pub struct ClusterStatus {
     pub failed_nodes: BTreeMap<String, String>,
     /// The last error seen per node (id → message), shown in status.
     pub node_errors: BTreeMap<String, String>,
+    /// Transient failures in a row of a node still coming up (id → count):
+    /// a node that never stops failing "transiently" (it hangs, drops every
+    /// connection) is given up and replaced, not retried forever.
+    #[serde(default)]
+    pub node_retries: BTreeMap<String, u32>,
     /// Launches wait until then after repeated node failures.
     pub launch_backoff_until: Option<DateTime<Utc>>,
     /// The last spec applied, so a deleted spec's deletion policy is known.
@@ -210,24 +216,132 @@ impl ClusterStatus {
 
     /// Equal but for the time of the last look (what is worth persisting).
     pub fn same_content(&self, other: &ClusterStatus) -> bool {
-        let strip = |s: &ClusterStatus| {
-            let mut s = s.clone();
-            s.updated_at = None;
-            s.last_eval_at = None;
-            if let Some(d) = &mut s.last_decision {
-                d.at = DateTime::<Utc>::MIN_UTC;
-            }
-            s
+        self.same_besides(other, false)
+    }
+
+    /// Equal but for the time of the last look and the latest *readings*:
+    /// the traffic metric, the last decision's wording and time, and the
+    /// planner memory's time stamps (a steady recommendation is re-stamped
+    /// on every evaluation). A change here is a change of *decisions* —
+    /// desired count, nodes, release, conditions, activities, the number
+    /// of distinct recommendations — and is persisted at once; readings
+    /// alone can wait (see `Operator::save_status`).
+    pub fn same_decisions(&self, other: &ClusterStatus) -> bool {
+        self.same_besides(other, true)
+    }
+
+    /// Field by field, without cloning (this runs for every cluster on
+    /// every pass). The destructuring is exhaustive on purpose: a new field
+    /// must be placed on one side or the other here, or this won't compile.
+    fn same_besides(&self, other: &ClusterStatus, ignore_readings: bool) -> bool {
+        let ClusterStatus {
+            name,
+            file,
+            region,
+            observed_spec_hash,
+            updated_at: _,
+            desired,
+            window,
+            phases,
+            nodes,
+            release,
+            last_metric,
+            last_eval_at: _,
+            last_decision,
+            conditions,
+            activities,
+            history,
+            node_failures,
+            failed_nodes,
+            node_errors,
+            node_retries,
+            launch_backoff_until,
+            spec,
+            spec_removed,
+        } = self;
+        let (same_desired, same_reason) = match (last_decision, &other.last_decision) {
+            (Some(a), Some(b)) => (a.desired == b.desired, a.reason == b.reason),
+            (None, None) => (true, true),
+            _ => (false, false),
         };
-        strip(self) == strip(other)
+        let readings_equal = ignore_readings
+            || (*last_metric == other.last_metric && *history == other.history && same_reason);
+        readings_equal
+            && same_desired
+            && history.len() == other.history.len()
+            && *name == other.name
+            && *file == other.file
+            && *region == other.region
+            && *observed_spec_hash == other.observed_spec_hash
+            && *desired == other.desired
+            && *window == other.window
+            && *phases == other.phases
+            && *nodes == other.nodes
+            && *release == other.release
+            && *conditions == other.conditions
+            && *activities == other.activities
+            && *node_failures == other.node_failures
+            && *failed_nodes == other.failed_nodes
+            && *node_errors == other.node_errors
+            && *node_retries == other.node_retries
+            && *launch_backoff_until == other.launch_backoff_until
+            && *spec_removed == other.spec_removed
+            && *spec == other.spec
     }
 
     /// The view served to clients: without the internal planner memory and spec copy.
     pub fn public(&self) -> ClusterStatus {
+        // Built without cloning the spec and history only to drop them:
+        // this runs for every cluster on every pass.
+        let ClusterStatus {
+            name,
+            file,
+            region,
+            observed_spec_hash,
+            updated_at,
+            desired,
+            window,
+            phases,
+            nodes,
+            release,
+            last_metric,
+            last_eval_at,
+            last_decision,
+            conditions,
+            activities,
+            history: _,
+            node_failures,
+            failed_nodes,
+            node_errors,
+            node_retries,
+            launch_backoff_until,
+            spec: _,
+            spec_removed,
+        } = self;
         ClusterStatus {
+            name: name.clone(),
+            file: file.clone(),
+            region: region.clone(),
+            observed_spec_hash: observed_spec_hash.clone(),
+            updated_at: *updated_at,
+            desired: *desired,
+            window: window.clone(),
+            phases: phases.clone(),
+            nodes: nodes.clone(),
+            release: release.clone(),
+            last_metric: *last_metric,
+            last_eval_at: *last_eval_at,
+            last_decision: last_decision.clone(),
+            conditions: conditions.clone(),
+            activities: activities.clone(),
             history: History::default(),
+            node_failures: *node_failures,
+            failed_nodes: failed_nodes.clone(),
+            node_errors: node_errors.clone(),
+            node_retries: node_retries.clone(),
+            launch_backoff_until: *launch_backoff_until,
             spec: None,
-            ..self.clone()
+            spec_removed: *spec_removed,
         }
     }
 }
@@ -368,6 +482,43 @@ mod tests {
         );
         s.set_condition(ConditionType::Ready, true, "AllInService", "2/2", t1);
         assert_eq!(s.condition(ConditionType::Ready).unwrap().since, t1);
+    }
+
+    #[test]
+    fn readings_alone_are_not_a_change_of_decisions() {
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let t1 = t0 + chrono::Duration::seconds(15);
+        let mut a = ClusterStatus::new("web");
+        a.desired = 3;
+        a.last_decision = Some(DecisionRecord {
+            at: t0,
+            desired: 3,
+            reason: "rate 2900/min".into(),
+        });
+        let mut b = a.clone();
+        b.updated_at = Some(t1);
+        b.last_eval_at = Some(t1);
+        assert!(a.same_content(&b), "the time of the look is never content");
+        b.last_metric = Some(Observation {
+            requests_per_minute: 3100.0,
+            observed_at: t1,
+        });
+        b.last_decision = Some(DecisionRecord {
+            at: t1,
+            desired: 3,
+            reason: "rate 3100/min".into(),
+        });
+        assert!(!a.same_content(&b));
+        assert!(a.same_decisions(&b), "a new reading alone");
+        b.last_decision = Some(DecisionRecord {
+            at: t1,
+            desired: 4,
+            reason: "rate 3100/min".into(),
+        });
+        assert!(!a.same_decisions(&b), "a new decision");
+        let mut c = a.clone();
+        c.record(t1, "scale", None, "desired 3 → 4");
+        assert!(!a.same_decisions(&c), "an activity");
     }
 
     #[test]
