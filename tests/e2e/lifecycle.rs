@@ -1,0 +1,73 @@
+//! Cold start: from a spec to serving nodes.
+
+use std::time::Duration;
+
+use crate::support::{settled_on, Scenario};
+
+#[test]
+fn cold_start_brings_min_nodes_into_service_registering_none_before_its_health_check() {
+    let mut s = Scenario::start();
+    s.write_spec(&s.spec().remove("spec.autoscaling"));
+    s.start_operator();
+
+    let status = s.wait_status(
+        "web",
+        "2 nodes in service on v1",
+        Duration::from_secs(120),
+        |st| settled_on(st, 2, "v1"),
+    );
+    assert_eq!(status.desired, 2);
+    assert!(status
+        .condition(hangar::status::ConditionType::Ready)
+        .is_some_and(|c| c.status));
+
+    // Both nodes serve real traffic through the load balancer.
+    let load = s
+        .cloud
+        .start_load(20.0, Some(Duration::from_secs(3)))
+        .expect("load")
+        .wait();
+    assert_eq!(load.errors, 0, "{load:?}");
+    assert!(load.ok >= 40, "{load:?}");
+    assert_eq!(load.by_target.len(), 2, "both nodes served: {load:?}");
+    assert_eq!(load.by_release.keys().collect::<Vec<_>>(), ["v1"]);
+
+    s.watcher.assert_invariants();
+    let report = s.watcher.report();
+    assert_eq!(report.launched.len(), 2, "exactly two launches: {report:?}");
+    assert_eq!(report.registrations.len(), 2, "{report:?}");
+
+    // Every node carries the config it was provisioned with.
+    for i in s.instances("web") {
+        assert!(
+            i.tags.contains_key(hangar_cloud::tags::CONFIG),
+            "{:?}",
+            i.tags
+        );
+        assert_eq!(i.release.as_deref(), Some("v1"));
+    }
+
+    // A restarted operator finds everything in place: nothing launched,
+    // nothing re-provisioned, nothing moves.
+    assert!(
+        s.stop_operator().is_some_and(|e| e.success()),
+        "clean exit on SIGTERM"
+    );
+    s.start_operator();
+    let after = s.wait_status(
+        "web",
+        "a reconcile after restart",
+        Duration::from_secs(30),
+        |st| st.updated_at > status.updated_at && settled_on(st, 2, "v1"),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        s.watcher.report().launched.len(),
+        2,
+        "no launch after restart"
+    );
+    let ids = |st: &hangar::status::ClusterStatus| {
+        st.nodes.iter().map(|n| n.id.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&after), ids(&status));
+}

@@ -1,0 +1,251 @@
+//! The stage every scenario plays on: a local cloud (moto + real sshd
+//! nodes + the load balancer), a spec directory, and `hangar run` as a real
+//! child process — plus an invariant watcher that looks at the cloud the
+//! whole time the scenario runs.
+
+pub mod operator;
+pub mod watcher;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hangar::status::ClusterStatus;
+use hangar_cloud::aws::AwsCloud;
+use hangar_cloud::{Compute, Instance, InstanceState};
+use hangar_local::faults::FaultProxy;
+use hangar_local::harness::{LocalCloud, LocalCloudOptions};
+use hangar_local::spec::ClusterSpec;
+
+use operator::{free_port, log_tail, OperatorProcess};
+use watcher::Watcher;
+
+/// Every test's operator uses this owner id.
+pub const OWNER: &str = "e2e";
+
+/// Scenarios run one at a time whatever `--test-threads` says: each one
+/// times real SSH, HTTP and emulator work, and two side by side on a
+/// 2-core machine turn deadlines into flakes.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub struct Scenario {
+    pub cloud: LocalCloud,
+    /// Holds the scenario's files; removed on drop.
+    _dir: tempfile::TempDir,
+    pub specs: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    operator: Option<OperatorProcess>,
+    listen: std::net::SocketAddr,
+    pub watcher: Watcher,
+    reader: AwsCloud,
+    runtime: tokio::runtime::Runtime,
+    /// Where the operator's AWS calls go instead of the cloud's endpoint
+    /// (a fault-injecting proxy), and the proxy itself.
+    aws_faults: Option<FaultProxy>,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Scenario {
+    /// A fresh cloud with fast timings (health checks every 200 ms, metrics
+    /// every second, 3 s deregistration delay).
+    pub fn start() -> Scenario {
+        // A scenario that panicked poisons the lock; the next one still runs.
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let cloud = LocalCloud::start(LocalCloudOptions {
+            deregistration_delay: Duration::from_secs(3),
+            ..LocalCloudOptions::default()
+        })
+        .expect("local cloud starts (run infra/local/setup first)");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let specs = dir.path().join("specs");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&specs).expect("specs dir");
+        let log = dir.path().join("hangar.log");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let reader = AwsCloud::new(&cloud.sdk_config(), OWNER, dir.path().join("reader-cache"))
+            .expect("cloud reader");
+        let watcher = Watcher::start(&cloud, OWNER);
+        Scenario {
+            cloud,
+            _dir: dir,
+            specs,
+            state,
+            log,
+            operator: None,
+            listen: free_port(),
+            watcher,
+            reader,
+            runtime,
+            aws_faults: None,
+            _turn: turn,
+        }
+    }
+
+    /// Puts a fault-injecting proxy (seeded) between the operator and the
+    /// AWS endpoint; operators started from now on go through it. Rules
+    /// go to [`Scenario::faults`].
+    pub fn aws_faults(&mut self, seed: u64) {
+        let endpoint = self.cloud.endpoint();
+        let proxy = self
+            .runtime
+            .block_on(FaultProxy::start(&endpoint, seed))
+            .expect("fault proxy starts");
+        self.aws_faults = Some(proxy);
+    }
+
+    pub fn faults(&self) -> &FaultProxy {
+        self.aws_faults.as_ref().expect("aws_faults() first")
+    }
+
+    /// The local cloud's default spec, tuned for tests: capacity 2..4,
+    /// evaluations every second over 5 s metric periods, 10 s scale-down
+    /// stabilization, quick health checks, 10 s drain timeout.
+    pub fn spec(&self) -> ClusterSpec {
+        self.cloud
+            .spec()
+            .with_capacity(2, 4)
+            .set(
+                "spec.autoscaling.metric.cloudwatch.requestCountPerTarget.period",
+                "5s",
+            )
+            .set("spec.autoscaling.evaluationInterval", "1s")
+            .set("spec.autoscaling.metricMaxAge", "30s")
+            .set("spec.autoscaling.targetPerNode", 300)
+            .set("spec.autoscaling.scaleDown.stabilization", "10s")
+            .set("spec.loadBalancer.drainTimeout", "10s")
+            .set("spec.release.healthCheck.interval", "500ms")
+            .set("spec.release.healthCheck.deadline", "60s")
+            .set("spec.release.healthCheck.timeout", "2s")
+    }
+
+    pub fn write_spec(&self, spec: &ClusterSpec) -> PathBuf {
+        spec.write(&self.specs).expect("write spec")
+    }
+
+    pub fn start_operator(&mut self) {
+        assert!(self.operator.is_none(), "operator already running");
+        let mut env = self.cloud.env();
+        if let Some(proxy) = &self.aws_faults {
+            for (k, v) in &mut env {
+                if k == "AWS_ENDPOINT_URL" {
+                    *v = proxy.endpoint();
+                }
+            }
+        }
+        self.operator = Some(OperatorProcess::start(
+            &self.specs,
+            &self.state,
+            OWNER,
+            &env,
+            &self.log,
+            self.listen,
+        ));
+    }
+
+    /// `kill -9` the operator.
+    pub fn crash_operator(&mut self) {
+        if let Some(op) = self.operator.take() {
+            op.kill();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop_operator(&mut self) -> Option<std::process::ExitStatus> {
+        self.operator.take().and_then(|op| op.stop())
+    }
+
+    pub fn operator(&self) -> &OperatorProcess {
+        self.operator.as_ref().expect("operator running")
+    }
+
+    pub fn status(&self, cluster: &str) -> Option<ClusterStatus> {
+        self.operator.as_ref()?.status(cluster)
+    }
+
+    /// Waits until the cluster's status satisfies `pred`; panics with the
+    /// last status and the operator's log if it never does.
+    pub fn wait_status(
+        &self,
+        cluster: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&ClusterStatus) -> bool,
+    ) -> ClusterStatus {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status(cluster) {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\nlast status: {}\noperator log:\n{}",
+            last.map(|s| serde_json::to_string_pretty(&s).unwrap_or_default())
+                .unwrap_or_else(|| "none".into()),
+            log_tail(&self.log, 60)
+        );
+    }
+
+    /// Our instances as the cloud reports them (not through the operator).
+    pub fn instances(&self, cluster: &str) -> Vec<Instance> {
+        let reader = self.reader.clone();
+        let cluster = cluster.to_string();
+        self.runtime
+            .block_on(async move { reader.list(Some(&cluster)).await })
+            .expect("list instances")
+            .into_iter()
+            .filter(|i| {
+                !matches!(
+                    i.state,
+                    InstanceState::Terminated | InstanceState::ShuttingDown
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        // The operator first (it could still be acting), then the watcher,
+        // then the cloud (moto, nodes and every process in them, by PID).
+        self.operator.take();
+        self.watcher.stop();
+        self.aws_faults.take();
+    }
+}
+
+/// Polls `probe` until it yields, or panics naming `what`.
+pub fn eventually<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn in_service(s: &ClusterStatus) -> u32 {
+    s.phases.get("in-service").copied().unwrap_or(0)
+}
+
+/// Every node in service, on `release`, nothing else running.
+pub fn settled_on(s: &ClusterStatus, n: u32, release: &str) -> bool {
+    in_service(s) == n
+        && s.nodes.len() == n as usize
+        && s.nodes
+            .iter()
+            .all(|x| x.release.as_deref() == Some(release) && x.task.is_none())
+}

@@ -1,0 +1,192 @@
+//! The invariant checker: watches the cloud and the load balancer for the
+//! whole scenario, independently of the operator, and records every
+//! breach of DESIGN.md's invariants it sees.
+//!
+//! - **No orphan, no double launch**: every instance it ever saw (to count
+//!   launches) carries hangar's cluster, owner and phase tags.
+//! - **Nothing unready serves traffic**: the moment a target appears in the
+//!   load balancer, its node must already answer its health check.
+//! - **Nothing serving is killed**: an instance seen terminating must no
+//!   longer be a registered target with requests in flight.
+//! - **Capacity stays within bounds**: the most instances ever alive at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hangar_cloud::aws::AwsCloud;
+use hangar_cloud::{Compute, InstanceState};
+use hangar_local::harness::LocalCloud;
+use hangar_local::lb::Lb;
+
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Every instance of ours ever seen (ids).
+    pub launched: BTreeSet<String>,
+    /// Targets as they appeared in the LB, with whether their node answered
+    /// its health check at that moment.
+    pub registrations: Vec<(String, bool)>,
+    /// Instances seen terminating.
+    pub terminated: BTreeSet<String>,
+    /// The most of our instances alive at once (not terminating).
+    pub max_alive: usize,
+    /// Instances the scenario itself terminates (a node dying behind
+    /// hangar's back): no drain is owed for them.
+    pub killed_by_test: BTreeSet<String>,
+    pub violations: Vec<String>,
+}
+
+pub struct Watcher {
+    report: Arc<Mutex<Report>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watcher {
+    pub fn start(cloud: &LocalCloud, owner: &str) -> Watcher {
+        let report = Arc::new(Mutex::new(Report::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let lb = cloud.lb().clone();
+        let reader = AwsCloud::new(
+            &cloud.sdk_config(),
+            owner,
+            std::env::temp_dir().join("hangar-e2e-watcher"),
+        )
+        .expect("watcher cloud reader");
+        let thread = {
+            let (report, stop) = (report.clone(), stop.clone());
+            std::thread::spawn(move || watch(lb, reader, report, stop))
+        };
+        Watcher {
+            report,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn report(&self) -> Report {
+        self.report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Marks an instance the scenario is about to terminate behind
+    /// hangar's back.
+    pub fn killed_by_test(&self, id: &str) {
+        lock(&self.report).killed_by_test.insert(id.to_string());
+    }
+
+    /// Panics listing every violation seen so far. Only our instances are
+    /// judged: a foreign target in the same group is none of hangar's doing.
+    pub fn assert_invariants(&self) {
+        let r = self.report();
+        assert!(
+            r.violations.is_empty(),
+            "invariants violated:\n{}",
+            r.violations.join("\n")
+        );
+        for (id, healthy) in &r.registrations {
+            assert!(
+                *healthy || !r.launched.contains(id),
+                "{id} was registered before its health check passed"
+            );
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn watch(lb: Lb, reader: AwsCloud, report: Arc<Mutex<Report>>, stop: Arc<AtomicBool>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("watcher runtime");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("http client");
+    let mut known_targets: BTreeSet<String> = BTreeSet::new();
+    let mut alive: BTreeSet<String> = BTreeSet::new();
+    let mut tick = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        // The LB is in-process: look often, so a registration is seen at once.
+        for t in lb.targets() {
+            if t.registered && known_targets.insert(t.instance_id.clone()) {
+                let healthy = match t.addr {
+                    Some(addr) => rt.block_on(async {
+                        let url = format!("http://{}/health", addr);
+                        matches!(http.get(&url).timeout(Duration::from_secs(2)).send().await,
+                            Ok(r) if r.status().is_success())
+                    }),
+                    None => false,
+                };
+                lock(&report)
+                    .registrations
+                    .push((t.instance_id.clone(), healthy));
+            }
+            if !t.registered {
+                known_targets.remove(&t.instance_id);
+            }
+        }
+        // The cloud costs moto CPU: every 250 ms.
+        if tick.is_multiple_of(5) {
+            if let Ok(list) = rt.block_on(reader.list(None)) {
+                let targets: BTreeMap<String, _> = lb
+                    .targets()
+                    .into_iter()
+                    .map(|t| (t.instance_id.clone(), t))
+                    .collect();
+                let mut r = lock(&report);
+                let mut now_alive: BTreeSet<String> = BTreeSet::new();
+                for i in &list {
+                    r.launched.insert(i.id.clone());
+                    if i.cluster.is_empty() || i.phase.is_none() {
+                        r.violations
+                            .push(format!("{} lacks hangar's tags: {:?}", i.id, i.tags));
+                    }
+                    if !matches!(
+                        i.state,
+                        InstanceState::ShuttingDown | InstanceState::Terminated
+                    ) {
+                        now_alive.insert(i.id.clone());
+                    }
+                }
+                // Gone from the listing or shutting down: terminated now.
+                // It must have left the target group, with nothing in flight.
+                for id in alive.difference(&now_alive) {
+                    r.terminated.insert(id.clone());
+                    if let Some(t) = targets.get(id).filter(|_| !r.killed_by_test.contains(id)) {
+                        if t.registered || t.in_flight > 0 {
+                            r.violations.push(format!(
+                                "{id} terminated while registered={} with {} request(s) in flight",
+                                t.registered, t.in_flight
+                            ));
+                        }
+                    }
+                }
+                alive = now_alive;
+                r.max_alive = r.max_alive.max(alive.len());
+            }
+        }
+        tick += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn lock(m: &Mutex<Report>) -> std::sync::MutexGuard<'_, Report> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
