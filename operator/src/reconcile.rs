@@ -89,6 +89,9 @@ pub struct Operator {
     probes: crate::probe::Probes,
     /// When each cluster's status was last written by this process.
     persisted_at: Mutex<HashMap<String, std::time::Instant>>,
+    /// Per cluster: the number of nodes serving and since when. Memory
+    /// only: after a restart the first metric period is simply skipped.
+    serving_counts: Mutex<HashMap<String, (u32, DateTime<Utc>)>>,
 }
 
 /// How stale a status file may get while only readings change (the
@@ -132,6 +135,7 @@ impl Operator {
             ssh_pools: Mutex::default(),
             probes: crate::probe::Probes::default(),
             persisted_at: Mutex::default(),
+            serving_counts: Mutex::default(),
         }
     }
 
@@ -177,6 +181,22 @@ impl Operator {
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
             .map(|s| (**s).clone())
+    }
+
+    /// When the number of nodes serving `cluster` last changed (now, if it
+    /// just did or was never seen).
+    fn serving_changed_at(&self, cluster: &str, serving: u32, now: DateTime<Utc>) -> DateTime<Utc> {
+        let mut map = self
+            .serving_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match map.get(cluster) {
+            Some(&(n, since)) if n == serving => since,
+            _ => {
+                map.insert(cluster.to_string(), (serving, now));
+                now
+            }
+        }
     }
 
     /// Persists only when something besides timestamps changed: a
@@ -403,6 +423,7 @@ impl Operator {
             .autoscaling
             .as_ref()
             .map_or(ERRORS_EVALUATION_INTERVAL, |a| a.evaluation_interval.get());
+        let serving_changed_at = self.serving_changed_at(&name, serving.len() as u32, now);
         let eval_due = status.last_eval_at.is_none_or(|t| {
             now.signed_duration_since(t).to_std().unwrap_or_default() >= eval_every
         });
@@ -413,6 +434,14 @@ impl Operator {
             match crate::traffic::read_rate(cloud.metrics.as_ref(), spec, serving.len() as u32, now)
                 .await
             {
+                // A per-target average over a period in which the serving
+                // count changed was taken over other nodes than serve now;
+                // times today's count it misreports the traffic (while nodes
+                // join: too high, feeding a runaway scale-out). Wait for a
+                // period that starts after the change.
+                Ok(Some(obs))
+                    if per_target_metric(spec)
+                        .is_some_and(|period| obs.observed_at - period < serving_changed_at) => {}
                 Ok(Some(obs)) => status.last_metric = Some(obs),
                 Ok(None) => {}
                 Err(e) => {
@@ -1152,6 +1181,17 @@ fn client_token(cluster: &str, subnet: &str, count: u32, instances: &[Instance])
     let mut token = hex::encode(h.finalize());
     token.truncate(40);
     format!("hangar-{token}")
+}
+
+/// The metric period when the cluster scales on the ALB's per-target
+/// request count (an average over the period's healthy targets).
+fn per_target_metric(spec: &ClusterSpec) -> Option<chrono::Duration> {
+    match spec.autoscaling.as_ref().map(|a| &a.metric) {
+        Some(hangar_crds::MetricSource::Cloudwatch(
+            cw @ hangar_crds::CloudwatchMetric::RequestCountPerTarget(_),
+        )) => chrono::Duration::from_std(cw.options().period.get()).ok(),
+        _ => None,
+    }
 }
 
 /// How often the 5xx rate of a watched release is read when the cluster
