@@ -5,15 +5,7 @@ use std::time::Duration;
 use hangar_local::artifact::ReleaseKind;
 use rand::{RngExt, SeedableRng};
 
-use crate::support::{settled_on, Scenario};
-
-/// Seeded: a failure names its seed; `HANGAR_E2E_SEED=<n>` replays it.
-fn seed() -> u64 {
-    std::env::var("HANGAR_E2E_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261122)
-}
+use crate::support::{seed, settled_on, Scenario};
 
 /// Rounds of (scale out, scale in, roll out a new release), three kills
 /// in each: `HANGAR_E2E_CRASH_ROUNDS=6` makes the 54-kill storm of

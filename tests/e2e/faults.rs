@@ -6,14 +6,9 @@ use std::time::{Duration, Instant, SystemTime};
 use hangar_local::artifact::ReleaseKind;
 use hangar_local::faults::{Fault, Rule, Service};
 
-use crate::support::{eventually, settled_on, Scenario};
+use hangar_local::eventually;
 
-fn seed() -> u64 {
-    std::env::var("HANGAR_E2E_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261122)
-}
+use crate::support::{seed, settled_on, Scenario};
 
 /// Sum of a Prometheus counter family's samples.
 fn counter_sum(metrics: &str, family: &str) -> f64 {
@@ -152,13 +147,14 @@ fn nodes_dying_behind_hangars_back_are_replaced_and_the_lb_stops_routing_to_them
 
     // 2. A node dies while it is being provisioned.
     s.write_spec(&base.clone().with_capacity(3, 3));
-    let young = eventually("a node coming up", Duration::from_secs(60), || {
+    let young = eventually(Duration::from_secs(60), "a node coming up", || {
         s.status("web")?
             .nodes
             .into_iter()
             .find(|n| n.phase != "in-service")
             .map(|n| n.id)
-    });
+    })
+    .expect("caught in time");
     s.watcher.killed_by_test(&young);
     s.cloud.terminate(&[young.as_str()]).expect("terminate");
     s.wait_status("web", "3 in service", Duration::from_secs(120), |st| {
@@ -167,13 +163,14 @@ fn nodes_dying_behind_hangars_back_are_replaced_and_the_lb_stops_routing_to_them
 
     // 3. A node dies while it drains.
     s.write_spec(&base.clone().with_capacity(2, 2));
-    let draining = eventually("a node draining", Duration::from_secs(60), || {
+    let draining = eventually(Duration::from_secs(60), "a node draining", || {
         s.status("web")?
             .nodes
             .into_iter()
             .find(|n| n.phase == "draining")
             .map(|n| n.id)
-    });
+    })
+    .expect("caught in time");
     s.watcher.killed_by_test(&draining);
     s.cloud.terminate(&[draining.as_str()]).expect("terminate");
     s.wait_status("web", "back to 2", Duration::from_secs(120), |st| {
@@ -204,9 +201,10 @@ fn a_node_that_stops_answering_ssh_is_given_up_and_replaced_never_registered() {
     s.start_operator();
     // Freeze the first node the moment it exists: every process in it
     // stops (SIGSTOP), so TCP connects but SSH never answers.
-    let frozen = eventually("the first node", Duration::from_secs(60), || {
+    let frozen = eventually(Duration::from_secs(60), "the first node", || {
         s.cloud.nodes().into_iter().next()
-    });
+    })
+    .expect("a node starts");
     let stopped = freeze(&frozen.namespace);
     assert!(stopped > 0, "froze the node's processes");
     let started = Instant::now();

@@ -222,19 +222,13 @@ impl Drop for Scenario {
     }
 }
 
-/// Polls `probe` until it yields, or panics naming `what`.
-pub fn eventually<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+/// The seed of a probabilistic scenario: a failure names it, and
+/// `HANGAR_E2E_SEED=<n>` replays it.
+pub fn seed() -> u64 {
+    std::env::var("HANGAR_E2E_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261122)
 }
 
 pub fn in_service(s: &ClusterStatus) -> u32 {
