@@ -366,9 +366,17 @@ fn unreachable_step(origin: &Path, label: &str) -> Result<Action, RunbookError> 
     })
 }
 
+/// Instructions one template render may execute.
+const TEMPLATE_FUEL: u64 = 1_000_000;
+
 fn template_env() -> minijinja::Environment<'static> {
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::SemiStrict);
+    // A template is configuration, not a program: a budget of instructions
+    // per render (a php-fpm pool file takes a few hundred) turns a runaway
+    // loop into an error instead of a reconcile that never returns (the
+    // fuzzer found `range(100000)` nested twice).
+    env.set_fuel(Some(TEMPLATE_FUEL));
     // File contents must keep their final newline.
     if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
         .keep_trailing_newline(true)

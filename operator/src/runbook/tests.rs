@@ -175,3 +175,24 @@ fn the_stock_runbooks_parse_and_plan() {
         assert!(!plan.steps.is_empty());
     }
 }
+
+#[test]
+fn a_runaway_template_is_an_error_not_a_hang() {
+    let book = parse(
+        "steps:\n  - name: loops\n    file:\n      path: /tmp/x\n      template: \"{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}\"\n",
+    )
+    .expect("parses");
+    let started = std::time::Instant::now();
+    let err = book
+        .plan(&BTreeMap::new(), &facts())
+        .expect_err("out of fuel")
+        .to_string();
+    assert!(err.contains("file.template"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // An ordinary template fits the budget many times over.
+    let book = parse(
+        "steps:\n  - name: pool\n    file:\n      path: /tmp/x\n      template: \"{% for i in range(200) %}pm.max_children = {{ i }}\\n{% endfor %}\"\n",
+    )
+    .expect("parses");
+    assert!(book.plan(&BTreeMap::new(), &facts()).is_ok());
+}
