@@ -71,3 +71,54 @@ fn cold_start_brings_min_nodes_into_service_registering_none_before_its_health_c
     };
     assert_eq!(ids(&after), ids(&status));
 }
+
+#[test]
+fn hangar_plan_reads_the_cloud_and_never_changes_it() {
+    let mut s = Scenario::start();
+    let spec = s.spec().remove("spec.autoscaling");
+    s.write_spec(&spec);
+    s.start_operator();
+    s.wait_status("web", "2 in service", Duration::from_secs(120), |st| {
+        settled_on(st, 2, "v1")
+    });
+    assert!(s.stop_operator().is_some_and(|e| e.success()));
+
+    // The spec now asks for 3; `hangar plan` says so, through a proxy that
+    // counts every AWS call it makes.
+    s.write_spec(&spec.with_capacity(3, 3));
+    s.aws_faults(crate::support::seed());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+        .arg("plan")
+        .arg("--specs")
+        .arg(&s.specs)
+        .arg("--state-dir")
+        .arg(&s.state)
+        .args(["--owner", crate::support::OWNER])
+        .envs(s.operator_env())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("hangar plan runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("desired 3"), "{stdout}");
+    assert!(stdout.contains("would launch 1"), "{stdout}");
+
+    let calls = s.faults().all_stats();
+    assert!(
+        calls.keys().any(|c| c.operation == "DescribeInstances"),
+        "it looked at the cloud: {calls:?}"
+    );
+    for call in calls.keys() {
+        assert!(
+            ["Describe", "Get", "List", "Head"]
+                .iter()
+                .any(|read| call.operation.starts_with(read)),
+            "a mutating call from `hangar plan`: {call:?}"
+        );
+    }
+    assert_eq!(s.instances("web").len(), 2, "nothing launched");
+}

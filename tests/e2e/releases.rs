@@ -138,3 +138,39 @@ fn a_release_raising_5xx_is_rolled_back_automatically() {
     );
     s.watcher.assert_invariants();
 }
+
+#[test]
+fn a_provisioning_change_is_pushed_to_serving_nodes_in_a_rolling_way_without_a_release() {
+    let mut s = Scenario::start();
+    let spec = three_nodes_on_v1(&mut s);
+    let config_of = |s: &Scenario| -> Vec<String> {
+        s.instances("web")
+            .iter()
+            .map(|i| {
+                i.tags
+                    .get(hangar_cloud::tags::CONFIG)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let old = config_of(&s);
+    assert!(old.iter().all(|c| !c.is_empty() && *c == old[0]), "{old:?}");
+
+    let load = s.cloud.start_load(20.0, None).expect("load");
+    s.write_spec(&spec.set("spec.provision.vars.motd", "config push"));
+    s.wait_status(
+        "web",
+        "every node re-provisioned",
+        Duration::from_secs(180),
+        |st| settled_on(st, 3, "v1") && config_of(&s).iter().all(|c| *c != old[0]),
+    );
+    let report = load.stop();
+    assert_eq!(report.errors, 0, "zero failed requests: {report:?}");
+    assert_eq!(
+        s.watcher.report().launched.len(),
+        3,
+        "pushed in place, nothing launched"
+    );
+    s.watcher.assert_invariants();
+}

@@ -128,6 +128,19 @@ impl Scenario {
 
     pub fn start_operator(&mut self) {
         assert!(self.operator.is_none(), "operator already running");
+        self.operator = Some(OperatorProcess::start(
+            &self.specs,
+            &self.state,
+            OWNER,
+            &self.operator_env(),
+            &self.log,
+            self.listen,
+        ));
+    }
+
+    /// The environment a `hangar` process gets: the cloud's, with AWS
+    /// calls sent through the fault proxy if there is one.
+    pub fn operator_env(&self) -> Vec<(String, String)> {
         let mut env = self.cloud.env();
         if let Some(proxy) = &self.aws_faults {
             for (k, v) in &mut env {
@@ -136,14 +149,7 @@ impl Scenario {
                 }
             }
         }
-        self.operator = Some(OperatorProcess::start(
-            &self.specs,
-            &self.state,
-            OWNER,
-            &env,
-            &self.log,
-            self.listen,
-        ));
+        env
     }
 
     /// `kill -9` the operator.
