@@ -4,9 +4,8 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use hangar_local::artifact::ReleaseKind;
-use hangar_local::faults::{Fault, Rule, Service};
-
 use hangar_local::eventually;
+use hangar_local::faults::{Fault, Rule, Service};
 
 use crate::support::{seed, settled_on, Scenario};
 
@@ -26,7 +25,7 @@ fn with_aws_throttling_and_failing_a_quarter_of_calls_scale_out_rollout_and_scal
     s.aws_faults(seed);
     let proxy = s.faults();
     // A quarter of EC2 and ELB calls throttled, some 500s and dropped
-    // connections everywhere, CloudWatch throttled too.
+    // connections everywhere.
     proxy.add(
         Rule::new(Fault::Throttle)
             .service(Service::Ec2)
@@ -36,11 +35,6 @@ fn with_aws_throttling_and_failing_a_quarter_of_calls_scale_out_rollout_and_scal
         Rule::new(Fault::Throttle)
             .service(Service::Elbv2)
             .probability(0.25),
-    );
-    proxy.add(
-        Rule::new(Fault::Throttle)
-            .service(Service::CloudWatch)
-            .probability(0.2),
     );
     proxy.add(Rule::new(Fault::ServerError).probability(0.05));
     proxy.add(Rule::new(Fault::Reset).probability(0.03));
