@@ -228,26 +228,13 @@ fn a_node_that_stops_answering_ssh_is_given_up_and_replaced_never_registered() {
     s.watcher.assert_invariants();
 }
 
-/// SIGSTOPs every process whose mount namespace is `namespace`
-/// (`mnt:[inode]`); returns how many. Terminating the instance later kills
-/// them (SIGKILL works on stopped processes).
+/// SIGSTOPs every process in the node's mount namespace (`mnt:[inode]`);
+/// returns how many. Terminating the instance later kills them (SIGKILL
+/// works on stopped processes).
 fn freeze(namespace: &str) -> usize {
-    let mut n = 0;
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt"));
-        if ns.is_ok_and(|ns| ns.to_string_lossy() == namespace) {
-            // SAFETY: kill(2) on a pid read from /proc; at worst ESRCH.
-            if unsafe { libc::kill(pid, libc::SIGSTOP) } == 0 {
-                n += 1;
-            }
-        }
-    }
-    n
+    hangar_local::node::pids_in_namespace(namespace)
+        .into_iter()
+        // SAFETY: kill(2) on a pid read from /proc; at worst ESRCH.
+        .filter(|&pid| unsafe { libc::kill(pid as i32, libc::SIGSTOP) } == 0)
+        .count()
 }
