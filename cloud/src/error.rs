@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-#[derive(Debug, thiserror::Error)]
+/// `Clone`: one failed call that carried many reads fails each of them.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum CloudError {
     /// The API refused for rate reasons and retries ran out.
     #[error("throttled by {service} ({code}): {message}")]

@@ -17,6 +17,7 @@ pub mod aws;
 pub mod compute;
 pub mod error;
 pub mod load_balancer;
+pub mod metric_batch;
 pub mod metrics;
 pub mod model;
 pub mod prometheus;
@@ -26,6 +27,7 @@ pub use aws::{ApiCalls, AwsCloud, AwsCloudBuilder, Budgets, RetryPolicy};
 pub use compute::{Compute, LaunchRequest};
 pub use error::CloudError;
 pub use load_balancer::{LoadBalancer, TargetHealth, TargetState};
+pub use metric_batch::{AlbBatch, AlbQuery, MetricBatcher};
 pub use metrics::{AlbMetric, Datapoint, Metrics};
 pub use model::{tags, Instance, InstanceState, Phase};
 

@@ -986,6 +986,61 @@ async fn alb_sums_come_back_per_period_oldest_first_and_no_data_is_empty() {
     }
 }
 
+#[tokio::test]
+async fn concurrent_reads_share_one_get_metric_data_and_each_gets_its_own_sums() {
+    let w = World::new().await;
+    let cloud = w.cloud(OWNER);
+    let now = Utc::now().timestamp();
+    let t0 = Utc.timestamp_opt(now - now % 60 - 600, 0).unwrap();
+    let minute = chrono::Duration::seconds(60);
+    put_sum(&w, "RequestCount", t0, 10.0).await;
+    put_sum(&w, "RequestCount", t0 + minute * 3, 30.0).await;
+    put_sum(&w, "HTTPCode_Target_5XX_Count", t0 + minute, 2.0).await;
+
+    // Five clusters' evaluations at once (one task, as the runner's
+    // reconciles interleave): different metrics, periods and ranges, and
+    // one invalid query that must not spoil the others.
+    let read = |metric, secs, from: i32, to: i32| {
+        cloud.alb_sums(
+            &w.tg_arn,
+            metric,
+            Duration::from_secs(secs),
+            t0 + minute * from,
+            t0 + minute * to,
+        )
+    };
+    let (whole, tail, errors, none, invalid) = tokio::join!(
+        read(AlbMetric::RequestCount, 60, 0, 5),
+        read(AlbMetric::RequestCount, 60, 2, 5),
+        read(AlbMetric::Target5xxCount, 10, 0, 2),
+        read(AlbMetric::RequestCountPerTarget, 60, 0, 5),
+        read(AlbMetric::RequestCount, 90, 0, 5),
+    );
+    let offsets = |points: Vec<hangar_cloud::Datapoint>| -> Vec<(i64, f64)> {
+        points
+            .iter()
+            .map(|p| ((p.start - t0).num_seconds(), p.value))
+            .collect()
+    };
+    assert_eq!(offsets(whole.unwrap()), [(0, 10.0), (180, 30.0)]);
+    assert_eq!(
+        offsets(tail.unwrap()),
+        [(180, 30.0)],
+        "cut back to its own range from the shared one"
+    );
+    assert_eq!(offsets(errors.unwrap()), [(60, 2.0)]);
+    assert_eq!(none.unwrap(), vec![], "no data is empty, not zero");
+    assert!(
+        matches!(invalid, Err(CloudError::InvalidInput { .. })),
+        "{invalid:?}"
+    );
+    assert_eq!(
+        cloud.api_calls().get("cloudwatch", "GetMetricData").calls,
+        1,
+        "four valid reads, one call"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Prometheus
 // ---------------------------------------------------------------------------

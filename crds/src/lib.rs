@@ -18,5 +18,7 @@ pub mod validate;
 
 pub use artifact::ArtifactSource;
 pub use duration::Duration;
-pub use load::{load_dir, load_file, load_str, LoadError, LoadReport, LoadedCluster, Problem};
+pub use load::{
+    load_dir, load_dir_reusing, load_file, load_str, LoadError, LoadReport, LoadedCluster, Problem,
+};
 pub use spec::*;

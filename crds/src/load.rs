@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_saphyr::{DuplicateKeyPolicy, Options};
@@ -48,7 +49,9 @@ impl fmt::Display for Problem {
 /// A valid cluster and where it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoadedCluster {
-    pub cluster: Cluster,
+    /// Shared: an operator that reloads its specs keeps one copy of each
+    /// unchanged cluster, not one per reload in flight.
+    pub cluster: Arc<Cluster>,
     pub file: PathBuf,
     /// Line of the document's first line in `file`.
     pub line: u64,
@@ -120,13 +123,32 @@ pub enum LoadError {
 
 /// Loads every `*.yaml` / `*.yml` below `dir` (hidden entries skipped).
 pub fn load_dir(dir: &Path) -> Result<LoadReport, LoadError> {
+    load_dir_reusing(dir, |_, _| None)
+}
+
+/// [`load_dir`], asking `reuse` first with each file's text: clusters it
+/// returns stand for the file, which is not parsed again. An operator that
+/// re-reads a thousand unchanged specs every resync skips the parser this
+/// way. `reuse` must only return what parsing that same text gave, and
+/// only for a file that had no problem: a spec rejected for a missing
+/// runbook must be looked at again once the runbook is there.
+pub fn load_dir_reusing(
+    dir: &Path,
+    mut reuse: impl FnMut(&Path, &str) -> Option<Vec<LoadedCluster>>,
+) -> Result<LoadReport, LoadError> {
     let files = spec_files(dir).map_err(|source| LoadError::Dir {
         path: dir.to_path_buf(),
         source,
     })?;
     let mut report = LoadReport::default();
     for file in files {
-        report.merge(load_file(&file));
+        match read_spec_file(&file) {
+            Ok(text) => match reuse(&file, &text) {
+                Some(clusters) => report.clusters.extend(clusters),
+                None => report.merge(load_str(&text, &file)),
+            },
+            Err(unreadable) => report.merge(unreadable),
+        }
     }
     reject_duplicates(&mut report);
     Ok(report)
@@ -151,6 +173,15 @@ pub fn load_paths(paths: &[PathBuf]) -> LoadReport {
 }
 
 pub fn load_file(file: &Path) -> LoadReport {
+    match read_spec_file(file) {
+        Ok(text) => load_str(&text, file),
+        Err(unreadable) => unreadable,
+    }
+}
+
+/// The file's text, or the problem that stops it being read (including a
+/// size past [`MAX_FILE_BYTES`], checked before reading it).
+fn read_spec_file(file: &Path) -> Result<String, LoadReport> {
     let mut report = LoadReport::default();
     match std::fs::metadata(file) {
         Ok(m) if m.len() > MAX_FILE_BYTES => {
@@ -163,19 +194,15 @@ pub fn load_file(file: &Path) -> LoadReport {
                     m.len()
                 ),
             );
-            return report;
+            Err(report)
         }
-        Ok(_) => {}
-        Err(e) => {
-            report.problem(file, None, "", format!("cannot read: {e}"));
-            return report;
-        }
-    }
-    match std::fs::read_to_string(file) {
-        Ok(text) => load_str(&text, file),
-        Err(e) => {
+        Ok(_) => std::fs::read_to_string(file).map_err(|e| {
             report.problem(file, None, "", format!("cannot read: {e}"));
             report
+        }),
+        Err(e) => {
+            report.problem(file, None, "", format!("cannot read: {e}"));
+            Err(report)
         }
     }
 }
@@ -205,7 +232,7 @@ pub fn load_str(text: &str, file: &Path) -> LoadReport {
                 let errors = validate(&cluster, Some(spec_dir));
                 if errors.is_empty() {
                     report.clusters.push(LoadedCluster {
-                        cluster,
+                        cluster: Arc::new(cluster),
                         file: file.to_path_buf(),
                         line: doc.first_line as u64,
                     });

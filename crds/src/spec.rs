@@ -244,7 +244,7 @@ pub struct ScalingPolicy {
     /// How long a recommendation must persist before acting on it.
     /// Scale-down acts on the highest recommendation inside this window.
     pub stabilization: Duration,
-    /// Most nodes added (or removed) by one decision.
+    /// Most nodes added (or removed) by one evaluation.
     pub max_step: u32,
 }
 
@@ -258,7 +258,7 @@ impl ScalingPolicy {
     }
 
     /// Kubernetes HPA-like: wait five minutes of lower traffic, then shed
-    /// one node per decision.
+    /// one node per evaluation.
     pub fn default_down() -> Self {
         ScalingPolicy {
             stabilization: Duration::from_secs(300),

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hangar_crds::load::{load_dir, load_file, load_paths, load_str};
+use hangar_crds::load::{load_dir, load_dir_reusing, load_file, load_paths, load_str};
 use hangar_crds::schema::{cluster_schema_json, SCHEMA_PATH};
 
 fn crate_dir() -> PathBuf {
@@ -132,6 +132,43 @@ fn valid_specs_and_the_examples_load_cleanly() {
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert!(!report.clusters.is_empty(), "{} has no spec", dir.display());
     }
+}
+
+#[test]
+fn a_reused_file_is_not_parsed_again_and_duplicates_are_still_caught() {
+    let shop = std::fs::read_to_string(crate_dir().join("tests/valid/shop.yaml")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let specs = root.path().join("specs");
+    std::fs::create_dir_all(root.path().join("runbooks")).unwrap();
+    std::fs::create_dir(&specs).unwrap();
+    std::fs::write(root.path().join("runbooks/provision.yaml"), "steps: []\n").unwrap();
+    std::fs::write(specs.join("shop.yaml"), &shop).unwrap();
+    std::fs::write(
+        specs.join("cart.yaml"),
+        shop.replace("name: shop", "name: cart"),
+    )
+    .unwrap();
+    let first = load_dir(&specs).unwrap();
+    assert!(first.problems.is_empty(), "{:?}", first.problems);
+    let parsed_shop = first
+        .clusters
+        .iter()
+        .find(|c| c.name() == "shop")
+        .unwrap()
+        .clone();
+
+    // cart.yaml "reuses" the shop cluster: had it been parsed, it would be
+    // `cart`; as it is not, two clusters claim `shop` and both are refused.
+    let mut asked = Vec::new();
+    let report = load_dir_reusing(&specs, |file, text| {
+        asked.push((file.file_name().unwrap().to_owned(), text.len()));
+        (file.ends_with("cart.yaml")).then(|| vec![parsed_shop.clone()])
+    })
+    .unwrap();
+    assert_eq!(asked.len(), 2, "every file is offered: {asked:?}");
+    assert!(report.clusters.is_empty(), "{:?}", report.clusters);
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    assert!(report.problems.iter().all(|p| p.path == "metadata.name"));
 }
 
 #[test]

@@ -12,7 +12,8 @@
 //! 3. stabilization: scale up to the *lowest* recommendation seen within the
 //!    scale-up window, down to the *highest* seen within the scale-down window
 //!    (so a brief dip never sheds nodes);
-//! 4. at most `maxStep` nodes per decision in either direction;
+//! 4. at most `maxStep` nodes per evaluation in either direction (between
+//!    evaluations [`hold`] keeps the decision, moved only by the window);
 //! 5. clamped to the effective window, which always wins.
 //!
 //! A missing or stale metric holds the current count (never scale down on
@@ -190,6 +191,28 @@ pub fn plan(
             }
         },
     };
+    finish(window, wanted, current, recommendation, reason)
+}
+
+/// What a pass between two evaluations decides: `desired` stands, moved
+/// only by the capacity window. Reconcile runs on every node event, not
+/// just on evaluation ticks; re-planning there would apply `maxStep` again
+/// to the same reading (4 → 3 → 2 within a second instead of one step per
+/// `evaluationInterval`).
+pub fn hold(spec: &ClusterSpec, now: DateTime<Utc>, desired: u32) -> Decision {
+    let window = effective_capacity(spec, now);
+    let reason = format!("until the next evaluation: hold {desired}");
+    finish(window, desired, desired, None, reason)
+}
+
+/// Clamps `wanted` to the window, which always wins, and says so.
+fn finish(
+    window: EffectiveCapacity,
+    wanted: u32,
+    current: u32,
+    recommendation: Option<Recommendation>,
+    mut reason: String,
+) -> Decision {
     let desired = wanted.clamp(window.min, window.max);
     if desired != wanted || window.schedule.is_some() {
         let bound = if wanted > window.max {

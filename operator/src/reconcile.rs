@@ -158,7 +158,8 @@ impl Operator {
         keys
     }
 
-    fn specs(&self) -> Arc<SpecSet> {
+    /// The spec set in force (what a reload starts from).
+    pub fn specs(&self) -> Arc<SpecSet> {
         self.specs.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -181,6 +182,14 @@ impl Operator {
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
             .map(|s| (**s).clone())
+    }
+
+    /// Whether this process has looked at `cluster`'s serving nodes before.
+    fn serving_counted(&self, cluster: &str) -> bool {
+        self.serving_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(cluster)
     }
 
     /// When the number of nodes serving `cluster` last changed (now, if it
@@ -423,6 +432,11 @@ impl Operator {
             .autoscaling
             .as_ref()
             .map_or(ERRORS_EVALUATION_INTERVAL, |a| a.evaluation_interval.get());
+        // A status loaded at start may predate the crash that ended the last
+        // process (nodes launched, the new decision not yet saved): this
+        // process's first pass plans from what runs, later passes from the
+        // standing decision.
+        let continuing = before.is_some() && self.serving_counted(&name);
         let serving_changed_at = self.serving_changed_at(&name, serving.len() as u32, now);
         let eval_due = status.last_eval_at.is_none_or(|t| {
             now.signed_duration_since(t).to_std().unwrap_or_default() >= eval_every
@@ -450,7 +464,17 @@ impl Operator {
             }
         }
         let metric: Option<Observation> = status.last_metric;
-        let decision = planner::plan(spec, now, counted, metric, &status.history);
+        // The planner's "current" is the standing decision, not the nodes
+        // counted now: a node that died is replaced rather than voted away
+        // by the next evaluation.
+        let evaluated = !continuing || eval_due || spec.autoscaling.is_none();
+        let decision = if !continuing {
+            planner::plan(spec, now, counted, metric, &status.history)
+        } else if evaluated {
+            planner::plan(spec, now, status.desired, metric, &status.history)
+        } else {
+            planner::hold(spec, now, status.desired)
+        };
         if eval_due {
             if let Some(rec) = decision.recommendation {
                 status.history.record(rec, spec);
@@ -482,13 +506,16 @@ impl Operator {
             );
             tracing::info!(cluster = %name, desired = decision.desired, "{}", decision.reason);
         }
+        // A hold keeps the last evaluation's reason on show.
+        if evaluated || decision.desired != status.desired {
+            status.last_decision = Some(DecisionRecord {
+                at: now,
+                desired: decision.desired,
+                reason: decision.reason.clone(),
+            });
+        }
         status.desired = decision.desired;
         status.window = Some(decision.window.clone());
-        status.last_decision = Some(DecisionRecord {
-            at: now,
-            desired: decision.desired,
-            reason: decision.reason.clone(),
-        });
 
         // Releases.
         remember_release(&mut status, spec, now);

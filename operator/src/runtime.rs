@@ -161,7 +161,7 @@ async fn follow_specs(
 }
 
 fn reload(dir: &Path, operator: &Operator, triggers: &TriggerSender) {
-    match SpecSet::load(dir) {
+    match operator.specs().reload(dir) {
         Ok(set) => {
             for key in operator.set_specs(set) {
                 tracing::info!(cluster = %key, "spec changed");

@@ -54,6 +54,27 @@ fn scales_out_on_traffic_and_back_in_draining_each_node_before_termination() {
         "{:?}",
         back.activities
     );
+    // maxStep is per evaluation (5 s here), not per pass: the passes that
+    // node events trigger in between must not shed a second node.
+    let mut steps_in: Vec<_> = back
+        .activities
+        .iter()
+        .filter(|a| a.kind == "scale")
+        .filter_map(|a| Some((a.at, scale_change(&a.message)?)))
+        .filter(|(_, (from, to))| to < from)
+        .collect();
+    steps_in.reverse();
+    assert_eq!(
+        steps_in.iter().map(|(_, c)| *c).collect::<Vec<_>>(),
+        [(4, 3), (3, 2)],
+        "one node per step: {:?}",
+        back.activities
+    );
+    let gap = steps_in[1].0 - steps_in[0].0;
+    assert!(
+        gap >= chrono::Duration::seconds(5),
+        "the second step waited for the next evaluation, not {gap}"
+    );
 
     s.watcher.assert_invariants();
     let report = s.watcher.report();
@@ -64,6 +85,13 @@ fn scales_out_on_traffic_and_back_in_draining_each_node_before_termination() {
         "never above what the traffic asks: {report:?}"
     );
     eprintln!("scale-out to 4 took {took:?}");
+}
+
+/// `(4, 3)` from a scale activity's "desired 4 → 3: …".
+fn scale_change(message: &str) -> Option<(u32, u32)> {
+    let (change, _) = message.strip_prefix("desired ")?.split_once(':')?;
+    let (from, to) = change.split_once(" → ")?;
+    Some((from.trim().parse().ok()?, to.trim().parse().ok()?))
 }
 
 #[test]

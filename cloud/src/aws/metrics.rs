@@ -5,7 +5,9 @@
 //! The spec names only the target group, so its load balancer is looked up
 //! once (`DescribeTargetGroups`) and cached. Dimensions are always sent
 //! sorted by name: CloudWatch does not care, moto's `GetMetricData` does.
+//! Reads that arrive together share one call ([`crate::metric_batch`]).
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,13 +21,15 @@ use super::errors::from_sdk;
 use super::limiter::Budget;
 use super::AwsCloud;
 use crate::error::CloudError;
+use crate::metric_batch::{AlbAnswer, AlbBatch, AlbQuery};
 use crate::metrics::{AlbMetric, Datapoint, Metrics};
 
 const NAMESPACE: &str = "AWS/ApplicationELB";
-const QUERY_ID: &str = "m0";
 
 #[async_trait]
 impl Metrics for AwsCloud {
+    /// Rides a `GetMetricData` shared with the reads of other clusters in
+    /// the region (see [`crate::metric_batch`]).
     async fn alb_sums(
         &self,
         target_group_arn: &str,
@@ -34,87 +38,14 @@ impl Metrics for AwsCloud {
         start: DateTime<Utc>,
         end: DateTime<Utc>,
     ) -> Result<Vec<Datapoint>, CloudError> {
-        let period_secs = validate_period(period)?;
-        if end <= start {
-            return Err(invalid(format!("empty time range {start} .. {end}")));
-        }
-        let target_group = target_group_dimension(target_group_arn)?;
-        let load_balancer = self.load_balancer_dimension(target_group_arn).await?;
-        // Whole periods: CloudWatch answers faster, and moto only matches
-        // aligned buckets.
-        let start_secs = start.timestamp() - start.timestamp().rem_euclid(i64::from(period_secs));
-        let query = MetricDataQuery::builder()
-            .id(QUERY_ID)
-            .return_data(true)
-            .metric_stat(
-                MetricStat::builder()
-                    .metric(
-                        Metric::builder()
-                            .namespace(NAMESPACE)
-                            .metric_name(metric.name())
-                            // Sorted by name.
-                            .dimensions(dimension("LoadBalancer", &load_balancer))
-                            .dimensions(dimension("TargetGroup", &target_group))
-                            .build(),
-                    )
-                    .period(period_secs)
-                    .stat("Sum")
-                    .build(),
-            )
-            .build();
-
-        let mut points = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            self.inner
-                .limiter
-                .request(Budget::CloudWatchGetMetricData)
-                .await;
-            let out = self
-                .inner
-                .cloudwatch
-                .get_metric_data()
-                .metric_data_queries(query.clone())
-                .start_time(SmithyTime::from_secs(start_secs))
-                .end_time(SmithyTime::from_secs(end.timestamp()))
-                .scan_by(ScanBy::TimestampAscending)
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| {
-                    from_sdk(
-                        "cloudwatch",
-                        || format!("{} of {target_group_arn}", metric.name()),
-                        e,
-                    )
-                })?;
-            for result in out.metric_data_results() {
-                if result.id() != Some(QUERY_ID) {
-                    continue;
-                }
-                if result.status_code() == Some(&StatusCode::Forbidden) {
-                    return Err(CloudError::Service {
-                        service: "cloudwatch",
-                        code: "Forbidden".into(),
-                        message: format!(
-                            "not allowed to read {} of {target_group_arn}",
-                            metric.name()
-                        ),
-                    });
-                }
-                for (t, v) in result.timestamps().iter().zip(result.values()) {
-                    if let Some(start) = DateTime::from_timestamp(t.secs(), t.subsec_nanos()) {
-                        points.push(Datapoint { start, value: *v });
-                    }
-                }
-            }
-            match out.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
-            }
-        }
-        points.sort_by_key(|p| p.start);
-        Ok(points)
+        let query = AlbQuery {
+            target_group_arn: target_group_arn.to_string(),
+            metric,
+            period,
+            start,
+            end,
+        };
+        self.inner.metric_batcher.alb_sums(self, query).await
     }
 
     async fn prometheus(&self, base_url: &str, query: &str) -> Result<Option<f64>, CloudError> {
@@ -127,7 +58,177 @@ impl Metrics for AwsCloud {
     }
 }
 
+#[async_trait]
+impl AlbBatch for AwsCloud {
+    /// One `GetMetricData` (a page at a time) for every valid query: the
+    /// time range is the union of theirs, each answer is cut back to its
+    /// own range. An invalid query is answered alone, without a call.
+    async fn alb_sums_batch(&self, queries: &[AlbQuery]) -> Vec<AlbAnswer> {
+        let mut answers: Vec<Option<AlbAnswer>> = queries.iter().map(|_| None).collect();
+        let mut asked = Vec::with_capacity(queries.len());
+        for (index, q) in queries.iter().enumerate() {
+            match self.metric_data_query(index, q).await {
+                Ok(a) => asked.push(a),
+                Err(e) => answers[index] = Some(Err(e)),
+            }
+        }
+        if !asked.is_empty() {
+            match self.get_metric_data(&asked).await {
+                Ok(mut by_index) => {
+                    for a in &asked {
+                        answers[a.index] = by_index.remove(&a.index);
+                    }
+                }
+                Err(e) => {
+                    for a in &asked {
+                        answers[a.index] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Ok(Vec::new())))
+            .collect()
+    }
+}
+
+/// One query of a batch, ready to send.
+struct Asked {
+    /// Position in the batch; the query id is `q<index>`.
+    index: usize,
+    query: MetricDataQuery,
+    /// `[start, end)` in seconds, start aligned down to the period.
+    start_secs: i64,
+    end_secs: i64,
+    /// "RequestCount of arn:…", for errors.
+    what: String,
+}
+
 impl AwsCloud {
+    async fn metric_data_query(&self, index: usize, q: &AlbQuery) -> Result<Asked, CloudError> {
+        let period_secs = validate_period(q.period)?;
+        if q.end <= q.start {
+            return Err(invalid(format!(
+                "empty time range {} .. {}",
+                q.start, q.end
+            )));
+        }
+        let target_group = target_group_dimension(&q.target_group_arn)?;
+        let load_balancer = self.load_balancer_dimension(&q.target_group_arn).await?;
+        // Whole periods: CloudWatch answers faster, and moto only matches
+        // aligned buckets.
+        let start = q.start.timestamp();
+        let start_secs = start - start.rem_euclid(i64::from(period_secs));
+        let query = MetricDataQuery::builder()
+            .id(format!("q{index}"))
+            .return_data(true)
+            .metric_stat(
+                MetricStat::builder()
+                    .metric(
+                        Metric::builder()
+                            .namespace(NAMESPACE)
+                            .metric_name(q.metric.name())
+                            // Sorted by name.
+                            .dimensions(dimension("LoadBalancer", &load_balancer))
+                            .dimensions(dimension("TargetGroup", &target_group))
+                            .build(),
+                    )
+                    .period(period_secs)
+                    .stat("Sum")
+                    .build(),
+            )
+            .build();
+        Ok(Asked {
+            index,
+            query,
+            start_secs,
+            end_secs: q.end.timestamp(),
+            what: format!("{} of {}", q.metric.name(), q.target_group_arn),
+        })
+    }
+
+    /// Sends `asked` (at most [`crate::metric_batch::MAX_QUERIES_PER_CALL`])
+    /// and sorts the datapoints back to their queries, oldest first.
+    async fn get_metric_data(
+        &self,
+        asked: &[Asked],
+    ) -> Result<HashMap<usize, AlbAnswer>, CloudError> {
+        let start = asked.iter().map(|a| a.start_secs).min().unwrap_or_default();
+        let end = asked.iter().map(|a| a.end_secs).max().unwrap_or_default();
+        let queries: Vec<MetricDataQuery> = asked.iter().map(|a| a.query.clone()).collect();
+        let describe = || match asked {
+            [one] => one.what.clone(),
+            many => format!("{} metric queries", many.len()),
+        };
+        let mut points: HashMap<usize, Vec<Datapoint>> = HashMap::new();
+        let mut forbidden: HashSet<usize> = HashSet::new();
+        let mut token: Option<String> = None;
+        loop {
+            self.inner
+                .limiter
+                .request(Budget::CloudWatchGetMetricData)
+                .await;
+            let out = self
+                .inner
+                .cloudwatch
+                .get_metric_data()
+                .set_metric_data_queries(Some(queries.clone()))
+                .start_time(SmithyTime::from_secs(start))
+                .end_time(SmithyTime::from_secs(end))
+                .scan_by(ScanBy::TimestampAscending)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| from_sdk("cloudwatch", describe, e))?;
+            for result in out.metric_data_results() {
+                let Some(index) = result
+                    .id()
+                    .and_then(|id| id.strip_prefix('q'))
+                    .and_then(|n| n.parse::<usize>().ok())
+                else {
+                    continue;
+                };
+                if result.status_code() == Some(&StatusCode::Forbidden) {
+                    forbidden.insert(index);
+                }
+                let mine = points.entry(index).or_default();
+                for (t, v) in result.timestamps().iter().zip(result.values()) {
+                    if let Some(start) = DateTime::from_timestamp(t.secs(), t.subsec_nanos()) {
+                        mine.push(Datapoint { start, value: *v });
+                    }
+                }
+            }
+            match out.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(asked
+            .iter()
+            .map(|a| {
+                let answer = if forbidden.contains(&a.index) {
+                    Err(CloudError::Service {
+                        service: "cloudwatch",
+                        code: "Forbidden".into(),
+                        message: format!("not allowed to read {}", a.what),
+                    })
+                } else {
+                    // The shared range is wider than this query's own.
+                    let mut mine: Vec<Datapoint> = points
+                        .remove(&a.index)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|p| (a.start_secs..a.end_secs).contains(&p.start.timestamp()))
+                        .collect();
+                    mine.sort_by_key(|p| p.start);
+                    Ok(mine)
+                };
+                (a.index, answer)
+            })
+            .collect())
+    }
+
     /// `app/<name>/<id>` of the load balancer in front of the target group.
     async fn load_balancer_dimension(&self, target_group_arn: &str) -> Result<String, CloudError> {
         if let Some(hit) = self.lock_lb_cache().get(target_group_arn) {

@@ -217,6 +217,7 @@ impl AwsCloudBuilder {
                 https,
                 prometheus,
                 load_balancer_of: Mutex::new(HashMap::new()),
+                metric_batcher: Arc::default(),
             }),
         })
     }
@@ -242,6 +243,8 @@ struct Inner {
     /// Target group ARN → CloudWatch `LoadBalancer` dimension value. A
     /// target group's load balancer changes rarely enough to cache forever.
     load_balancer_of: Mutex<HashMap<String, String>>,
+    /// ALB metric reads of this region, sharing `GetMetricData` calls.
+    metric_batcher: Arc<crate::metric_batch::MetricBatcher>,
 }
 
 impl std::fmt::Debug for AwsCloud {

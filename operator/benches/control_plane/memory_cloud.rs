@@ -17,10 +17,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hangar::reconcile::CloudProvider;
+use hangar_cloud::metric_batch::AlbAnswer;
 use hangar_cloud::{
-    tags, AlbMetric, ApiCalls, Artifacts, Cloud, CloudError, Compute, Datapoint, Instance,
-    InstanceState, LaunchRequest, LoadBalancer, Metrics, Phase, TargetHealth, TargetState,
-    VerifiedArtifact,
+    tags, AlbBatch, AlbMetric, AlbQuery, ApiCalls, Artifacts, Cloud, CloudError, Compute,
+    Datapoint, Instance, InstanceState, LaunchRequest, LoadBalancer, MetricBatcher, Metrics, Phase,
+    TargetHealth, TargetState, VerifiedArtifact,
 };
 use hangar_crds::ArtifactSource;
 
@@ -48,6 +49,7 @@ pub struct MemoryCloud {
     /// Requests per minute each registered target receives (the traffic).
     per_target_rpm: f64,
     pub calls: Arc<ApiCalls>,
+    metric_batcher: Arc<MetricBatcher>,
 }
 
 impl MemoryCloud {
@@ -57,6 +59,7 @@ impl MemoryCloud {
             account: Mutex::default(),
             per_target_rpm,
             calls: Arc::new(ApiCalls::default()),
+            metric_batcher: Arc::default(),
         })
     }
 
@@ -69,7 +72,7 @@ impl MemoryCloud {
         Cloud {
             compute: self.clone(),
             load_balancer: self.clone(),
-            metrics: self.clone(),
+            metrics: Arc::new(MemoryMetrics(self.clone())),
             artifacts: self.clone(),
         }
     }
@@ -286,11 +289,19 @@ impl LoadBalancer for MemoryCloud {
     }
 }
 
+/// How long a `GetMetricData` takes here: a fast real one (CloudWatch
+/// answers in tens of milliseconds). Answered instantly, no two reads would
+/// ever be in flight together and the batching under test would never act.
+const GET_METRIC_DATA_LATENCY: Duration = Duration::from_millis(20);
+
+/// The metrics side of a [`MemoryCloud`]: reads go through the same
+/// [`MetricBatcher`] the AWS implementation uses, so concurrent evaluations
+/// share `GetMetricData` calls here as they do there.
+#[derive(Clone)]
+struct MemoryMetrics(Arc<MemoryCloud>);
+
 #[async_trait]
-impl Metrics for MemoryCloud {
-    /// One GetMetricData page per call (5 periods fit easily); the first
-    /// call per target group also costs the DescribeTargetGroups the AWS
-    /// implementation makes to find the load balancer dimension.
+impl Metrics for MemoryMetrics {
     async fn alb_sums(
         &self,
         target_group_arn: &str,
@@ -299,37 +310,63 @@ impl Metrics for MemoryCloud {
         start: DateTime<Utc>,
         end: DateTime<Utc>,
     ) -> Result<Vec<Datapoint>, CloudError> {
+        let query = AlbQuery {
+            target_group_arn: target_group_arn.to_string(),
+            metric,
+            period,
+            start,
+            end,
+        };
+        self.0.metric_batcher.alb_sums(self, query).await
+    }
+
+    async fn prometheus(&self, _: &str, _: &str) -> Result<Option<f64>, CloudError> {
+        self.0.calls.record("prometheus", "query", true);
+        Ok(None)
+    }
+}
+
+#[async_trait]
+impl AlbBatch for MemoryMetrics {
+    /// One GetMetricData call per batch (a page: 5 periods of 500 queries
+    /// fit easily); the first read of a target group also costs the
+    /// DescribeTargetGroups the AWS implementation makes to find the load
+    /// balancer dimension.
+    async fn alb_sums_batch(&self, queries: &[AlbQuery]) -> Vec<AlbAnswer> {
+        self.0.calls.record("cloudwatch", "GetMetricData", true);
+        tokio::time::sleep(GET_METRIC_DATA_LATENCY).await;
+        queries.iter().map(|q| Ok(self.0.sums(q))).collect()
+    }
+}
+
+impl MemoryCloud {
+    /// A constant rate per registered target.
+    fn sums(&self, q: &AlbQuery) -> Vec<Datapoint> {
         let targets = {
             let mut acc = self.account();
-            if acc.described_groups.insert(target_group_arn.to_string()) {
+            if acc.described_groups.insert(q.target_group_arn.clone()) {
                 self.calls.record("elbv2", "DescribeTargetGroups", true);
             }
             acc.target_groups
-                .get(target_group_arn)
+                .get(&q.target_group_arn)
                 .map_or(0, |g| g.len())
         };
-        self.calls.record("cloudwatch", "GetMetricData", true);
-        let secs = period.as_secs().max(1) as i64;
+        let secs = q.period.as_secs().max(1) as i64;
         let per_period = self.per_target_rpm * secs as f64 / 60.0;
-        let value = match metric {
+        let value = match q.metric {
             AlbMetric::RequestCountPerTarget => per_period,
             AlbMetric::RequestCount => per_period * targets as f64,
             AlbMetric::Target5xxCount => 0.0,
         };
-        let mut t = start.timestamp() - start.timestamp().rem_euclid(secs);
+        let mut t = q.start.timestamp() - q.start.timestamp().rem_euclid(secs);
         let mut points = Vec::new();
-        while t < end.timestamp() {
+        while t < q.end.timestamp() {
             if let Some(start) = DateTime::from_timestamp(t, 0) {
                 points.push(Datapoint { start, value });
             }
             t += secs;
         }
-        Ok(points)
-    }
-
-    async fn prometheus(&self, _: &str, _: &str) -> Result<Option<f64>, CloudError> {
-        self.calls.record("prometheus", "query", true);
-        Ok(None)
+        points
     }
 }
 

@@ -230,6 +230,29 @@ fn schedule_overrides_the_window() {
 }
 
 #[test]
+fn between_evaluations_the_decision_holds_and_only_the_window_moves_it() {
+    let s = spec(&format!(
+        "{AUTOSCALING}  schedules:
+    - {{ name: night, cron: \"0 22 * * *\", until: \"0 7 * * *\", timezone: Europe/Dublin, capacity: {{ min: 1, max: 3 }} }}
+"
+    ));
+    let tz: chrono_tz::Tz = "Europe/Dublin".parse().unwrap();
+    let day = local_time(tz, 2026, 11, 23, 21, 0).unwrap();
+    let d = hold(&s, day, 5);
+    assert_eq!((d.desired, d.recommendation), (5, None));
+    assert!(d.reason.contains("hold 5"), "{}", d.reason);
+
+    let night = local_time(tz, 2026, 11, 23, 22, 0).unwrap();
+    let d = hold(&s, night, 5);
+    assert_eq!(d.desired, 3);
+    assert!(
+        d.reason.contains("night schedule active: max 3"),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
 fn schedule_follows_local_time_across_dst() {
     let s = spec(
         "  schedules:
