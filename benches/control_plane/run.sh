@@ -4,7 +4,7 @@
 # cloud that counts every API call (operator/benches/control_plane/).
 # Prints each run's report, then one summary table.
 #
-#   benches/control_plane/run.sh            # the full set (~4 minutes)
+#   benches/control_plane/run.sh            # the full set (~3 minutes)
 #   benches/control_plane/run.sh --quick    # 100 and 10,000 only, no extras
 #
 # Each fleet runs in its own process, so each peak RSS is its own. Every

@@ -141,14 +141,15 @@ fn nodes_dying_behind_hangars_back_are_replaced_and_the_lb_stops_routing_to_them
 
     // 2. A node dies while it is being provisioned.
     s.write_spec(&base.clone().with_capacity(3, 3));
-    let young = eventually(Duration::from_secs(60), "a node coming up", || {
-        s.status("web")?
-            .nodes
-            .into_iter()
-            .find(|n| n.phase != "in-service")
-            .map(|n| n.id)
-    })
-    .expect("caught in time");
+    let young = s
+        .wait_status("web", "a node coming up", Duration::from_secs(60), |st| {
+            st.nodes.iter().any(|n| n.phase != "in-service")
+        })
+        .nodes
+        .into_iter()
+        .find(|n| n.phase != "in-service")
+        .map(|n| n.id)
+        .expect("the node the status showed");
     s.watcher.killed_by_test(&young);
     s.cloud.terminate(&[young.as_str()]).expect("terminate");
     s.wait_status("web", "3 in service", Duration::from_secs(120), |st| {
@@ -157,14 +158,15 @@ fn nodes_dying_behind_hangars_back_are_replaced_and_the_lb_stops_routing_to_them
 
     // 3. A node dies while it drains.
     s.write_spec(&base.clone().with_capacity(2, 2));
-    let draining = eventually(Duration::from_secs(60), "a node draining", || {
-        s.status("web")?
-            .nodes
-            .into_iter()
-            .find(|n| n.phase == "draining")
-            .map(|n| n.id)
-    })
-    .expect("caught in time");
+    let draining = s
+        .wait_status("web", "a node draining", Duration::from_secs(60), |st| {
+            st.nodes.iter().any(|n| n.phase == "draining")
+        })
+        .nodes
+        .into_iter()
+        .find(|n| n.phase == "draining")
+        .map(|n| n.id)
+        .expect("the node the status showed");
     s.watcher.killed_by_test(&draining);
     s.cloud.terminate(&[draining.as_str()]).expect("terminate");
     s.wait_status("web", "back to 2", Duration::from_secs(120), |st| {
