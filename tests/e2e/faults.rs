@@ -3,10 +3,12 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use hangar_cloud::Phase;
 use hangar_local::artifact::ReleaseKind;
 use hangar_local::eventually;
 use hangar_local::faults::{Fault, Rule, Service};
 
+use crate::support::operator::log_tail;
 use crate::support::{seed, settled_on, Scenario};
 
 /// Sum of a Prometheus counter family's samples.
@@ -158,15 +160,15 @@ fn nodes_dying_behind_hangars_back_are_replaced_and_the_lb_stops_routing_to_them
 
     // 3. A node dies while it drains.
     s.write_spec(&base.clone().with_capacity(2, 2));
-    let draining = s
-        .wait_status("web", "a node draining", Duration::from_secs(60), |st| {
-            st.nodes.iter().any(|n| n.phase == "draining")
-        })
-        .nodes
-        .into_iter()
-        .find(|n| n.phase == "draining")
-        .map(|n| n.id)
-        .expect("the node the status showed");
+    // Watched on the instance's phase tag, not in the status: a drain
+    // (3 s of hook) can start and end between two reconcile passes.
+    let draining = eventually(Duration::from_secs(60), "a node draining", || {
+        s.instances("web")
+            .into_iter()
+            .find(|i| i.phase == Some(Phase::Draining))
+            .map(|i| i.id)
+    })
+    .unwrap_or_else(|e| panic!("{e:?}\noperator log:\n{}", log_tail(&s.log, 60)));
     s.watcher.killed_by_test(&draining);
     s.cloud.terminate(&[draining.as_str()]).expect("terminate");
     s.wait_status("web", "back to 2", Duration::from_secs(120), |st| {
