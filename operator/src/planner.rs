@@ -13,7 +13,7 @@
 //!    scale-up window, down to the *highest* seen within the scale-down window
 //!    (so a brief dip never sheds nodes);
 //! 4. at most `maxStep` nodes per evaluation in either direction (between
-//!    evaluations [`hold`] keeps the decision, moved only by the window);
+//!    evaluations [`for_pass`] holds the decision, moved only by the window);
 //! 5. clamped to the effective window, which always wins.
 //!
 //! A missing or stale metric holds the current count (never scale down on
@@ -194,11 +194,49 @@ pub fn plan(
     finish(window, wanted, current, recommendation, reason)
 }
 
+/// What a reconcile pass knows when it asks for a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pass {
+    /// The decision in force, made by this process; `None` on its first
+    /// pass, when a decision loaded from disk may predate a crash (nodes
+    /// launched, the new count not yet saved).
+    pub standing: Option<u32>,
+    /// Nodes that count toward capacity now (launching through in-service).
+    pub counted: u32,
+    /// An `evaluationInterval` has passed since the last evaluation.
+    pub evaluation_due: bool,
+}
+
+impl Pass {
+    /// Whether this pass runs the planner (rather than [`hold`]).
+    pub fn evaluates(&self, spec: &ClusterSpec) -> bool {
+        self.standing.is_none() || self.evaluation_due || spec.autoscaling.is_none()
+    }
+}
+
+/// The decision of one reconcile pass. Reconcile runs on every node event,
+/// not only on evaluation ticks: re-planning on each would apply `maxStep`
+/// again to the same reading (4 → 3 → 2 within a second instead of one
+/// step per `evaluationInterval`), so between evaluations the decision
+/// holds. The planner starts from the standing decision, not the nodes
+/// counted: a node that died is replaced, not voted away.
+pub fn for_pass(
+    spec: &ClusterSpec,
+    now: DateTime<Utc>,
+    pass: &Pass,
+    metric: Option<Observation>,
+    history: &History,
+) -> Decision {
+    let current = pass.standing.unwrap_or(pass.counted);
+    if pass.evaluates(spec) {
+        plan(spec, now, current, metric, history)
+    } else {
+        hold(spec, now, current)
+    }
+}
+
 /// What a pass between two evaluations decides: `desired` stands, moved
-/// only by the capacity window. Reconcile runs on every node event, not
-/// just on evaluation ticks; re-planning there would apply `maxStep` again
-/// to the same reading (4 → 3 → 2 within a second instead of one step per
-/// `evaluationInterval`).
+/// only by the capacity window.
 pub fn hold(spec: &ClusterSpec, now: DateTime<Utc>, desired: u32) -> Decision {
     let window = effective_capacity(spec, now);
     let reason = format!("until the next evaluation: hold {desired}");

@@ -432,10 +432,7 @@ impl Operator {
             .autoscaling
             .as_ref()
             .map_or(ERRORS_EVALUATION_INTERVAL, |a| a.evaluation_interval.get());
-        // A status loaded at start may predate the crash that ended the last
-        // process (nodes launched, the new decision not yet saved): this
-        // process's first pass plans from what runs, later passes from the
-        // standing decision.
+        // See `planner::Pass::standing`.
         let continuing = before.is_some() && self.serving_counted(&name);
         let serving_changed_at = self.serving_changed_at(&name, serving.len() as u32, now);
         let eval_due = status.last_eval_at.is_none_or(|t| {
@@ -464,17 +461,13 @@ impl Operator {
             }
         }
         let metric: Option<Observation> = status.last_metric;
-        // The planner's "current" is the standing decision, not the nodes
-        // counted now: a node that died is replaced rather than voted away
-        // by the next evaluation.
-        let evaluated = !continuing || eval_due || spec.autoscaling.is_none();
-        let decision = if !continuing {
-            planner::plan(spec, now, counted, metric, &status.history)
-        } else if evaluated {
-            planner::plan(spec, now, status.desired, metric, &status.history)
-        } else {
-            planner::hold(spec, now, status.desired)
+        let pass = planner::Pass {
+            standing: continuing.then_some(status.desired),
+            counted,
+            evaluation_due: eval_due,
         };
+        let evaluated = pass.evaluates(spec);
+        let decision = planner::for_pass(spec, now, &pass, metric, &status.history);
         if eval_due {
             if let Some(rec) = decision.recommendation {
                 status.history.record(rec, spec);

@@ -252,6 +252,76 @@ fn between_evaluations_the_decision_holds_and_only_the_window_moves_it() {
     );
 }
 
+/// Scale-in by one per evaluation, acting at once (no stabilization).
+fn scale_in_one_at_a_time() -> ClusterSpec {
+    spec(&format!(
+        "{AUTOSCALING}    scaleDown: {{ stabilization: 0s, maxStep: 1 }}
+"
+    ))
+}
+
+#[test]
+fn a_pass_between_evaluations_never_steps_again_on_the_same_reading() {
+    let s = scale_in_one_at_a_time();
+    let quiet = obs(500.0, t0()); // one node's worth; min is 2
+    let h = History::default();
+    let evaluation = |standing, at| Pass {
+        standing: Some(standing),
+        counted: standing,
+        evaluation_due: at,
+    };
+    let d = for_pass(&s, t0(), &evaluation(4, true), quiet, &h);
+    assert_eq!(d.desired, 3, "{}", d.reason);
+
+    // 100 ms later a node event (the drain started) triggers a pass: the
+    // reading is the same, no evaluation is due, nothing moves.
+    let soon = t0() + Duration::milliseconds(100);
+    let d = for_pass(&s, soon, &evaluation(3, false), quiet, &h);
+    assert_eq!(d.desired, 3, "{}", d.reason);
+    assert!(
+        d.reason.contains("until the next evaluation"),
+        "{}",
+        d.reason
+    );
+    assert_eq!(d.recommendation, None);
+
+    // The next evaluation takes the next step.
+    let later = t0() + Duration::seconds(15);
+    let d = for_pass(&s, later, &evaluation(3, true), obs(500.0, later), &h);
+    assert_eq!(d.desired, 2, "{}", d.reason);
+}
+
+#[test]
+fn a_node_that_died_is_replaced_not_voted_away() {
+    let s = spec(AUTOSCALING);
+    // 4 nodes' worth of traffic; one of the 4 died, 3 are counted.
+    let pass = Pass {
+        standing: Some(4),
+        counted: 3,
+        evaluation_due: true,
+    };
+    let d = for_pass(&s, t0(), &pass, obs(3900.0, t0()), &History::default());
+    assert_eq!(d.desired, 4, "{}", d.reason);
+    // With the metric missing the standing decision holds too.
+    let d = for_pass(&s, t0(), &pass, None, &History::default());
+    assert_eq!(d.desired, 4, "{}", d.reason);
+}
+
+#[test]
+fn the_first_pass_of_a_process_plans_from_what_runs() {
+    let s = spec(AUTOSCALING);
+    // Restarted after launching to 6 but before saving the decision: the
+    // metric is missing, so the count that runs is held.
+    let pass = Pass {
+        standing: None,
+        counted: 6,
+        evaluation_due: false,
+    };
+    assert!(pass.evaluates(&s));
+    let d = for_pass(&s, t0(), &pass, None, &History::default());
+    assert_eq!(d.desired, 6, "{}", d.reason);
+}
+
 #[test]
 fn schedule_follows_local_time_across_dst() {
     let s = spec(
