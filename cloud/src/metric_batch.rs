@@ -39,6 +39,25 @@ pub struct AlbQuery {
     pub end: DateTime<Utc>,
 }
 
+impl AlbQuery {
+    /// The query of one [`crate::Metrics::alb_sums`] call, in its argument order.
+    pub fn new(
+        target_group_arn: &str,
+        metric: AlbMetric,
+        period: Duration,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> AlbQuery {
+        AlbQuery {
+            target_group_arn: target_group_arn.to_string(),
+            metric,
+            period,
+            start,
+            end,
+        }
+    }
+}
+
 pub type AlbAnswer = Result<Vec<Datapoint>, CloudError>;
 
 /// A cloud that answers many ALB queries with one call.

@@ -310,13 +310,7 @@ impl Metrics for MemoryMetrics {
         start: DateTime<Utc>,
         end: DateTime<Utc>,
     ) -> Result<Vec<Datapoint>, CloudError> {
-        let query = AlbQuery {
-            target_group_arn: target_group_arn.to_string(),
-            metric,
-            period,
-            start,
-            end,
-        };
+        let query = AlbQuery::new(target_group_arn, metric, period, start, end);
         self.0.metric_batcher.alb_sums(self, query).await
     }
 
