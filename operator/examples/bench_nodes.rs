@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hangar::release::{self, Artifact, ReleaseConfig};
-use hangar::runbook::{self, Facts, Runbook};
-use hangar::ssh::{Credentials, HostKeyVerifier, Redactor, SshPool, SshSettings, Target};
+use hangar::effects::release::{self, Artifact, ReleaseConfig};
+use hangar::effects::runbook::{self, Facts, Runbook};
+use hangar::effects::ssh::{Credentials, HostKeyVerifier, Redactor, SshPool, SshSettings, Target};
 use hangar_local::node::{ClientKey, TestNode};
 use sha2::{Digest, Sha256};
 

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hangar::release::{self, Artifact, ReleaseConfig, ReleaseError};
-use hangar::runbook::{self, Facts, Outcome, Runbook};
-use hangar::ssh::{
+use hangar::effects::release::{self, Artifact, ReleaseConfig, ReleaseError};
+use hangar::effects::runbook::{self, Facts, Outcome, Runbook};
+use hangar::effects::ssh::{
     Credentials, HostKeyError, HostKeyVerifier, Redactor, SshError, SshPool, SshSettings, Target,
 };
 use hangar_local::node::{ClientKey, TestNode};
@@ -130,7 +130,7 @@ fn release_config(keep: u32) -> ReleaseConfig {
 
 /// GET from the node's HTTP server: (status, body, X-Release).
 async fn http_get(node: &TestNode, path: &str) -> (u16, String, String) {
-    let client = hangar::health::client().unwrap();
+    let client = hangar::effects::health::client().unwrap();
     let resp = client
         .get(format!("http://{}:80{path}", node.ip()))
         .timeout(Duration::from_secs(5))
@@ -645,14 +645,14 @@ async fn commands_have_timeouts_capped_output_and_a_node_cap() {
         .run("head -c 5000 /dev/zero; echo err >&2; exit 4")
         .await
         .unwrap();
-    assert_eq!(out.status, hangar::ssh::ExitStatus::Code(4));
+    assert_eq!(out.status, hangar::effects::ssh::ExitStatus::Code(4));
     assert_eq!((out.stdout.len(), out.stdout_dropped), (1000, 4000));
     assert_eq!(out.stderr, b"err\n");
     let started = Instant::now();
     let err = session
         .exec(
             "sleep 30",
-            hangar::ssh::Stdin::Null,
+            hangar::effects::ssh::Stdin::Null,
             Duration::from_millis(300),
         )
         .await
@@ -777,7 +777,7 @@ steps:
     });
     let logs = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
     assert!(logs.contains("runbook"), "logs were captured: {logs}");
-    assert!(seen.contains(hangar::ssh::MASK), "{seen}");
+    assert!(seen.contains(hangar::effects::ssh::MASK), "{seen}");
     for secret in [SECRET, ENV_SECRET] {
         assert!(!seen.contains(secret), "secret in errors/reports:\n{seen}");
         assert!(!logs.contains(secret), "secret in logs:\n{logs}");

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use hangar::status::ConditionType;
+use hangar::runtime::status::ConditionType;
 
 use crate::support::{settled_on, Scenario};
 
@@ -93,7 +93,7 @@ fn a_broken_spec_is_reported_while_other_clusters_keep_reconciling() {
         "broken",
         "the fixed spec reconciled",
         Duration::from_secs(60),
-        |st| st.desired == 0,
+        |st| st.memory.desired == 0,
     );
     assert!(s.operator().problems().expect("problems").is_empty());
 

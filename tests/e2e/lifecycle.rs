@@ -16,9 +16,9 @@ fn cold_start_brings_min_nodes_into_service_registering_none_before_its_health_c
         Duration::from_secs(120),
         |st| settled_on(st, 2, "v1"),
     );
-    assert_eq!(status.desired, 2);
+    assert_eq!(status.memory.desired, 2);
     assert!(status
-        .condition(hangar::status::ConditionType::Ready)
+        .condition(hangar::runtime::status::ConditionType::Ready)
         .is_some_and(|c| c.status));
 
     // Both nodes serve real traffic through the load balancer.
@@ -66,7 +66,7 @@ fn cold_start_brings_min_nodes_into_service_registering_none_before_its_health_c
         2,
         "no launch after restart"
     );
-    let ids = |st: &hangar::status::ClusterStatus| {
+    let ids = |st: &hangar::runtime::status::ClusterStatus| {
         st.nodes.iter().map(|n| n.id.clone()).collect::<Vec<_>>()
     };
     assert_eq!(ids(&after), ids(&status));

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use hangar::status::ConditionType;
+use hangar::runtime::status::ConditionType;
 use hangar_local::artifact::ReleaseKind;
 
 use crate::support::{settled_on, Scenario};
@@ -39,7 +39,7 @@ fn a_rolling_release_under_steady_load_drops_no_request() {
         report.by_release.contains_key("v1") && report.by_release.contains_key("v2"),
         "{report:?}"
     );
-    assert_eq!(st.release.target, "v2");
+    assert_eq!(st.memory.release.target, "v2");
     assert_eq!(
         s.watcher.report().launched.len(),
         3,
@@ -68,9 +68,9 @@ fn a_release_failing_its_health_check_halts_and_its_node_goes_back() {
         },
     );
     assert!(
-        st.release.failed.contains(&"v2-bad".to_string()),
+        st.memory.release.failed.contains(&"v2-bad".to_string()),
         "{:?}",
-        st.release
+        st.memory.release
     );
     // The node that tried it is back on v1 and serving; nobody else moved.
     let st = s.wait_status(
@@ -79,7 +79,7 @@ fn a_release_failing_its_health_check_halts_and_its_node_goes_back() {
         Duration::from_secs(120),
         |st| settled_on(st, 3, "v1"),
     );
-    assert_eq!(st.release.target, "v1");
+    assert_eq!(st.memory.release.target, "v1");
     std::thread::sleep(Duration::from_secs(5));
     let st = s.status("web").expect("status");
     assert!(
@@ -115,7 +115,7 @@ fn a_release_raising_5xx_is_rolled_back_automatically() {
         "web",
         "auto-rollback to v1",
         Duration::from_secs(180),
-        |st| st.release.failed.contains(&"v2-5xx".to_string()) && settled_on(st, 3, "v1"),
+        |st| st.memory.release.failed.contains(&"v2-5xx".to_string()) && settled_on(st, 3, "v1"),
     );
     assert!(
         st.activities

@@ -34,7 +34,7 @@ fn scales_out_on_traffic_and_back_in_draining_each_node_before_termination() {
     // nodes joined (averaged over fewer nodes) must not push it higher.
     std::thread::sleep(Duration::from_secs(12));
     let st = s.status("web").expect("status");
-    assert_eq!(st.desired, 4, "{:?}", st.last_decision);
+    assert_eq!(st.memory.desired, 4, "{:?}", st.memory.last_decision);
     let heavy = heavy.stop();
     assert_eq!(
         heavy.errors, 0,
@@ -124,7 +124,7 @@ fn capacity_follows_the_schedule_window() {
         Duration::from_secs(120),
         |st| settled_on(st, 3, "v1"),
     );
-    let w = st.window.expect("window");
+    let w = st.memory.window.expect("window");
     assert_eq!((w.min, w.max, w.schedule.as_deref()), (3, 4, Some("peak")));
 
     s.write_spec(&base.clone().set(
@@ -137,8 +137,12 @@ fn capacity_follows_the_schedule_window() {
         Duration::from_secs(120),
         |st| settled_on(st, 1, "v1"),
     );
-    assert_eq!(st.window.and_then(|w| w.schedule).as_deref(), Some("night"));
+    assert_eq!(
+        st.memory.window.and_then(|w| w.schedule).as_deref(),
+        Some("night")
+    );
     assert!(st
+        .memory
         .last_decision
         .is_some_and(|d| d.reason.contains("night schedule active")));
 

@@ -30,12 +30,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use hangar::controller::{Reconciler, TriggerSender};
-use hangar::http::Board;
-use hangar::reconcile::{LoopSettings, Operator};
-use hangar::specs::SpecSet;
-use hangar::status::StatusStore;
-use hangar::telemetry::Telemetry;
+use hangar::runtime::controller::{Reconciler, TriggerSender};
+use hangar::runtime::http::Board;
+use hangar::runtime::reconcile::{LoopSettings, Operator};
+use hangar::runtime::specs::SpecSet;
+use hangar::runtime::status::StatusStore;
+use hangar::runtime::telemetry::Telemetry;
 use hangar_cloud::{ApiCalls, Compute, LoadBalancer};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -651,7 +651,7 @@ async fn sustained(
     measure: Duration,
     concurrency: usize,
 ) -> Result<SustainedReport, BoxError> {
-    let settings = hangar::settings::Settings {
+    let settings = hangar::runtime::settings::Settings {
         specs: spec_dir.to_path_buf(),
         state_dir: root.join("state-runtime"),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),

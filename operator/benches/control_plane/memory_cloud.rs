@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use hangar::reconcile::CloudProvider;
+use hangar::runtime::reconcile::CloudProvider;
 use hangar_cloud::metric_batch::AlbAnswer;
 use hangar_cloud::{
     tags, AlbBatch, AlbMetric, AlbQuery, ApiCalls, Artifacts, Cloud, CloudError, Compute,

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use chrono::{Duration, Utc};
-use hangar::specs::SpecSet;
+use hangar::runtime::specs::SpecSet;
 use hangar_cloud::{tags, Instance, InstanceState, Phase};
 
 use crate::memory_cloud::MemoryCloud;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hangar::settings::{Overrides, Settings};
+use hangar::runtime::settings::{Overrides, Settings};
 
 #[derive(Debug, Parser)]
 #[command(

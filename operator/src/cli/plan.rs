@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use clap::Args;
-use hangar::planner::{effective_capacity, plan, History, Observation};
+use hangar::core::planner::{effective_capacity, plan, History, Reading};
 use hangar_crds::load::load_dir;
 use serde::Serialize;
 
@@ -84,7 +84,7 @@ pub fn run(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
                 .get(c.name())
                 .copied()
                 .unwrap_or_else(|| effective_capacity(spec, now).min);
-            let metric = metrics.get(c.name()).map(|&rate| Observation {
+            let metric = metrics.get(c.name()).map(|&rate| Reading {
                 requests_per_minute: rate,
                 observed_at: now,
             });
@@ -133,25 +133,26 @@ pub fn run(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
 /// now. Only reads — listing instances, reading metrics — never a change.
 fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
     let settings = args.settings.load(global)?;
-    let set = hangar::specs::SpecSet::load(&settings.specs).with_context(|| "loading specs")?;
+    let set =
+        hangar::runtime::specs::SpecSet::load(&settings.specs).with_context(|| "loading specs")?;
     let problems = set.problems.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let previews = runtime.block_on(async {
-        let clouds = hangar::clouds::aws(&settings.owner, &settings.state_dir);
-        let (triggers, _rx) = hangar::controller::TriggerSender::channel();
+        let clouds = hangar::runtime::clouds::aws(&settings.owner, &settings.state_dir);
+        let (triggers, _rx) = hangar::runtime::controller::TriggerSender::channel();
         // Read-only: statuses are read from the state dir, never written.
-        let store = hangar::status::StatusStore::read_only(&settings.state_dir);
-        let operator = hangar::reconcile::Operator::new(
-            hangar::reconcile::LoopSettings::new(
+        let store = hangar::runtime::status::StatusStore::read_only(&settings.state_dir);
+        let operator = hangar::runtime::reconcile::Operator::new(
+            hangar::runtime::reconcile::LoopSettings::new(
                 settings.state_dir.clone(),
                 settings.owner.clone(),
             ),
             clouds,
             store,
-            std::sync::Arc::new(hangar::http::Board::default()),
-            hangar::telemetry::Telemetry::new(),
+            std::sync::Arc::new(hangar::runtime::http::Board::default()),
+            hangar::runtime::telemetry::Telemetry::new(),
             triggers,
         );
         let names: Vec<String> = set.clusters.keys().cloned().collect();
@@ -172,6 +173,7 @@ fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode
             for p in &previews {
                 let s = &p.status;
                 let window = s
+                    .memory
                     .window
                     .as_ref()
                     .map(|w| format!("[{}, {}]", w.min, w.max))
@@ -187,7 +189,7 @@ fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode
                         phases.join(", ")
                     }
                 );
-                if let Some(d) = &s.last_decision {
+                if let Some(d) = &s.memory.last_decision {
                     println!("  desired {}: {}", d.desired, d.reason);
                 }
                 if p.diff.actions.is_empty() {
@@ -195,13 +197,13 @@ fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode
                 }
                 for a in &p.diff.actions {
                     match a {
-                        hangar::fleet::Action::Launch { subnet, count } => {
+                        hangar::core::fleet::Action::Launch { subnet, count } => {
                             println!("  would launch {count} in {subnet}")
                         }
-                        hangar::fleet::Action::Start { node, task } => {
+                        hangar::core::fleet::Action::Start { node, task } => {
                             println!("  would start {} on {node}", task.name())
                         }
-                        hangar::fleet::Action::Cancel { node, reason } => {
+                        hangar::core::fleet::Action::Cancel { node, reason } => {
                             println!("  would cancel the task on {node} ({reason})")
                         }
                     }

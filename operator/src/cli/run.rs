@@ -22,7 +22,7 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        let clouds = hangar::clouds::aws(&settings.owner, &settings.state_dir);
+        let clouds = hangar::runtime::clouds::aws(&settings.owner, &settings.state_dir);
         hangar::runtime::run(settings, None, clouds.clone(), Some(clouds), shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use hangar::http::ProblemView;
-use hangar::status::{ClusterStatus, ConditionType};
+use hangar::runtime::http::ProblemView;
+use hangar::runtime::status::{ClusterStatus, ConditionType};
 
 use super::{Global, Output, SettingsFlags};
 
@@ -90,7 +90,7 @@ fn ready(c: &ClusterStatus) -> String {
     format!(
         "{}/{}",
         c.phases.get("in-service").copied().unwrap_or(0),
-        c.desired
+        c.memory.desired
     )
 }
 
@@ -106,7 +106,7 @@ fn phases(c: &ClusterStatus) -> String {
 }
 
 fn release(c: &ClusterStatus) -> String {
-    let r = &c.release;
+    let r = &c.memory.release;
     if r.rolling_back_from.is_some() {
         format!(
             "{} ← {} (rolling back)",
@@ -156,7 +156,7 @@ fn table(list: &[ClusterStatus]) -> String {
     let rows: Vec<[String; 6]> = list
         .iter()
         .map(|c| {
-            let window = match &c.window {
+            let window = match &c.memory.window {
                 Some(w) => match &w.schedule {
                     Some(s) => format!("[{},{}] {s}", w.min, w.max),
                     None => format!("[{},{}]", w.min, w.max),
@@ -211,7 +211,7 @@ fn detail(c: &ClusterStatus) -> String {
         ));
     }
     out.push_str(&format!("  ready:    {} in service\n", ready(c)));
-    if let Some(w) = &c.window {
+    if let Some(w) = &c.memory.window {
         out.push_str(&format!(
             "  window:   [{}, {}]{}\n",
             w.min,
@@ -222,7 +222,7 @@ fn detail(c: &ClusterStatus) -> String {
                 .unwrap_or_default()
         ));
     }
-    if let Some(d) = &c.last_decision {
+    if let Some(d) = &c.memory.last_decision {
         out.push_str(&format!("  decision: {}\n", d.reason));
     }
     out.push_str(&format!("  release:  {}\n", release(c)));
@@ -277,12 +277,12 @@ mod tests {
     #[test]
     fn the_table_is_aligned_and_says_what_matters() {
         let mut c = ClusterStatus::new("web");
-        c.desired = 3;
+        c.memory.desired = 3;
         c.phases.insert("in-service".into(), 2);
         c.phases.insert("provisioning".into(), 1);
-        c.release.target = "v2".into();
-        c.release.desired = "v2".into();
-        c.release.outdated = 1;
+        c.memory.release.target = "v2".into();
+        c.memory.release.desired = "v2".into();
+        c.memory.release.outdated = 1;
         let t = table(&[c]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("CLUSTER  READY"));

@@ -9,7 +9,7 @@ pub mod watcher;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use hangar::status::ClusterStatus;
+use hangar::runtime::status::ClusterStatus;
 use hangar_cloud::aws::AwsCloud;
 use hangar_cloud::{Compute, Instance, InstanceState};
 use hangar_local::faults::FaultProxy;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use hangar::status::ClusterStatus;
+use hangar::runtime::status::ClusterStatus;
 
 pub struct OperatorProcess {
     child: Child,
@@ -94,7 +94,7 @@ impl OperatorProcess {
         self.get("/metrics")
     }
 
-    pub fn problems(&self) -> Option<Vec<hangar::http::ProblemView>> {
+    pub fn problems(&self) -> Option<Vec<hangar::runtime::http::ProblemView>> {
         serde_json::from_str(&self.get("/api/v1/problems")?).ok()
     }
 }

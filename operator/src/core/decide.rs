@@ -1,0 +1,571 @@
+//! The whole decision for one cluster from one observation.
+//!
+//! [`decide`] is a plain function of `(Observation, Memory)`: it folds the
+//! finished node tasks into memory, runs the planner (how many nodes), the
+//! rollout bookkeeping (which release) and the fleet diff (what each node
+//! needs next), and returns the actions together with the updated memory,
+//! the activity entries and the counters to bump. The runtime acts on it;
+//! nothing here waits, reads a clock or touches the network, so every
+//! scenario is tested directly (`decide/tests.rs`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hangar_cloud::{tags, Instance, InstanceState, Phase};
+use hangar_crds::ClusterSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::core::fleet::{self, Task};
+use crate::core::memory::{DecisionRecord, Memory, ServingCount};
+use crate::core::observation::{ActionFailure, Observation, Outcome, Reads};
+use crate::core::planner;
+use crate::core::rollout;
+
+/// One entry of a cluster's activity history (like an ASG's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Activity {
+    pub at: DateTime<Utc>,
+    /// `launch`, `in-service`, `drain`, `terminate`, `scale`, `rollout`, `rollback`, `error`, …
+    pub kind: String,
+    pub node: Option<String>,
+    pub message: String,
+}
+
+impl Activity {
+    pub fn new(
+        at: DateTime<Utc>,
+        kind: &str,
+        node: Option<&str>,
+        message: impl Into<String>,
+    ) -> Activity {
+        Activity {
+            at,
+            kind: kind.to_string(),
+            node: node.map(str::to_string),
+            message: message.into(),
+        }
+    }
+}
+
+/// A counter the runtime bumps for a decision (Prometheus).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Count {
+    /// The desired count moved (`out` or `in`).
+    Scaled(&'static str),
+    /// A rollout event: `started`, `completed`, `halted`, `rolled-back`, `rollback-done`.
+    Rollout(&'static str),
+    /// A node task ended.
+    TaskFinished {
+        task: &'static str,
+        result: &'static str,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Decision {
+    /// The memory to carry to the next pass.
+    pub memory: Memory,
+    /// What to do with the nodes (its `actions`) and what status shows of it.
+    pub diff: fleet::Diff,
+    /// Notes node tasks left (already logged by them), oldest first.
+    pub task_notes: Vec<Activity>,
+    /// What this decision did, oldest first.
+    pub activities: Vec<Activity>,
+    pub counts: Vec<Count>,
+    /// A removed cluster whose every node is gone: forget it.
+    pub forget: bool,
+}
+
+/// How often the 5xx rate of a watched release is read when the cluster
+/// has no autoscaling (whose `evaluationInterval` sets it otherwise).
+const ERRORS_EVALUATION_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Transient failures in a row after which a node still coming up is
+/// given up and replaced: at the default timeouts that is several minutes
+/// of a node hanging or dropping every connection.
+pub const MAX_ADVANCE_RETRIES: u32 = 5;
+
+/// Decides a pass for a cluster whose spec is loaded.
+pub fn decide(obs: &Observation, memory: &Memory) -> Decision {
+    let mut pass = Pass::new(obs, memory);
+    pass.absorb_tasks();
+    let serving: Vec<&Instance> = obs.instances.iter().filter(|i| serves(i)).collect();
+    let evaluation_due = pass.plan_capacity(serving.len() as u32);
+    pass.follow_release(&serving, evaluation_due);
+    let diff = pass.fleet_diff();
+    pass.finish(diff)
+}
+
+/// Decides a pass for a cluster whose spec is gone with `deletionPolicy:
+/// delete`: drain every node, launch nothing, forget the cluster once
+/// every node is gone. `obs.spec` is the last spec applied.
+pub fn decide_removed(obs: &Observation, memory: &Memory) -> Decision {
+    let mut pass = Pass::new(obs, memory);
+    pass.absorb_tasks();
+    let live = obs.instances.iter().any(|i| {
+        !matches!(
+            i.state,
+            InstanceState::Terminated | InstanceState::ShuttingDown
+        )
+    });
+    if !live && obs.running.is_empty() {
+        pass.record(
+            "spec",
+            None,
+            "every node terminated; forgetting the cluster",
+        );
+        let mut d = pass.finish(fleet::Diff::default());
+        d.forget = true;
+        return d;
+    }
+    let spec = &obs.spec;
+    let nodes: Vec<fleet::Node> = obs
+        .instances
+        .iter()
+        .map(|i| fleet_node(i, &obs.running, &pass.memory, &HashMap::new()))
+        .collect();
+    let target = fleet::Target {
+        desired: 0,
+        release: &pass.memory.release.target,
+        config: "",
+        rollout_halted: true,
+        rolling_back_from: None,
+        rollout: spec.release.rollout,
+        subnets: &spec.instances.subnets,
+        scale_in: spec.scale_in_policy,
+        self_healing: spec.self_healing,
+        launch_allowed: false,
+        now: obs.now,
+    };
+    let mut diff = fleet::diff(&nodes, &target);
+    diff.actions.retain(|a| {
+        matches!(
+            a,
+            fleet::Action::Start {
+                task: Task::Drain { .. },
+                ..
+            } | fleet::Action::Cancel { .. }
+        )
+    });
+    pass.finish(diff)
+}
+
+/// What `observe` must read for this pass: the traffic when an evaluation
+/// is due, the 5xx rate while a new release is watched. Computed from the
+/// memory before this pass and the instances seen, exactly as [`decide`]
+/// will see them (a release failure among the finished tasks can only
+/// close the watch, so reading the errors then is merely unused).
+pub fn reads(obs: &Observation, memory: &Memory) -> Reads {
+    let spec = &obs.spec;
+    let due = evaluation_due(spec, memory, obs.now);
+    let errors_since = if due {
+        let mut release = memory.release.clone();
+        rollout::remember(&mut release, spec, obs.now);
+        let serving: Vec<Option<&str>> = obs
+            .instances
+            .iter()
+            .filter(|i| serves(i))
+            .map(|i| i.release.as_deref())
+            .collect();
+        rollout::observe(
+            &mut release,
+            &spec.release.id,
+            spec.release.rollback.as_ref(),
+            &rollout::Observed {
+                serving: &serving,
+                settled: settled(&obs.running),
+                now: obs.now,
+            },
+        );
+        rollout::watching(&release, spec.release.rollback.as_ref(), obs.now)
+    } else {
+        None
+    };
+    Reads {
+        traffic: due && spec.autoscaling.is_some(),
+        errors_since,
+    }
+}
+
+/// The pass in progress: the observation, the memory being updated and
+/// what the decision has to say so far.
+struct Pass<'o> {
+    obs: &'o Observation,
+    memory: Memory,
+    task_notes: Vec<Activity>,
+    activities: Vec<Activity>,
+    counts: Vec<Count>,
+}
+
+impl<'o> Pass<'o> {
+    fn new(obs: &'o Observation, memory: &Memory) -> Pass<'o> {
+        Pass {
+            obs,
+            memory: memory.clone(),
+            task_notes: Vec::new(),
+            activities: Vec::new(),
+            counts: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, kind: &str, node: Option<&str>, message: impl Into<String>) {
+        self.activities
+            .push(Activity::new(self.obs.now, kind, node, message));
+    }
+
+    /// Folds finished node tasks, their notes and the last pass's failed
+    /// actions into memory.
+    fn absorb_tasks(&mut self) {
+        for f in &self.obs.failures {
+            match f {
+                ActionFailure::Start {
+                    node,
+                    task,
+                    error,
+                    at,
+                } => {
+                    self.memory.node_errors.insert(node.clone(), error.clone());
+                    let message = format!("cannot start {}: {error}", task.name());
+                    self.activities
+                        .push(Activity::new(*at, "error", Some(node), message));
+                }
+                ActionFailure::Launch {
+                    subnet,
+                    count,
+                    error,
+                    at,
+                } => {
+                    let message = format!("launching {count} in {subnet} failed: {error}");
+                    self.activities
+                        .push(Activity::new(*at, "error", None, message));
+                }
+            }
+        }
+        for n in &self.obs.notes {
+            self.task_notes.push(Activity::new(
+                n.at,
+                &n.kind,
+                Some(&n.node),
+                n.message.clone(),
+            ));
+        }
+        let now = self.obs.now;
+        for f in &self.obs.finished {
+            self.counts.push(Count::TaskFinished {
+                task: f.task.name(),
+                result: f.outcome.label(),
+            });
+            let m = &mut self.memory;
+            let outcome = give_up_after_retries(m, &f.node, &f.task, &f.outcome);
+            match &outcome {
+                Outcome::Done => {
+                    m.node_errors.remove(&f.node);
+                    m.node_retries.remove(&f.node);
+                    if matches!(f.task, Task::Advance) {
+                        m.node_failures = 0;
+                        m.launch_backoff_until = None;
+                    }
+                }
+                Outcome::Cancelled => {}
+                Outcome::Retry(why) => {
+                    m.node_errors.insert(f.node.clone(), why.clone());
+                    let message = format!("{}: {why} (will retry)", f.task.name());
+                    self.activities
+                        .push(Activity::new(f.at, "retry", Some(&f.node), message));
+                }
+                Outcome::NodeFailed(why) => {
+                    m.failed_nodes.insert(f.node.clone(), why.clone());
+                    m.node_errors.insert(f.node.clone(), why.clone());
+                    m.node_failures += 1;
+                    let message = format!("{} failed: {why}; replacing the node", f.task.name());
+                    self.activities
+                        .push(Activity::new(f.at, "error", Some(&f.node), message));
+                    if m.node_failures >= 3 {
+                        let exp = 30u64.saturating_mul(1 << (m.node_failures - 3).min(5));
+                        let wait = chrono::Duration::seconds(exp.min(600) as i64);
+                        m.launch_backoff_until = Some(now + wait);
+                        let message = format!(
+                            "{} nodes failed in a row: launches wait {}s",
+                            m.node_failures,
+                            wait.num_seconds()
+                        );
+                        self.record("backoff", None, message);
+                    }
+                }
+                Outcome::ReleaseFailed { release, reason } => {
+                    m.node_errors.insert(f.node.clone(), reason.clone());
+                    // A new node that failed on the release is not serving
+                    // anything: replace it (an updated node was restored).
+                    if matches!(f.task, Task::Advance) {
+                        m.failed_nodes.insert(f.node.clone(), reason.clone());
+                    }
+                    if let Some(ev) = rollout::fail(&mut m.release, release, reason) {
+                        self.rollout_events(vec![ev]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The planner's part: the desired count, evaluated when due and held
+    /// in between. Returns whether an evaluation was due.
+    fn plan_capacity(&mut self, serving: u32) -> bool {
+        let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
+        let first_ever = self.memory.last_decision.is_none();
+        let m = &mut self.memory;
+        let continuing = m.continuing();
+        let serving_since = match m.serving {
+            Some(s) if s.nodes == serving => s.since,
+            _ => now,
+        };
+        m.serving = Some(ServingCount {
+            nodes: serving,
+            since: serving_since,
+        });
+        let due = evaluation_due(spec, m, now);
+        if due {
+            m.last_eval_at = Some(now);
+        }
+        if let Some(Ok(Some(reading))) = &obs.traffic {
+            // A per-target average over a period in which the serving
+            // count changed was taken over other nodes than serve now;
+            // times today's count it misreports the traffic (while nodes
+            // join: too high, feeding a runaway scale-out). Wait for a
+            // period that starts after the change.
+            let mixed = per_target_metric(spec)
+                .is_some_and(|period| reading.observed_at - period < serving_since);
+            if due && !mixed {
+                m.last_metric = Some(*reading);
+            }
+        }
+        let pass = planner::Pass {
+            standing: continuing.then_some(m.desired),
+            counted: fleet::count_toward_capacity(&obs.instances),
+            evaluation_due: due,
+        };
+        let evaluated = pass.evaluates(spec);
+        let decision = planner::for_pass(spec, now, &pass, m.last_metric, &m.history);
+        if due {
+            if let Some(rec) = decision.recommendation {
+                m.history.record(rec, spec);
+            }
+        }
+        if decision.desired != m.desired || first_ever {
+            if !first_ever {
+                let direction = if decision.desired > m.desired {
+                    "out"
+                } else {
+                    "in"
+                };
+                self.counts.push(Count::Scaled(direction));
+            }
+            let message = format!(
+                "desired {} → {}: {}",
+                m.desired, decision.desired, decision.reason
+            );
+            self.activities
+                .push(Activity::new(now, "scale", None, message));
+        }
+        let m = &mut self.memory;
+        // A hold keeps the last evaluation's reason on show.
+        if evaluated || decision.desired != m.desired {
+            m.last_decision = Some(DecisionRecord {
+                at: now,
+                desired: decision.desired,
+                reason: decision.reason,
+            });
+        }
+        m.desired = decision.desired;
+        m.window = Some(decision.window);
+        due
+    }
+
+    /// The rollout's part: which release is the target, whether the new one
+    /// is proven, and the auto-rollback verdict while it is watched.
+    fn follow_release(&mut self, serving: &[&Instance], evaluation_due: bool) {
+        let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
+        let release = &mut self.memory.release;
+        rollout::remember(release, spec, now);
+        let serving_releases: Vec<Option<&str>> =
+            serving.iter().map(|i| i.release.as_deref()).collect();
+        let events = rollout::observe(
+            release,
+            &spec.release.id,
+            spec.release.rollback.as_ref(),
+            &rollout::Observed {
+                serving: &serving_releases,
+                settled: settled(&obs.running),
+                now,
+            },
+        );
+        self.rollout_events(events);
+        let release = &mut self.memory.release;
+        let watched = rollout::watching(release, spec.release.rollback.as_ref(), now).is_some();
+        if let (true, true, Some(Ok(counts)), Some(rb)) =
+            (evaluation_due, watched, &obs.errors, &spec.release.rollback)
+        {
+            if let Some(ev) = rollout::judge(release, rb, counts.errors_5xx, counts.requests) {
+                self.rollout_events(vec![ev]);
+            }
+        }
+    }
+
+    fn fleet_diff(&mut self) -> fleet::Diff {
+        let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
+        let m = &self.memory;
+        let nodes: Vec<fleet::Node> = obs
+            .instances
+            .iter()
+            .map(|i| fleet_node(i, &obs.running, m, &obs.unhealthy))
+            .collect();
+        let target = fleet::Target {
+            desired: m.desired,
+            release: &m.release.target,
+            config: &obs.config_hash,
+            rollout_halted: rollout::halted(&m.release),
+            rolling_back_from: m.release.rolling_back_from.as_deref(),
+            rollout: spec.release.rollout,
+            subnets: &spec.instances.subnets,
+            scale_in: spec.scale_in_policy,
+            self_healing: spec.self_healing,
+            launch_allowed: m.launch_backoff_until.is_none_or(|t| t <= now),
+            now,
+        };
+        fleet::diff(&nodes, &target)
+    }
+
+    fn rollout_events(&mut self, events: Vec<rollout::Event>) {
+        for ev in events {
+            let (result, message) = match &ev {
+                rollout::Event::Started { release } => {
+                    ("started", format!("rolling out {release}"))
+                }
+                rollout::Event::Proven { release } => (
+                    "completed",
+                    format!("{release} is on every serving node and proven good"),
+                ),
+                rollout::Event::Halted { release, reason } => {
+                    ("halted", format!("rollout of {release} halted: {reason}"))
+                }
+                rollout::Event::RollingBack { from, to, reason } => (
+                    "rolled-back",
+                    format!("rolling back {from} → {to}: {reason}"),
+                ),
+                rollout::Event::RolledBack { from, to } => {
+                    ("rollback-done", format!("rollback {from} → {to} complete"))
+                }
+            };
+            self.counts.push(Count::Rollout(result));
+            self.record("rollout", None, message);
+        }
+    }
+
+    fn finish(mut self, diff: fleet::Diff) -> Decision {
+        for action in &diff.actions {
+            if let fleet::Action::Start {
+                node,
+                task: Task::Drain { reason },
+            } = action
+            {
+                self.record("drain", Some(node), format!("draining: {reason}"));
+            }
+        }
+        Decision {
+            memory: self.memory,
+            diff,
+            task_notes: self.task_notes,
+            activities: self.activities,
+            counts: self.counts,
+            forget: false,
+        }
+    }
+}
+
+/// In service and running: what carries traffic.
+fn serves(i: &Instance) -> bool {
+    i.phase == Some(Phase::InService) && i.state == InstanceState::Running
+}
+
+/// No node is being updated or rolled back.
+fn settled(running: &HashMap<String, Task>) -> bool {
+    !running
+        .values()
+        .any(|t| matches!(t, Task::Update { .. } | Task::Rollback { .. }))
+}
+
+/// Metrics are read every evaluation interval: the traffic for the
+/// planner (with autoscaling), the 5xx rate while a release is watched
+/// for auto-rollback (with or without autoscaling).
+fn evaluation_due(spec: &ClusterSpec, memory: &Memory, now: DateTime<Utc>) -> bool {
+    let every = spec
+        .autoscaling
+        .as_ref()
+        .map_or(ERRORS_EVALUATION_INTERVAL, |a| a.evaluation_interval.get());
+    memory
+        .last_eval_at
+        .is_none_or(|t| now.signed_duration_since(t).to_std().unwrap_or_default() >= every)
+}
+
+fn fleet_node(
+    i: &Instance,
+    running: &HashMap<String, Task>,
+    memory: &Memory,
+    unhealthy: &HashMap<String, DateTime<Utc>>,
+) -> fleet::Node {
+    fleet::Node {
+        id: i.id.clone(),
+        // A missing phase tag means someone removed it: start over safely.
+        phase: i.phase.unwrap_or(Phase::Launching),
+        state: i.state,
+        release: i.release.clone(),
+        config: i.tags.get(tags::CONFIG).cloned(),
+        subnet: i.subnet_id.clone(),
+        launched_at: i.launched_at,
+        protected: i.protected,
+        task: running.get(&i.id).cloned(),
+        failed: memory.failed_nodes.get(&i.id).cloned(),
+        unhealthy_since: unhealthy.get(&i.id).copied(),
+    }
+}
+
+/// The metric period when the cluster scales on the ALB's per-target
+/// request count (an average over the period's healthy targets).
+fn per_target_metric(spec: &ClusterSpec) -> Option<chrono::Duration> {
+    match spec.autoscaling.as_ref().map(|a| &a.metric) {
+        Some(hangar_crds::MetricSource::Cloudwatch(
+            cw @ hangar_crds::CloudwatchMetric::RequestCountPerTarget(_),
+        )) => chrono::Duration::from_std(cw.options().period.get()).ok(),
+        _ => None,
+    }
+}
+
+/// Counts a node's retried `Advance` attempts and turns the one that
+/// reaches [`MAX_ADVANCE_RETRIES`] into a node failure. Updates, drains and
+/// rollbacks of nodes that are (or were) serving keep retrying: replacing
+/// those is the job of self-healing, which knows about minimum capacity.
+fn give_up_after_retries(
+    memory: &mut Memory,
+    node: &str,
+    task: &Task,
+    outcome: &Outcome,
+) -> Outcome {
+    match outcome {
+        Outcome::Retry(why) if matches!(task, Task::Advance) => {
+            let n = memory.node_retries.entry(node.to_string()).or_default();
+            *n += 1;
+            if *n >= MAX_ADVANCE_RETRIES {
+                Outcome::NodeFailed(format!("gave up after {n} attempts; last: {why}"))
+            } else {
+                outcome.clone()
+            }
+        }
+        _ => outcome.clone(),
+    }
+}
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,384 @@
+//! Whole scenarios of `decide`, pass after pass, without a cloud.
+
+use chrono::Duration;
+use hangar_cloud::Phase;
+
+use super::fixtures::*;
+use super::*;
+
+/// The default spec at capacity `[min, 6]`.
+fn with_min(min: u32) -> hangar_crds::ClusterSpec {
+    let mut s = spec("");
+    s.capacity.min = min;
+    s
+}
+
+/// `spec` naming release `id` instead.
+fn with_release(mut spec: hangar_crds::ClusterSpec, id: &str) -> hangar_crds::ClusterSpec {
+    spec.release.id = id.into();
+    spec.release.artifact = format!("s3://b/{id}.tar.gz");
+    spec.release.sha256 = "b".repeat(64);
+    spec
+}
+
+fn activity(d: &Decision, kind: &str) -> Vec<String> {
+    d.activities
+        .iter()
+        .filter(|a| a.kind == kind)
+        .map(|a| a.message.clone())
+        .collect()
+}
+
+/// A fleet of `n` nodes serving `v1`, settled.
+fn settled_fleet(spec: hangar_crds::ClusterSpec) -> Sim {
+    let mut sim = Sim::new(spec);
+    sim.settle(10);
+    sim
+}
+
+#[test]
+fn cold_start_launches_min_spread_over_subnets_and_walks_each_node_to_service() {
+    let mut sim = Sim::new(spec(""));
+    let d = sim.pass();
+    assert_eq!(
+        launches(d),
+        [("subnet-a".to_string(), 1), ("subnet-b".to_string(), 1)]
+    );
+    assert_eq!(d.memory.desired, 2);
+    assert!(
+        activity(d, "scale")[0].starts_with("desired 0 → 2: no autoscaling: run at min 2"),
+        "{:?}",
+        d.activities
+    );
+    let d = sim.pass();
+    assert_eq!(
+        starts(d),
+        [
+            ("i-001".to_string(), "advance"),
+            ("i-002".to_string(), "advance")
+        ]
+    );
+    assert!(
+        launches(d).is_empty(),
+        "launching nodes count toward capacity"
+    );
+    sim.finish_all("advance", Outcome::Done);
+    let d = sim.pass();
+    assert!(d.diff.actions.is_empty(), "{:?}", d.diff.actions);
+    assert_eq!(sim.serving().len(), 2);
+    assert_eq!(sim.memory.release.on_target, 2);
+    assert_eq!(sim.memory.release.last_good.as_deref(), Some("v1"));
+}
+
+#[test]
+fn scales_out_one_step_per_evaluation_and_back_in_after_the_stabilization_window() {
+    let mut sim = Sim::new(spec(AUTOSCALING));
+    sim.traffic(2000.0);
+    sim.settle(10);
+    assert_eq!(sim.serving().len(), 2);
+
+    // 6,000/min asks for 6; maxStep 2 per evaluation.
+    sim.traffic(6000.0);
+    sim.wait(15);
+    let d = sim.pass();
+    assert_eq!(d.memory.desired, 4, "{:?}", d.memory.last_decision);
+    assert_eq!(launches(d).iter().map(|(_, n)| n).sum::<u32>(), 2);
+    // A pass before the next evaluation holds, whatever the reading.
+    sim.wait(5);
+    assert_eq!(sim.pass().memory.desired, 4);
+    sim.settle(10);
+    sim.wait(15);
+    assert_eq!(sim.pass().memory.desired, 6);
+    sim.settle(10);
+    assert_eq!(sim.serving().len(), 6);
+
+    // Quiet: the scale-down window holds 6 for its whole 60 s.
+    sim.traffic(1000.0);
+    for _ in 0..3 {
+        sim.wait(15);
+        let d = sim.pass();
+        assert_eq!(d.memory.desired, 6, "{:?}", d.memory.last_decision);
+        assert!(starts(d).is_empty());
+    }
+    sim.wait(20);
+    let d = sim.pass();
+    assert_eq!(d.memory.desired, 4, "{:?}", d.memory.last_decision);
+    let drains: Vec<_> = starts(d)
+        .into_iter()
+        .filter(|(_, t)| *t == "drain")
+        .collect();
+    assert_eq!(drains.len(), 2, "{:?}", d.diff.actions);
+    // The newest go first (scaleInPolicy: newest).
+    assert!(
+        drains.iter().all(|(n, _)| n.as_str() >= "i-003"),
+        "{drains:?}"
+    );
+    assert_eq!(activity(d, "drain").len(), 2);
+}
+
+#[test]
+fn a_schedule_window_moves_the_fleet_even_between_evaluations() {
+    let night = "  schedules:
+    - name: night
+      cron: \"0 22 * * *\"
+      until: \"0 6 * * *\"
+      capacity: { min: 1, max: 1 }
+";
+    let mut sim = Sim::new(spec(night));
+    sim.settle(10);
+    assert_eq!(sim.serving().len(), 2);
+    sim.now = t0().date_naive().and_hms_opt(22, 0, 30).unwrap().and_utc();
+    let d = sim.pass();
+    assert_eq!(d.memory.desired, 1);
+    assert_eq!(
+        d.memory.window.as_ref().and_then(|w| w.schedule.as_deref()),
+        Some("night")
+    );
+    assert!(
+        activity(d, "scale")[0].contains("night schedule active"),
+        "{:?}",
+        d.activities
+    );
+    assert_eq!(starts(d).iter().filter(|(_, t)| *t == "drain").count(), 1);
+    // Morning: back to min 2.
+    sim.settle(10);
+    sim.now += Duration::hours(8);
+    let d = sim.pass();
+    assert_eq!(d.memory.desired, 2);
+    assert_eq!(launches(d).len(), 1);
+}
+
+#[test]
+fn a_rolling_release_updates_one_node_at_a_time_and_is_proven_when_everywhere() {
+    let mut sim = settled_fleet(with_min(3));
+    assert_eq!(sim.serving().len(), 3);
+    sim.spec = with_release(with_min(3), "v2");
+    let d = sim.pass();
+    assert_eq!(d.memory.release.desired, "v2");
+    assert_eq!(activity(d, "rollout"), ["rolling out v2"]);
+    let updates: Vec<_> = starts(d)
+        .into_iter()
+        .filter(|(_, t)| *t == "update")
+        .collect();
+    assert_eq!(updates.len(), 1, "maxUnavailable 1: {:?}", d.diff.actions);
+    for _ in 0..3 {
+        // Never two updates at once.
+        assert!(
+            sim.running
+                .values()
+                .filter(|t| t.name() == "update")
+                .count()
+                <= 1
+        );
+        sim.finish_all("update", Outcome::Done);
+        sim.pass();
+    }
+    assert!(sim
+        .serving()
+        .iter()
+        .all(|i| i.release.as_deref() == Some("v2")));
+    let proven: Vec<String> = sim
+        .decisions
+        .iter()
+        .flat_map(|d| activity(d, "rollout"))
+        .collect();
+    assert!(
+        proven.contains(&"v2 is on every serving node and proven good".to_string()),
+        "{proven:?}"
+    );
+    assert_eq!(sim.memory.release.last_good.as_deref(), Some("v2"));
+}
+
+#[test]
+fn a_release_failing_on_a_node_halts_the_rollout_with_the_old_release_serving() {
+    let mut sim = settled_fleet(with_min(3));
+    sim.spec = with_release(with_min(3), "v2");
+    sim.pass();
+    let updating: Vec<String> = sim.running.keys().cloned().collect();
+    assert_eq!(updating.len(), 1);
+    sim.finish(
+        &updating[0],
+        Outcome::ReleaseFailed {
+            release: "v2".into(),
+            reason: "health check failed".into(),
+        },
+    );
+    let d = sim.pass();
+    assert!(
+        starts(d).is_empty(),
+        "no further update: {:?}",
+        d.diff.actions
+    );
+    assert_eq!(d.memory.release.target, "v1");
+    assert!(rollout::halted(&d.memory.release));
+    assert!(
+        activity(d, "rollout")[0].starts_with("rollout of v2 halted"),
+        "{:?}",
+        d.activities
+    );
+    // New nodes still get the last good release.
+    sim.spec.capacity.min = 4;
+    sim.spec.capacity.max = 6;
+    sim.pass();
+    sim.pass();
+    assert_eq!(
+        sim.cloud.last().and_then(|i| i.release.as_deref()),
+        Some("v1")
+    );
+}
+
+#[test]
+fn a_release_raising_5xx_is_rolled_back_on_every_node_at_once() {
+    let mut sim = settled_fleet(with_min(3));
+    sim.spec = with_release(with_min(3), "v2");
+    sim.spec.release.rollback = Some(
+        serde_saphyr::from_str("{ errorRateAbove: 0.05, window: 5m, minRequests: 20 }")
+            .expect("rollback parses"),
+    );
+    sim.settle(10);
+    assert!(sim
+        .serving()
+        .iter()
+        .all(|i| i.release.as_deref() == Some("v2")));
+    assert!(sim.memory.release.activated_at.is_some(), "watched");
+    sim.errors(30.0, 100.0);
+    sim.wait(15);
+    let d = sim.pass();
+    assert_eq!(d.memory.release.rolling_back_from.as_deref(), Some("v2"));
+    assert_eq!(d.memory.release.target, "v1");
+    let rollbacks: Vec<_> = starts(d)
+        .into_iter()
+        .filter(|(_, t)| *t == "rollback")
+        .collect();
+    assert_eq!(
+        rollbacks.len(),
+        3,
+        "every v2 node at once: {:?}",
+        d.diff.actions
+    );
+    sim.finish_all("rollback", Outcome::Done);
+    let d = sim.pass();
+    assert!(
+        activity(d, "rollout").contains(&"rollback v2 → v1 complete".to_string()),
+        "{:?}",
+        d.activities
+    );
+}
+
+#[test]
+fn a_node_unhealthy_for_too_long_is_drained_and_replaced() {
+    let mut sim = settled_fleet(spec(""));
+    let sick = sim.serving()[0].id.clone();
+    sim.unhealthy(&sick);
+    let d = sim.pass();
+    assert!(starts(d).is_empty(), "not yet: unhealthyAfter is 1m");
+    sim.wait(61);
+    let d = sim.pass();
+    assert_eq!(starts(d), [(sick.clone(), "drain")]);
+    assert_eq!(
+        launches(d).len(),
+        1,
+        "its replacement: {:?}",
+        d.diff.actions
+    );
+}
+
+#[test]
+fn a_node_that_fails_is_replaced_and_repeated_failures_back_launches_off() {
+    let mut sim = Sim::new(spec(""));
+    sim.pass();
+    sim.pass();
+    // Two nodes fail: drained, and replaced at once.
+    sim.finish_all("advance", Outcome::NodeFailed("runbook failed".into()));
+    let d = sim.pass();
+    assert_eq!(starts(d).iter().filter(|(_, t)| *t == "drain").count(), 2);
+    assert_eq!(launches(d).iter().map(|(_, n)| n).sum::<u32>(), 2);
+    sim.finish_all("drain", Outcome::Done);
+    sim.pass();
+    // Their replacements fail too: 4 in a row, launches wait.
+    sim.finish_all("advance", Outcome::NodeFailed("runbook failed".into()));
+    let d = sim.pass();
+    assert!(launches(d).is_empty(), "{:?}", d.diff.actions);
+    assert_eq!(sim.memory.node_failures, 4);
+    assert!(sim.memory.launch_backoff_until.is_some_and(|t| t > sim.now));
+}
+
+#[test]
+fn a_node_still_coming_up_that_only_ever_fails_transiently_is_given_up() {
+    let mut memory = Memory::default();
+    let retry = Outcome::Retry("connect timed out".into());
+    for _ in 1..MAX_ADVANCE_RETRIES {
+        let o = give_up_after_retries(&mut memory, "i-1", &Task::Advance, &retry);
+        assert_eq!(o, retry);
+    }
+    let o = give_up_after_retries(&mut memory, "i-1", &Task::Advance, &retry);
+    assert!(
+        matches!(&o, Outcome::NodeFailed(why) if why.contains("gave up after 5 attempts")),
+        "{o:?}"
+    );
+    // A serving node's drain keeps retrying: replacing it is not this
+    // rule's call.
+    let drain = Task::Drain {
+        reason: "scale in".into(),
+    };
+    assert_eq!(
+        give_up_after_retries(&mut memory, "i-2", &drain, &retry),
+        retry
+    );
+    assert!(!memory.node_retries.contains_key("i-2"));
+}
+
+#[test]
+fn a_restarted_operator_plans_from_what_runs_not_from_a_saved_count() {
+    // Saved memory says 2, but 4 nodes run (launched before a crash).
+    let mut memory = Memory {
+        desired: 2,
+        ..Memory::default()
+    };
+    memory.last_decision = Some(crate::core::memory::DecisionRecord {
+        at: t0(),
+        desired: 2,
+        reason: "saved".into(),
+    });
+    let obs = Observation::test()
+        .with_spec(spec(AUTOSCALING))
+        .with_nodes((1..=4).map(|i| node(&format!("i-{i}")).serving("v1")))
+        .traffic(4000.0);
+    let d = decide(&obs, &memory);
+    assert_eq!(d.memory.desired, 4, "{:?}", d.memory.last_decision);
+    assert!(
+        starts(&d).is_empty(),
+        "nothing drained: {:?}",
+        d.diff.actions
+    );
+    assert!(d.memory.continuing());
+}
+
+#[test]
+fn reads_ask_for_traffic_only_when_an_evaluation_is_due() {
+    let memory = Memory {
+        last_eval_at: Some(t0()),
+        ..Memory::default()
+    };
+    let obs = Observation::test().with_spec(spec(AUTOSCALING));
+    assert!(!reads(&obs.clone().at(t0() + Duration::seconds(14)), &memory).traffic);
+    assert!(reads(&obs.clone().at(t0() + Duration::seconds(15)), &memory).traffic);
+    // Without autoscaling, nothing to read (and no rollback watched).
+    let plain = Observation::test().at(t0() + Duration::seconds(15));
+    assert_eq!(reads(&plain, &memory), Reads::default());
+}
+
+#[test]
+fn a_node_phase_is_taken_from_its_tag_and_a_missing_tag_starts_over() {
+    let mut untagged = node("i-1");
+    untagged.phase = None;
+    let obs = Observation::test().with_nodes([untagged, node("i-2").phase(Phase::Provisioning)]);
+    let d = decide(&obs, &Memory::default());
+    assert_eq!(
+        starts(&d),
+        [
+            ("i-1".to_string(), "advance"),
+            ("i-2".to_string(), "advance")
+        ]
+    );
+}

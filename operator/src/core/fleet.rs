@@ -1,0 +1,525 @@
+//! What to do with a cluster's nodes right now: launch, advance, update,
+//! roll back, drain — given the desired count and what was observed.
+//!
+//! Pure: instances (from their tags), the tasks already running and the
+//! recent failures go in; a list of [`Action`]s comes out. The reconciler
+//! executes them. Every rule of DESIGN.md's invariants that is a *decision*
+//! lives here, so it is tested without a cloud:
+//!
+//! - an instance counts toward capacity from the moment it exists;
+//! - scale-in takes nodes not yet in service first, never a protected one;
+//! - a rollout never takes more in-service nodes out than `maxUnavailable`
+//!   allows, and surges extra nodes only when it must (`maxUnavailable: 0`);
+//! - a node is replaced when it failed a step, stopped, or stayed unhealthy,
+//!   never more than `maxUnhealthy` at once and never the last healthy one.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use hangar_cloud::{InstanceState, Phase};
+use hangar_crds::{Rollout, ScaleInPolicy, SelfHealing};
+use serde::{Deserialize, Serialize};
+
+/// Long work hangar runs for one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Task {
+    /// Walk the node from its phase to in-service: provision, release,
+    /// verify, register.
+    Advance,
+    /// Take an in-service node out of the target group, re-provision it if
+    /// its config is outdated, give it `release`, verify it and put it back.
+    Update { release: String },
+    /// Swap an in-service node back to `release` in place (emergency:
+    /// the release it runs is failing).
+    Rollback { release: String },
+    /// Deregister, drain, run drain hooks, terminate.
+    Drain { reason: String },
+}
+
+impl Task {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Task::Advance => "advance",
+            Task::Update { .. } => "update",
+            Task::Rollback { .. } => "rollback",
+            Task::Drain { .. } => "drain",
+        }
+    }
+}
+
+/// One instance of the cluster, as the diff needs to see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub id: String,
+    pub phase: Phase,
+    pub state: InstanceState,
+    pub release: Option<String>,
+    /// Hash of the provisioning config (runbook, vars, env file) it was
+    /// last provisioned with (`hangar:config`).
+    pub config: Option<String>,
+    pub subnet: Option<String>,
+    pub launched_at: Option<DateTime<Utc>>,
+    pub protected: bool,
+    /// The task running for it, if any.
+    pub task: Option<Task>,
+    /// Set when its last task gave up for good (`Advance` or `Update`):
+    /// the node is replaced.
+    pub failed: Option<String>,
+    /// Since when its health probe fails (in-service nodes only).
+    pub unhealthy_since: Option<DateTime<Utc>>,
+}
+
+impl Node {
+    fn is_gone(&self) -> bool {
+        matches!(
+            self.state,
+            InstanceState::ShuttingDown | InstanceState::Terminated
+        )
+    }
+
+    /// On the target release and config.
+    fn is_current(&self, t: &Target<'_>) -> bool {
+        self.release.as_deref() == Some(t.release) && self.config.as_deref() == Some(t.config)
+    }
+
+    fn is_leaving(&self) -> bool {
+        matches!(self.phase, Phase::Draining | Phase::Terminating)
+            || matches!(self.task, Some(Task::Drain { .. }))
+    }
+}
+
+/// The fleet-level facts the diff needs besides the nodes.
+#[derive(Clone, Debug)]
+pub struct Target<'a> {
+    /// Nodes the planner wants (launching through in-service).
+    pub desired: u32,
+    /// The release new nodes get and in-service nodes are rolled to.
+    pub release: &'a str,
+    /// The provisioning config hash every node should have; a change
+    /// re-provisions in-service nodes with the same rolling bounds.
+    pub config: &'a str,
+    /// Updates of in-service nodes are paused (the release failed).
+    pub rollout_halted: bool,
+    /// In-service nodes running this release are swapped back to
+    /// [`Target::release`] in place (auto-rollback in progress).
+    pub rolling_back_from: Option<&'a str>,
+    pub rollout: Rollout,
+    pub subnets: &'a [String],
+    pub scale_in: ScaleInPolicy,
+    pub self_healing: SelfHealing,
+    /// False while launches back off after repeated node failures.
+    pub launch_allowed: bool,
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Action {
+    Launch {
+        subnet: String,
+        count: u32,
+    },
+    Start {
+        node: String,
+        task: Task,
+    },
+    /// Ask a running task to stop at its next safe point (its node was
+    /// chosen for something else, e.g. scale-in).
+    Cancel {
+        node: String,
+        reason: String,
+    },
+}
+
+/// The actions, plus the counts and words status shows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diff {
+    pub actions: Vec<Action>,
+    /// Nodes counting toward capacity (launching through in-service, not leaving).
+    pub counted: u32,
+    /// In-service nodes on another release or config than the target.
+    pub outdated: u32,
+    /// Extra nodes allowed above `desired` for the rollout.
+    pub surge: u32,
+    pub notes: Vec<String>,
+}
+
+/// Instances that count toward capacity: alive and not on their way out.
+pub fn count_toward_capacity(instances: &[hangar_cloud::Instance]) -> u32 {
+    instances
+        .iter()
+        .filter(|i| matches!(i.state, InstanceState::Pending | InstanceState::Running))
+        .filter(|i| !matches!(i.phase, Some(Phase::Draining | Phase::Terminating)))
+        .count() as u32
+}
+
+pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
+    let mut out = Diff::default();
+    let live: Vec<&Node> = nodes.iter().filter(|n| !n.is_gone()).collect();
+    let mut leaving = out.keep_leaving(&live);
+    out.heal(&live, &mut leaving, t);
+    let staying: Vec<&Node> = live
+        .iter()
+        .copied()
+        .filter(|n| !leaving.contains(n.id.as_str()))
+        .collect();
+    let rollout = out.rollout_accounting(nodes, &staying, t);
+    let chosen = out.capacity(&staying, t);
+    out.emergency_rollback(&rollout, &chosen, t);
+    out.rolling_update(&staying, &rollout, &chosen, t);
+    // Every other node that is not yet in service keeps walking.
+    for n in &staying {
+        if n.phase != Phase::InService && n.task.is_none() && !chosen.contains(n.id.as_str()) {
+            out.start(n, Task::Advance);
+        }
+    }
+    out
+}
+
+/// Where the rollout stands, for the steps that move it.
+struct RolloutState<'n> {
+    /// In service and staying.
+    serving: Vec<&'n Node>,
+    /// Of those, on another release or config and not being moved.
+    outdated: Vec<&'n Node>,
+    /// Updates in flight.
+    updating: u32,
+    /// Updates may start (not halted, no emergency rollback, work to do).
+    rolling: bool,
+}
+
+impl Diff {
+    /// Step 1: nodes already leaving keep leaving; stopped and failed ones
+    /// start to. Returns every node that leaves.
+    fn keep_leaving<'n>(&mut self, live: &[&'n Node]) -> BTreeSet<&'n str> {
+        let mut leaving = BTreeSet::new();
+        for n in live {
+            if n.is_leaving() {
+                leaving.insert(n.id.as_str());
+                if n.task.is_none() {
+                    self.start(
+                        n,
+                        Task::Drain {
+                            reason: "resume drain".into(),
+                        },
+                    );
+                }
+            } else if matches!(n.state, InstanceState::Stopping | InstanceState::Stopped) {
+                leaving.insert(n.id.as_str());
+                self.replace(n, format!("instance is {:?}", n.state).to_lowercase());
+            } else if let Some(why) = &n.failed {
+                leaving.insert(n.id.as_str());
+                self.replace(n, format!("failed: {why}"));
+            }
+        }
+        leaving
+    }
+
+    /// Step 2, self-healing: in-service nodes unhealthy for too long, a few
+    /// at a time, never the last healthy one.
+    fn heal<'n>(&mut self, live: &[&'n Node], leaving: &mut BTreeSet<&'n str>, t: &Target<'_>) {
+        let in_service: Vec<&'n Node> = live
+            .iter()
+            .copied()
+            .filter(|n| n.phase == Phase::InService && !leaving.contains(n.id.as_str()))
+            .collect();
+        let healthy_in_service = in_service
+            .iter()
+            .filter(|n| n.unhealthy_since.is_none())
+            .count();
+        let already_healing = live
+            .iter()
+            .filter(
+                |n| matches!(&n.task, Some(Task::Drain { reason }) if reason.starts_with("unhealthy")),
+            )
+            .count() as u32;
+        let mut heal_budget = t.self_healing.max_unhealthy.saturating_sub(already_healing);
+        let after = chrono::Duration::from_std(t.self_healing.unhealthy_after.get())
+            .unwrap_or(chrono::Duration::MAX);
+        let mut sick: Vec<&'n Node> = in_service
+            .into_iter()
+            .filter(|n| {
+                n.unhealthy_since
+                    .is_some_and(|s| t.now.signed_duration_since(s) >= after)
+            })
+            .collect();
+        sick.sort_by_key(|n| n.unhealthy_since);
+        for n in sick {
+            if healthy_in_service == 0 {
+                self.notes.push(format!(
+                    "{} unhealthy but no node is healthy: not replacing (likely the application, not the node)",
+                    n.id
+                ));
+                break;
+            }
+            if heal_budget == 0 {
+                self.notes.push(format!(
+                    "{} unhealthy: waiting, maxUnhealthy replacements in progress",
+                    n.id
+                ));
+                continue;
+            }
+            heal_budget -= 1;
+            leaving.insert(n.id.as_str());
+            self.replace(n, "unhealthy".to_string());
+        }
+    }
+
+    /// Step 3: which serving nodes are outdated, and whether (and how far
+    /// above `desired`) the rollout may surge.
+    fn rollout_accounting<'n>(
+        &mut self,
+        nodes: &[Node],
+        staying: &[&'n Node],
+        t: &Target<'_>,
+    ) -> RolloutState<'n> {
+        let serving: Vec<&Node> = staying
+            .iter()
+            .copied()
+            .filter(|n| n.phase == Phase::InService)
+            .collect();
+        let outdated: Vec<&Node> = serving
+            .iter()
+            .copied()
+            .filter(|n| {
+                !n.is_current(t)
+                    && !matches!(n.task, Some(Task::Update { .. } | Task::Rollback { .. }))
+            })
+            .collect();
+        // Every update in flight uses the budget, whatever happened to its node since.
+        let updating = nodes
+            .iter()
+            .filter(|n| matches!(n.task, Some(Task::Update { .. })))
+            .count() as u32;
+        self.outdated = outdated.len() as u32;
+        let rolling = !t.rollout_halted
+            && t.rolling_back_from.is_none()
+            && (self.outdated > 0 || updating > 0);
+        self.surge = if rolling && t.rollout.max_unavailable == 0 {
+            t.rollout.max_surge.min(self.outdated + updating)
+        } else {
+            0
+        };
+        RolloutState {
+            serving,
+            outdated,
+            updating,
+            rolling,
+        }
+    }
+
+    /// Step 4, capacity: launch the missing, drain the surplus. Returns the
+    /// nodes chosen for scale-in.
+    fn capacity<'n>(&mut self, staying: &[&'n Node], t: &Target<'_>) -> BTreeSet<&'n str> {
+        self.counted = staying.len() as u32;
+        let want = t.desired + self.surge;
+        if self.counted < want {
+            let missing = want - self.counted;
+            if t.launch_allowed {
+                for (subnet, count) in spread(missing, t.subnets, staying) {
+                    self.actions.push(Action::Launch { subnet, count });
+                }
+                self.notes.push(format!(
+                    "launching {missing} (have {}, want {want})",
+                    self.counted
+                ));
+            } else {
+                self.notes.push(format!(
+                    "{missing} missing, but launches are backing off after failures"
+                ));
+            }
+        }
+        let mut chosen = BTreeSet::new();
+        if self.counted > want {
+            let surplus = self.counted - want;
+            let victims = pick_victims(staying, surplus as usize, t);
+            if (victims.len() as u32) < surplus {
+                self.notes.push(format!(
+                    "{surplus} too many, but only {} can go (the rest are protected)",
+                    victims.len()
+                ));
+            }
+            for n in victims {
+                chosen.insert(n.id.as_str());
+                if n.task.is_some() && !matches!(n.task, Some(Task::Drain { .. })) {
+                    self.actions.push(Action::Cancel {
+                        node: n.id.clone(),
+                        reason: "scale-in".into(),
+                    });
+                } else if n.task.is_none() {
+                    self.start(
+                        n,
+                        Task::Drain {
+                            reason: "scale-in".into(),
+                        },
+                    );
+                }
+            }
+        }
+        chosen
+    }
+
+    /// Step 5, emergency rollback: every in-service node on the bad
+    /// release, at once.
+    fn emergency_rollback(
+        &mut self,
+        rollout: &RolloutState<'_>,
+        chosen: &BTreeSet<&str>,
+        t: &Target<'_>,
+    ) {
+        let Some(bad) = t.rolling_back_from else {
+            return;
+        };
+        for n in rollout
+            .serving
+            .iter()
+            .filter(|n| !chosen.contains(n.id.as_str()))
+        {
+            if n.release.as_deref() == Some(bad) && n.task.is_none() {
+                self.start(
+                    n,
+                    Task::Rollback {
+                        release: t.release.to_string(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Step 6, rolling update within the availability budget: keep at least
+    /// `desired - maxUnavailable` nodes serving, and never have more than
+    /// `maxUnavailable + surge` updates in flight.
+    fn rolling_update(
+        &mut self,
+        staying: &[&Node],
+        rollout: &RolloutState<'_>,
+        chosen: &BTreeSet<&str>,
+        t: &Target<'_>,
+    ) {
+        for n in staying {
+            if let Some(Task::Update { release }) = &n.task {
+                if release != t.release {
+                    self.actions.push(Action::Cancel {
+                        node: n.id.clone(),
+                        reason: format!("target release is now {}", t.release),
+                    });
+                }
+            }
+        }
+        if !rollout.rolling {
+            if t.rollout_halted && self.outdated > 0 {
+                self.notes.push(format!(
+                    "rollout halted: {} node(s) not on {}",
+                    self.outdated, t.release
+                ));
+            }
+            return;
+        }
+        let available = rollout
+            .serving
+            .iter()
+            .filter(|n| n.task.is_none() && !chosen.contains(n.id.as_str()))
+            .count() as u32;
+        let min_available = t.desired.saturating_sub(t.rollout.max_unavailable);
+        let in_flight_cap =
+            (t.rollout.max_unavailable + self.surge).saturating_sub(rollout.updating);
+        let budget = available.saturating_sub(min_available).min(in_flight_cap);
+        let mut candidates: Vec<&Node> = rollout
+            .outdated
+            .iter()
+            .copied()
+            .filter(|n| n.task.is_none() && !chosen.contains(n.id.as_str()))
+            .collect();
+        candidates.sort_by_key(|n| (n.launched_at, n.id.clone()));
+        for n in candidates.into_iter().take(budget as usize) {
+            self.start(
+                n,
+                Task::Update {
+                    release: t.release.to_string(),
+                },
+            );
+        }
+        if self.outdated > 0 {
+            self.notes.push(format!(
+                "rollout of {}: {} node(s) to go",
+                t.release, self.outdated
+            ));
+        }
+    }
+
+    fn start(&mut self, node: &Node, task: Task) {
+        self.actions.push(Action::Start {
+            node: node.id.clone(),
+            task,
+        });
+    }
+
+    /// Drains a node that must go; a task still running for it is asked to
+    /// stop first (the drain starts on a later pass, once it has).
+    fn replace(&mut self, node: &Node, reason: String) {
+        self.notes.push(format!("replacing {}: {reason}", node.id));
+        match &node.task {
+            None => self.start(node, Task::Drain { reason }),
+            Some(Task::Drain { .. }) => {}
+            Some(_) => self.actions.push(Action::Cancel {
+                node: node.id.clone(),
+                reason,
+            }),
+        }
+    }
+}
+
+/// Scale-in order: not-yet-in-service nodes first (the ones that started
+/// last go first), then serving nodes on an outdated release, then serving
+/// nodes by policy; protected nodes never.
+fn pick_victims<'n>(staying: &[&'n Node], count: usize, t: &Target<'_>) -> Vec<&'n Node> {
+    let mut candidates: Vec<&Node> = staying.iter().copied().filter(|n| !n.protected).collect();
+    candidates.sort_by_key(|n| {
+        let serving = n.phase == Phase::InService;
+        let current = n.is_current(t);
+        // Earlier phases are further from serving: cheapest to give up.
+        let phase_rank = Phase::ALL.iter().position(|p| *p == n.phase).unwrap_or(0);
+        let launched = n.launched_at.map(|at| at.timestamp_millis()).unwrap_or(0);
+        let age_rank = match t.scale_in {
+            ScaleInPolicy::Newest => -launched,
+            ScaleInPolicy::Oldest => launched,
+        };
+        (serving, current, phase_rank, age_rank, n.id.clone())
+    });
+    candidates.truncate(count);
+    candidates
+}
+
+/// Splits `count` new nodes over subnets so the fleet stays balanced
+/// across them (fewest nodes first, ties in spec order).
+pub fn spread(count: u32, subnets: &[String], staying: &[&Node]) -> Vec<(String, u32)> {
+    if subnets.is_empty() {
+        return Vec::new();
+    }
+    let mut load: Vec<u32> = subnets
+        .iter()
+        .map(|s| {
+            staying
+                .iter()
+                .filter(|n| n.subnet.as_deref() == Some(s))
+                .count() as u32
+        })
+        .collect();
+    let mut add: BTreeMap<usize, u32> = BTreeMap::new();
+    for _ in 0..count {
+        let (i, _) = load
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, l)| (**l, *i))
+            .expect("subnets is not empty");
+        load[i] += 1;
+        *add.entry(i).or_default() += 1;
+    }
+    add.into_iter()
+        .map(|(i, n)| (subnets[i].clone(), n))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

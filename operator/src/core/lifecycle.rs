@@ -1,0 +1,336 @@
+//! The node state machine: which steps a task performs from the phase a
+//! node is in, and which phase tag each step leaves behind.
+//!
+//! Pure. The executor (`node_task`) runs the steps; this module decides
+//! them, so crash safety is checkable here: every phase tag is written
+//! only after the work it names is done, and from every phase the steps
+//! that follow are safe to repeat. A restarted operator reads the phase tag
+//! and resumes with [`steps`] from there.
+
+use hangar_cloud::Phase;
+
+use crate::core::fleet::Task;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Wait until the instance runs and answers SSH.
+    AwaitReachable,
+    /// Run the provision runbook (idempotent), then record the config hash.
+    Provision,
+    /// Make sure the node is not in the target group and has drained.
+    LeaveService,
+    /// Fetch, upload, verify and unpack the release; link shared paths.
+    Ship,
+    /// Before hooks, atomic `current` swap, after hooks, prune.
+    Activate,
+    /// Swap `current` back to an already shipped release, in place.
+    Reactivate,
+    /// The node's own health check passes (hangar asks it over HTTP).
+    HealthCheck,
+    /// Register in the target group and wait until the ALB calls it healthy.
+    Register,
+    /// Deregister, then wait for the ALB to finish draining and for the
+    /// node's open connections to end (bounded by the drain timeout).
+    Deregister,
+    /// Run the spec's drain hooks on the node.
+    DrainHooks,
+    Terminate,
+    /// Write the phase tag (and the release tag when given).
+    SetPhase {
+        phase: Phase,
+        release: bool,
+    },
+}
+
+/// What the executor needs to know about the node besides its phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// Its `hangar:config` differs from the spec's provisioning config.
+    pub config_outdated: bool,
+}
+
+/// The steps `task` performs on a node currently in `phase`.
+pub fn steps(task: &Task, phase: Phase, facts: NodeFacts) -> Vec<Step> {
+    use Step::*;
+    match task {
+        Task::Advance => advance_from(phase, facts),
+        Task::Update { .. } => {
+            // The tag moves first: a crash from here on resumes as an
+            // Advance from `releasing`, which starts by leaving service.
+            let mut s = vec![SetPhase {
+                phase: Phase::Releasing,
+                release: false,
+            }];
+            s.extend(advance_from(Phase::Releasing, facts));
+            s
+        }
+        Task::Rollback { .. } => vec![
+            Reactivate,
+            HealthCheck,
+            SetPhase {
+                phase: Phase::InService,
+                release: true,
+            },
+        ],
+        Task::Drain { .. } => match phase {
+            Phase::Terminating => vec![Terminate],
+            Phase::Draining => drain_tail(),
+            _ => {
+                let mut s = vec![SetPhase {
+                    phase: Phase::Draining,
+                    release: false,
+                }];
+                s.extend(drain_tail());
+                s
+            }
+        },
+    }
+}
+
+fn drain_tail() -> Vec<Step> {
+    vec![
+        Step::Deregister,
+        Step::DrainHooks,
+        Step::SetPhase {
+            phase: Phase::Terminating,
+            release: false,
+        },
+        Step::Terminate,
+    ]
+}
+
+fn advance_from(phase: Phase, facts: NodeFacts) -> Vec<Step> {
+    use Step::*;
+    let set = |phase| SetPhase {
+        phase,
+        release: false,
+    };
+    let provision = || vec![AwaitReachable, Provision, set(Phase::Releasing)];
+    // Out of service first: a node may carry `releasing` because an update
+    // of a serving node was interrupted.
+    let release = |facts: NodeFacts| {
+        let mut s = vec![LeaveService];
+        if facts.config_outdated {
+            s.extend([AwaitReachable, Provision]);
+        }
+        s.extend([
+            Ship,
+            Activate,
+            SetPhase {
+                phase: Phase::Verifying,
+                release: true,
+            },
+        ]);
+        s
+    };
+    let verify = || vec![HealthCheck, Register, set(Phase::InService)];
+    let provisioned = NodeFacts {
+        config_outdated: false,
+    };
+    match phase {
+        Phase::Launching => [
+            vec![AwaitReachable, set(Phase::Provisioning)],
+            provision().split_off(1),
+            release(provisioned),
+            verify(),
+        ]
+        .concat(),
+        Phase::Provisioning => [provision(), release(provisioned), verify()].concat(),
+        Phase::Releasing => [release(facts), verify()].concat(),
+        // Re-provisioning a verified node means re-activating behind it.
+        Phase::Verifying if facts.config_outdated => {
+            [vec![set(Phase::Releasing)], release(facts), verify()].concat()
+        }
+        Phase::Verifying => verify(),
+        // Nothing to advance: in service already, or on its way out.
+        Phase::InService | Phase::Draining | Phase::Terminating => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Step::*;
+
+    const FRESH: NodeFacts = NodeFacts {
+        config_outdated: false,
+    };
+
+    fn set(phase: Phase) -> Step {
+        SetPhase {
+            phase,
+            release: false,
+        }
+    }
+
+    #[test]
+    fn a_new_node_walks_every_phase_in_order() {
+        let s = steps(&Task::Advance, Phase::Launching, FRESH);
+        assert_eq!(
+            s,
+            [
+                AwaitReachable,
+                set(Phase::Provisioning),
+                Provision,
+                set(Phase::Releasing),
+                LeaveService,
+                Ship,
+                Activate,
+                SetPhase {
+                    phase: Phase::Verifying,
+                    release: true
+                },
+                HealthCheck,
+                Register,
+                set(Phase::InService),
+            ]
+        );
+    }
+
+    #[test]
+    fn nothing_is_registered_before_its_health_check_and_release() {
+        // Invariant 2, for every task and starting phase.
+        for phase in Phase::ALL {
+            for outdated in [false, true] {
+                for task in [
+                    Task::Advance,
+                    Task::Update {
+                        release: "v2".into(),
+                    },
+                ] {
+                    let s = steps(
+                        &task,
+                        phase,
+                        NodeFacts {
+                            config_outdated: outdated,
+                        },
+                    );
+                    if let Some(reg) = s.iter().position(|x| *x == Register) {
+                        let health = s
+                            .iter()
+                            .position(|x| *x == HealthCheck)
+                            .expect("health before register");
+                        assert!(health < reg, "{task:?} from {phase}: {s:?}");
+                        // The release it verifies is the one last activated.
+                        let activated = s.iter().rposition(|x| *x == Activate);
+                        let resumed_verifying = phase == Phase::Verifying && !outdated;
+                        assert!(
+                            activated.is_some_and(|a| a < health) || resumed_verifying,
+                            "{task:?} from {phase}: {s:?}"
+                        );
+                        if let Some(p) = s.iter().rposition(|x| *x == Provision) {
+                            assert!(p < activated.unwrap_or(0) || resumed_verifying);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn phase_tags_only_move_forward_after_their_work() {
+        let s = steps(&Task::Advance, Phase::Launching, FRESH);
+        let pos = |step: &Step| s.iter().position(|x| x == step).unwrap();
+        assert!(pos(&AwaitReachable) < pos(&set(Phase::Provisioning)));
+        assert!(pos(&Provision) < pos(&set(Phase::Releasing)));
+        assert!(
+            pos(&Activate)
+                < pos(&SetPhase {
+                    phase: Phase::Verifying,
+                    release: true
+                })
+        );
+        assert!(pos(&Register) < pos(&set(Phase::InService)));
+    }
+
+    #[test]
+    fn an_update_leaves_service_before_anything_changes_on_the_node() {
+        let s = steps(
+            &Task::Update {
+                release: "v2".into(),
+            },
+            Phase::InService,
+            FRESH,
+        );
+        assert_eq!(s[0], set(Phase::Releasing));
+        assert_eq!(s[1], LeaveService);
+        assert!(!s.contains(&Provision));
+        let s = steps(
+            &Task::Update {
+                release: "v2".into(),
+            },
+            Phase::InService,
+            NodeFacts {
+                config_outdated: true,
+            },
+        );
+        assert_eq!(
+            &s[..4],
+            [
+                set(Phase::Releasing),
+                LeaveService,
+                AwaitReachable,
+                Provision
+            ]
+        );
+        assert_eq!(&s[4..6], [Ship, Activate]);
+    }
+
+    #[test]
+    fn a_crash_mid_update_resumes_out_of_service() {
+        // The tag says releasing: Advance from there leaves service first.
+        let s = steps(&Task::Advance, Phase::Releasing, FRESH);
+        assert_eq!(s[0], LeaveService);
+    }
+
+    #[test]
+    fn nothing_serving_is_terminated_before_deregistration_and_hooks() {
+        // Invariant 3, from every phase.
+        for phase in Phase::ALL {
+            let s = steps(
+                &Task::Drain {
+                    reason: "scale-in".into(),
+                },
+                phase,
+                FRESH,
+            );
+            let term = s
+                .iter()
+                .position(|x| *x == Terminate)
+                .expect("drain terminates");
+            if phase != Phase::Terminating {
+                let dereg = s.iter().position(|x| *x == Deregister).unwrap();
+                let hooks = s.iter().position(|x| *x == DrainHooks).unwrap();
+                assert!(dereg < hooks && hooks < term, "{phase}: {s:?}");
+                assert!(s.contains(&set(Phase::Terminating)));
+            }
+        }
+    }
+
+    #[test]
+    fn rollback_swaps_in_place_and_rechecks() {
+        let s = steps(
+            &Task::Rollback {
+                release: "v1".into(),
+            },
+            Phase::InService,
+            FRESH,
+        );
+        assert_eq!(
+            s,
+            [
+                Reactivate,
+                HealthCheck,
+                SetPhase {
+                    phase: Phase::InService,
+                    release: true
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn in_service_nodes_have_nothing_to_advance() {
+        assert!(steps(&Task::Advance, Phase::InService, FRESH).is_empty());
+    }
+}

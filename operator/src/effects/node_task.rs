@@ -1,0 +1,734 @@
+//! Executes a node task: the steps [`lifecycle::steps`] chose, one by one,
+//! against the cloud and the node.
+//!
+//! Between steps the task checks for cancellation (a safe point); long
+//! waits (reachability, health, drain) also stop when cancelled. Every
+//! error is classified into an [`Outcome`]: retry later, replace the node,
+//! or halt the release.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_cloud::{tags, Cloud, CloudError, Instance, InstanceState, Phase, TargetState};
+use hangar_crds::{AddressKind, ClusterSpec};
+use tokio::time::Instant;
+
+use async_trait::async_trait;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::core::fleet::Task;
+use crate::core::lifecycle::{self, NodeFacts, Step};
+use crate::core::rollout::KnownRelease;
+use crate::effects::health::{self, HealthProbe};
+use crate::effects::release::{self, Artifact, ReleaseConfig, ReleaseError};
+use crate::effects::runbook::{self, Facts, Runbook};
+use crate::effects::ssh::{Session, SshError, SshPool, Target};
+use crate::effects::tasks::{Outcome, TaskHandle};
+
+/// A node task's window on the cluster's instances: it reads its instance
+/// from the runtime's shared inventory (never with a listing of its own:
+/// fifty nodes coming up must not cost fifty DescribeInstances a second)
+/// and records there what it wrote, so the next pass sees it before EC2's
+/// eventually consistent listing does.
+#[async_trait]
+pub trait InstanceView: Send + Sync {
+    async fn get(&self, id: &str) -> Result<Option<Instance>, CloudError>;
+    fn wrote_phase(&self, id: &str, phase: Phase, release: Option<&str>, config: Option<&str>);
+    fn terminated(&self, id: &str);
+}
+
+/// Label of `hangar_ssh_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+/// Everything a task needs, snapshotted when it starts.
+#[derive(Clone)]
+pub struct NodeContext {
+    pub cluster: String,
+    pub spec: Arc<ClusterSpec>,
+    /// Resolved runbook path (absent for a cluster whose spec was removed:
+    /// such a cluster is only drained).
+    pub runbook: Option<PathBuf>,
+    pub env_file: Option<PathBuf>,
+    pub config_hash: Option<String>,
+    /// The release new nodes get (the target).
+    pub release: String,
+    /// The release to fall back to when `release` fails on an updated node.
+    pub fallback_release: Option<String>,
+    /// Artifact and sha256 of every release hangar may ship (the spec's and
+    /// the ones it remembers), so a node can get the last good release even
+    /// after the spec moved on to a failing one.
+    pub artifacts: std::collections::BTreeMap<String, KnownRelease>,
+    pub cloud: Cloud,
+    pub ssh: Arc<SshPool>,
+    pub instances: Arc<dyn InstanceView>,
+    pub ssh_errors: Family<KindLabel, Counter>,
+}
+
+/// Why a step failed, already classified.
+enum Fail {
+    Retry(String),
+    Node(String),
+    Release(String),
+    Cancelled,
+    /// The instance no longer exists (terminated behind hangar's back).
+    Gone,
+}
+
+impl From<CloudError> for Fail {
+    fn from(e: CloudError) -> Self {
+        // Our own instance listing said the node is ours; anything the cloud
+        // refuses now is worth another look later, not a replacement.
+        Fail::Retry(e.to_string())
+    }
+}
+
+pub async fn run(ctx: NodeContext, instance: Instance, task: Task, handle: TaskHandle) -> Outcome {
+    let facts = NodeFacts {
+        config_outdated: ctx
+            .config_hash
+            .as_deref()
+            .is_some_and(|c| instance.tags.get(tags::CONFIG).map(String::as_str) != Some(c)),
+    };
+    let phase = instance.phase.unwrap_or(Phase::Launching);
+    let steps = lifecycle::steps(&task, phase, facts);
+    let release = match &task {
+        Task::Update { release } | Task::Rollback { release } => release.clone(),
+        _ => ctx.release.clone(),
+    };
+    let mut run = NodeRun {
+        ctx,
+        instance,
+        task: task.clone(),
+        handle,
+        session: None,
+        release,
+        deregistered: false,
+    };
+    for step in &steps {
+        if run.handle.cancelled() {
+            return Outcome::Cancelled;
+        }
+        if let Err(fail) = run.step(step).await {
+            return run.outcome(fail).await;
+        }
+    }
+    Outcome::Done
+}
+
+struct NodeRun {
+    ctx: NodeContext,
+    instance: Instance,
+    task: Task,
+    handle: TaskHandle,
+    /// Held while steps talk to the node; released before long waits so
+    /// the pool's concurrency slot goes to nodes with work to do (the
+    /// connection itself stays pooled).
+    session: Option<Arc<Session>>,
+    release: String,
+    deregistered: bool,
+}
+
+impl NodeRun {
+    fn id(&self) -> &str {
+        &self.instance.id
+    }
+
+    fn spec(&self) -> &ClusterSpec {
+        &self.ctx.spec
+    }
+
+    async fn step(&mut self, step: &Step) -> Result<(), Fail> {
+        match step {
+            Step::AwaitReachable => self.await_reachable().await,
+            Step::Provision => self.provision().await,
+            Step::LeaveService => self.leave_service().await,
+            Step::Ship => self.ship().await,
+            Step::Activate => self.activate().await,
+            Step::Reactivate => self.reactivate().await,
+            Step::HealthCheck => self.health_check().await,
+            Step::Register => self.register().await,
+            Step::Deregister => self.drain().await,
+            Step::DrainHooks => self.drain_hooks().await,
+            Step::Terminate => self.terminate().await,
+            Step::SetPhase { phase, release } => {
+                let rel = release.then_some(self.release.as_str());
+                match self
+                    .ctx
+                    .cloud
+                    .compute
+                    .set_phase(self.id(), *phase, rel)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(CloudError::NotFound { .. }) => {
+                        self.ctx.instances.terminated(&self.instance.id);
+                        return Err(Fail::Gone);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                self.ctx
+                    .instances
+                    .wrote_phase(&self.instance.id, *phase, rel, None);
+                self.instance.phase = Some(*phase);
+                if *phase == Phase::InService {
+                    self.handle
+                        .note("in-service", format!("is in service on {}", self.release));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Turns a failure into the task's outcome; an update that failed its
+    /// health check first puts the node back on the release it had.
+    async fn outcome(&mut self, fail: Fail) -> Outcome {
+        match fail {
+            Fail::Cancelled => Outcome::Cancelled,
+            // Whatever the task was for, a drained node that is gone is done.
+            Fail::Gone if matches!(self.task, Task::Drain { .. }) => Outcome::Done,
+            Fail::Gone => Outcome::NodeFailed(format!("{} is gone", self.id())),
+            Fail::Retry(why) => Outcome::Retry(why),
+            Fail::Node(why) => Outcome::NodeFailed(why),
+            Fail::Release(why) => {
+                if matches!(self.task, Task::Update { .. }) {
+                    if let Err(e) = self.restore().await {
+                        // Could not put it back: it must not serve; replace it.
+                        return Outcome::NodeFailed(format!(
+                            "{why}; restoring the previous release failed: {e}"
+                        ));
+                    }
+                    return Outcome::ReleaseFailed {
+                        release: self.ctx.release.clone(),
+                        reason: format!("{}: {why}", self.id()),
+                    };
+                }
+                Outcome::ReleaseFailed {
+                    release: self.release.clone(),
+                    reason: format!("{}: {why}", self.id()),
+                }
+            }
+        }
+    }
+
+    /// After a failed update: previous release back, healthy, registered.
+    async fn restore(&mut self) -> Result<(), String> {
+        let session = self.session().await.map_err(|e| fail_text(&e))?;
+        let config = self.release_config().map_err(|e| fail_text(&e))?;
+        let back = match &self.ctx.fallback_release {
+            Some(good) => release::activate(&session, &config, good)
+                .await
+                .map(|r| r.id),
+            None => release::rollback(&session, &config).await,
+        }
+        .map_err(|e| e.to_string())?;
+        self.release = back.clone();
+        self.handle
+            .note("rollback", format!("rolled back to {back}"));
+        self.health_check().await.map_err(|e| fail_text(&e))?;
+        self.ctx
+            .cloud
+            .compute
+            .set_phase(self.id(), Phase::Verifying, Some(&back))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.ctx
+            .instances
+            .wrote_phase(&self.instance.id, Phase::Verifying, Some(&back), None);
+        self.register().await.map_err(|e| fail_text(&e))?;
+        self.ctx
+            .cloud
+            .compute
+            .set_phase(self.id(), Phase::InService, Some(&back))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.ctx
+            .instances
+            .wrote_phase(&self.instance.id, Phase::InService, Some(&back), None);
+        Ok(())
+    }
+
+    fn address(&self) -> Option<IpAddr> {
+        match self.spec().ssh.address {
+            AddressKind::PrivateIp => self.instance.private_ip,
+            AddressKind::PublicIp => self.instance.public_ip,
+        }
+    }
+
+    fn target(&self) -> Result<Target, Fail> {
+        let ip = self.address().ok_or_else(|| {
+            Fail::Retry(format!(
+                "{} has no {:?} address yet",
+                self.id(),
+                self.spec().ssh.address
+            ))
+        })?;
+        Ok(Target::new(self.id(), ip, self.spec().ssh.port))
+    }
+
+    async fn session(&mut self) -> Result<Arc<Session>, Fail> {
+        if let Some(s) = &self.session {
+            return Ok(s.clone());
+        }
+        let target = self.target()?;
+        let s = Arc::new(
+            self.ctx
+                .ssh
+                .session(&target)
+                .await
+                .map_err(|e| self.ssh_fail(e))?,
+        );
+        self.session = Some(s.clone());
+        Ok(s)
+    }
+
+    fn ssh_fail(&self, e: SshError) -> Fail {
+        self.ctx
+            .ssh_errors
+            .get_or_create(&KindLabel {
+                kind: ssh_kind(&e).into(),
+            })
+            .inc();
+        if matches!(e, SshError::HostKey(_)) {
+            // A changed host key is never "retry": it is a possible attack
+            // or a reused address, and the node must not be trusted.
+            return Fail::Node(e.to_string());
+        }
+        if e.is_transient() {
+            Fail::Retry(e.to_string())
+        } else {
+            Fail::Node(e.to_string())
+        }
+    }
+
+    /// Waits, up to the health-check deadline, for the instance to run and
+    /// answer SSH (a fresh VM takes a while to boot).
+    async fn await_reachable(&mut self) -> Result<(), Fail> {
+        let deadline = Instant::now() + self.spec().release.health_check.deadline.get();
+        let mut last;
+        loop {
+            if self.handle.cancelled() {
+                return Err(Fail::Cancelled);
+            }
+            if self.instance.state == InstanceState::Running && self.address().is_some() {
+                match self.session().await {
+                    Ok(_) => {
+                        self.handle.note("reachable", "answers SSH".to_string());
+                        return Ok(());
+                    }
+                    Err(Fail::Node(why)) => return Err(Fail::Node(why)),
+                    Err(Fail::Retry(why)) => last = why,
+                    Err(other) => return Err(other),
+                }
+            } else {
+                last = format!("instance is {:?}", self.instance.state).to_lowercase();
+                self.refresh_instance().await?;
+            }
+            if Instant::now() >= deadline {
+                return Err(Fail::Node(format!(
+                    "not reachable over SSH in time; last: {last}"
+                )));
+            }
+            self.pause(Duration::from_secs(1)).await?;
+        }
+    }
+
+    /// The instance as the shared inventory sees it now: its state and
+    /// addresses change while it boots. Gone from the inventory means
+    /// terminated (the listing leaves those out).
+    async fn refresh_instance(&mut self) -> Result<(), Fail> {
+        match self.ctx.instances.get(&self.instance.id).await {
+            Ok(Some(i)) => self.instance = i,
+            Ok(None) => return Err(Fail::Gone),
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    async fn pause(&mut self, d: Duration) -> Result<(), Fail> {
+        self.session = None;
+        tokio::select! {
+            _ = self.handle.cancel.cancelled() => Err(Fail::Cancelled),
+            _ = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+
+    async fn provision(&mut self) -> Result<(), Fail> {
+        let Some(path) = self.ctx.runbook.clone() else {
+            return Err(Fail::Retry(
+                "the cluster's spec is gone: cannot provision".into(),
+            ));
+        };
+        // A runbook that does not load is the spec's problem, not the node's.
+        let runbook = Runbook::load(&path).map_err(|e| Fail::Retry(e.to_string()))?;
+        let ip = self.address().map(|ip| ip.to_string()).unwrap_or_default();
+        let facts = Facts::for_node(self.spec(), self.id(), &ip);
+        let plan = runbook
+            .plan(&self.spec().provision.vars, &facts)
+            .map_err(|e| Fail::Retry(e.to_string()))?;
+        let session = self.session().await?;
+        let report = runbook::apply(&session, &plan).await;
+        let summary = report.to_string();
+        if let Some(failed) = report.failure() {
+            let why = format!("provisioning failed at `{}`: {summary}", failed.name);
+            // A dropped connection is worth a retry; a failing step is not.
+            if session.run("true").await.is_err() {
+                self.session = None;
+                return Err(Fail::Retry(why));
+            }
+            return Err(Fail::Node(why));
+        }
+        if let Some(env) = &self.ctx.env_file {
+            let contents = release::read_env_file(env).map_err(|e| Fail::Retry(e.to_string()))?;
+            let config = self.release_config()?;
+            release::place_env_file(&session, &config, &contents)
+                .await
+                .map_err(|e| self.release_fail(e, false))?;
+        }
+        if let Some(hash) = &self.ctx.config_hash {
+            self.ctx.cloud.compute.set_config(self.id(), hash).await?;
+            self.ctx.instances.wrote_phase(
+                &self.instance.id,
+                self.instance.phase.unwrap_or(Phase::Provisioning),
+                None,
+                Some(hash),
+            );
+        }
+        self.handle.note(
+            "provision",
+            format!(
+                "provisioned: {}",
+                summary.lines().last().unwrap_or_default()
+            ),
+        );
+        Ok(())
+    }
+
+    fn release_config(&self) -> Result<ReleaseConfig, Fail> {
+        ReleaseConfig::from_spec(&self.spec().release).map_err(|e| Fail::Retry(e.to_string()))
+    }
+
+    /// Classifies a release error: connection trouble retries; a hook or
+    /// health failure of a release not yet proven is the release's fault.
+    fn release_fail(&self, e: ReleaseError, release_fault: bool) -> Fail {
+        match e {
+            ReleaseError::Ssh(s) => self.ssh_fail(s),
+            ReleaseError::ChecksumMismatch { .. } => Fail::Retry(e.to_string()),
+            ReleaseError::Artifact { .. } | ReleaseError::Invalid(_) => Fail::Retry(e.to_string()),
+            ReleaseError::HookFailed { .. } if release_fault => Fail::Release(e.to_string()),
+            _ => Fail::Node(e.to_string()),
+        }
+    }
+
+    /// A failure of the release on this node counts against the release
+    /// unless that release is already proven on the fleet.
+    fn release_unproven(&self) -> bool {
+        self.ctx.fallback_release.as_deref() != Some(self.release.as_str())
+    }
+
+    async fn ship(&mut self) -> Result<(), Fail> {
+        let known = self.ctx.artifacts.get(&self.release).ok_or_else(|| {
+            Fail::Retry(format!(
+                "hangar does not know the artifact of release {}",
+                self.release
+            ))
+        })?;
+        let source = known
+            .artifact
+            .parse::<hangar_crds::ArtifactSource>()
+            .map_err(|e| Fail::Retry(e.to_string()))?;
+        let artifact = self
+            .ctx
+            .cloud
+            .artifacts
+            .fetch(&source, &known.sha256)
+            .await
+            .map_err(|e| Fail::Retry(e.to_string()))?;
+        let session = self.session().await?;
+        let config = self.release_config()?;
+        let report = release::ship(
+            &session,
+            &config,
+            &self.release,
+            &Artifact::new(&artifact.path, &artifact.sha256),
+        )
+        .await
+        .map_err(|e| self.release_fail(e, false))?;
+        if report.uploaded {
+            self.handle.note(
+                "ship",
+                format!(
+                    "got release {} ({} bytes in {:.1}s)",
+                    report.id,
+                    report.bytes,
+                    report.elapsed.as_secs_f64()
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    async fn activate(&mut self) -> Result<(), Fail> {
+        let session = self.session().await?;
+        let config = self.release_config()?;
+        let unproven = self.release_unproven();
+        let report = release::activate(&session, &config, &self.release)
+            .await
+            .map_err(|e| self.release_fail(e, unproven))?;
+        self.handle.note(
+            "activate",
+            format!("activated {} (was {:?})", report.id, report.replaced),
+        );
+        Ok(())
+    }
+
+    /// Emergency rollback in place: the target release is on the node from
+    /// before (else it is shipped again).
+    async fn reactivate(&mut self) -> Result<(), Fail> {
+        let session = self.session().await?;
+        let config = self.release_config()?;
+        let state = release::read_state(&session, &config)
+            .await
+            .map_err(|e| self.release_fail(e, false))?;
+        if !state.releases.contains(&self.release) {
+            self.ship().await?;
+        }
+        let report = release::activate(&session, &config, &self.release)
+            .await
+            .map_err(|e| self.release_fail(e, false))?;
+        self.handle.note(
+            "rollback",
+            format!("swapped back to {} (from {:?})", report.id, report.replaced),
+        );
+        Ok(())
+    }
+
+    async fn health_check(&mut self) -> Result<(), Fail> {
+        let ip = self
+            .address()
+            .ok_or_else(|| Fail::Retry("no address".into()))?;
+        let probe = HealthProbe::for_node(ip, &self.spec().release.health_check);
+        self.session = None;
+        let result = tokio::select! {
+            _ = self.handle.cancel.cancelled() => return Err(Fail::Cancelled),
+            r = health::wait_healthy(&probe) => r,
+        };
+        match result {
+            Ok(h) => {
+                self.handle.note(
+                    "healthy",
+                    format!(
+                        "healthy on {} after {} attempt(s)",
+                        self.release, h.attempts
+                    ),
+                );
+                Ok(())
+            }
+            Err(e) if self.release_unproven() => Err(Fail::Release(e.to_string())),
+            Err(e) => Err(Fail::Node(e.to_string())),
+        }
+    }
+
+    fn target_group(&self) -> String {
+        self.spec().load_balancer.target_group_arn.clone()
+    }
+
+    async fn target_state(&self) -> Result<Option<TargetState>, Fail> {
+        let health = self
+            .ctx
+            .cloud
+            .load_balancer
+            .target_health(&self.target_group())
+            .await?;
+        Ok(health
+            .into_iter()
+            .find(|t| t.id == self.instance.id)
+            .map(|t| t.state))
+    }
+
+    /// Registers, then waits (up to the health deadline) for the ALB to
+    /// call the target healthy: only then does it count as serving.
+    async fn register(&mut self) -> Result<(), Fail> {
+        let tg = self.target_group();
+        self.ctx
+            .cloud
+            .load_balancer
+            .register(&tg, std::slice::from_ref(&self.instance.id))
+            .await?;
+        let deadline = Instant::now() + self.spec().release.health_check.deadline.get();
+        loop {
+            match self.target_state().await? {
+                Some(TargetState::Healthy) => break,
+                state if Instant::now() >= deadline => {
+                    return Err(Fail::Node(format!(
+                        "the load balancer never saw it healthy (last state: {state:?}); check the target group's health check"
+                    )))
+                }
+                _ => self.pause(Duration::from_secs(2)).await?,
+            }
+        }
+        self.handle.note(
+            "register",
+            "registered in the target group, healthy there".to_string(),
+        );
+        Ok(())
+    }
+
+    /// Out of the target group and drained, for an update.
+    async fn leave_service(&mut self) -> Result<(), Fail> {
+        match self.target_state().await? {
+            None | Some(TargetState::Unused) => Ok(()),
+            Some(_) => self.drain().await,
+        }
+    }
+
+    /// Deregisters, then waits until the ALB stops reporting the target as
+    /// draining and the node has no open connection on the application
+    /// port — or the drain timeout passes.
+    async fn drain(&mut self) -> Result<(), Fail> {
+        if !self.deregistered {
+            let tg = self.target_group();
+            match self
+                .ctx
+                .cloud
+                .load_balancer
+                .deregister(&tg, std::slice::from_ref(&self.instance.id))
+                .await
+            {
+                Ok(()) | Err(CloudError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.deregistered = true;
+        }
+        let started = Instant::now();
+        let timeout = self.spec().load_balancer.drain_timeout.get();
+        let port = self.spec().release.health_check.port;
+        let mut lb_done = false;
+        let mut last_lb_check: Option<Instant> = None;
+        loop {
+            // The ELB budget is account-wide: ask it every 2 s at most.
+            if !lb_done && last_lb_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+                lb_done = !matches!(self.target_state().await?, Some(TargetState::Draining));
+                last_lb_check = Some(Instant::now());
+            }
+            let open = if lb_done {
+                self.open_connections(port).await
+            } else {
+                None
+            };
+            if lb_done && open.unwrap_or(0) == 0 {
+                self.handle.note(
+                    "drained",
+                    format!("drained in {:.1}s", started.elapsed().as_secs_f64()),
+                );
+                return Ok(());
+            }
+            if started.elapsed() >= timeout {
+                self.handle.note(
+                    "drained",
+                    format!(
+                        "drain timeout ({}s) reached with {:?} connection(s) open",
+                        timeout.as_secs(),
+                        open
+                    ),
+                );
+                return Ok(());
+            }
+            self.pause(Duration::from_millis(500)).await?;
+        }
+    }
+
+    /// Established connections to `port` on the node; `None` if the node
+    /// cannot be asked (then only the drain timeout protects in-flight work).
+    async fn open_connections(&mut self, port: u16) -> Option<u32> {
+        if self.instance.state != InstanceState::Running {
+            return Some(0);
+        }
+        let session = self.session().await.ok()?;
+        // Only connections to this node's own address: a host may carry
+        // other listeners on the port (other containers, or in the local
+        // cloud other nodes sharing the network namespace).
+        let cmd = match self.instance.private_ip {
+            Some(ip) => format!("ss -Htn state established '( sport = :{port} )' src {ip} | wc -l"),
+            None => format!("ss -Htn state established '( sport = :{port} )' | wc -l"),
+        };
+        let out = session.run(&cmd).await.ok()?;
+        out.stdout_lossy().trim().parse().ok()
+    }
+
+    async fn drain_hooks(&mut self) -> Result<(), Fail> {
+        let hooks = self.spec().drain.hooks.clone();
+        if hooks.is_empty() || self.instance.state != InstanceState::Running {
+            return Ok(());
+        }
+        let timeout = self.spec().drain.timeout.get();
+        let Ok(session) = self.session().await else {
+            self.handle.note(
+                "drain-hooks",
+                "unreachable: drain hooks skipped".to_string(),
+            );
+            return Ok(());
+        };
+        let started = Instant::now();
+        for hook in &hooks {
+            let left = timeout.saturating_sub(started.elapsed());
+            let outcome = session
+                .exec(hook, crate::effects::ssh::Stdin::Null, left)
+                .await;
+            match outcome {
+                Ok(out) if out.success() => {}
+                // A hook failing must not keep a node alive forever: say so and go on.
+                Ok(out) => self.handle.note(
+                    "drain-hooks",
+                    format!("drain hook `{hook}` exited {}", out.status),
+                ),
+                Err(e) => self
+                    .handle
+                    .note("drain-hooks", format!("drain hook `{hook}`: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn terminate(&mut self) -> Result<(), Fail> {
+        self.session = None;
+        if let Ok(t) = self.target() {
+            self.ctx.ssh.forget(&t).await;
+        }
+        match self
+            .ctx
+            .cloud
+            .compute
+            .terminate(std::slice::from_ref(&self.instance.id))
+            .await
+        {
+            Ok(()) | Err(CloudError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.ctx.instances.terminated(&self.instance.id);
+        self.handle.note("terminate", "terminated".to_string());
+        Ok(())
+    }
+}
+
+fn fail_text(f: &Fail) -> String {
+    match f {
+        Fail::Retry(s) | Fail::Node(s) | Fail::Release(s) => s.clone(),
+        Fail::Cancelled => "cancelled".into(),
+        Fail::Gone => "the instance is gone".into(),
+    }
+}
+
+fn ssh_kind(e: &SshError) -> &'static str {
+    match e {
+        SshError::HostKey(_) => "host_key",
+        _ if e.is_transient() => "transient",
+        _ => "other",
+    }
+}

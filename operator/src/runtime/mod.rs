@@ -1,0 +1,17 @@
+//! The runtime: the long-running `hangar run` process around the core —
+//! triggers, the reconcile loop, the shared inventory, specs, status, the
+//! HTTP API, telemetry, the lease and settings.
+
+pub mod clouds;
+pub mod controller;
+pub mod http;
+pub mod inventory;
+pub mod lease;
+pub mod reconcile;
+mod run;
+pub mod settings;
+pub mod specs;
+pub mod status;
+pub mod telemetry;
+
+pub use run::{run, RunError};
