@@ -13,6 +13,10 @@ pub const REGION: &str = "us-east-1";
 pub const ACCESS_KEY_ID: &str = "hangar-local";
 pub const SECRET_ACCESS_KEY: &str = "hangar-local";
 
+/// The key the test harness's own clients sign with: its calls get their
+/// own token buckets and counters, apart from hangar's ([`ACCESS_KEY_ID`]).
+pub const HARNESS_ACCESS_KEY_ID: &str = "hangar-local-harness";
+
 /// moto answers in milliseconds; anything slower than this is a hung emulator.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -31,7 +35,13 @@ impl Clients {
     /// from the host's environment or `~/.aws` is read, so a developer's
     /// real AWS profile can never leak into the emulator (or the reverse).
     pub async fn connect(endpoint: &str, region: &str) -> Clients {
-        let sdk = sdk_config(endpoint, region).await;
+        Clients::connect_as(endpoint, region, ACCESS_KEY_ID).await
+    }
+
+    /// Clients signing with `access_key_id` (the gateway counts, throttles
+    /// and blocks per key).
+    pub async fn connect_as(endpoint: &str, region: &str, access_key_id: &str) -> Clients {
+        let sdk = sdk_config_as(endpoint, region, access_key_id).await;
         Clients::from_sdk(sdk)
     }
 
@@ -54,12 +64,17 @@ impl Clients {
 
 /// An `SdkConfig` for moto at `endpoint`, independent of the host's environment.
 pub async fn sdk_config(endpoint: &str, region: &str) -> SdkConfig {
+    sdk_config_as(endpoint, region, ACCESS_KEY_ID).await
+}
+
+/// [`sdk_config`] signing with `access_key_id`.
+pub async fn sdk_config_as(endpoint: &str, region: &str, access_key_id: &str) -> SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())
         .empty_test_environment()
         .region(Region::new(region.to_string()))
         .endpoint_url(endpoint)
         .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-            ACCESS_KEY_ID,
+            access_key_id,
             SECRET_ACCESS_KEY,
             None,
             None,
@@ -78,11 +93,16 @@ pub async fn sdk_config(endpoint: &str, region: &str) -> SdkConfig {
 /// The environment a process (`hangar run`, the AWS CLI) needs to talk to
 /// this emulator, as `(name, value)` pairs.
 pub fn process_env(endpoint: &str, region: &str) -> Vec<(String, String)> {
+    process_env_as(endpoint, region, ACCESS_KEY_ID)
+}
+
+/// [`process_env`] with another access key id (a second operator).
+pub fn process_env_as(endpoint: &str, region: &str, access_key_id: &str) -> Vec<(String, String)> {
     [
         ("AWS_ENDPOINT_URL", endpoint),
         ("AWS_REGION", region),
         ("AWS_DEFAULT_REGION", region),
-        ("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID),
+        ("AWS_ACCESS_KEY_ID", access_key_id),
         ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
         // No instance metadata service on a laptop: skip the 1 s probe.
         ("AWS_EC2_METADATA_DISABLED", "true"),

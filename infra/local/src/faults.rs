@@ -394,7 +394,7 @@ fn identify(parts: &hyper::http::request::Parts, body: &[u8]) -> Call {
 }
 
 /// `AWS4-HMAC-SHA256 Credential=AKID/20240101/us-east-1/ec2/aws4_request, …` → `ec2`.
-fn signing_name(authorization: &str) -> Option<&str> {
+pub(crate) fn signing_name(authorization: &str) -> Option<&str> {
     let credential = authorization.split("Credential=").nth(1)?;
     let scope = credential.split([',', ' ']).next()?;
     let mut parts = scope.split('/');
@@ -402,7 +402,7 @@ fn signing_name(authorization: &str) -> Option<&str> {
     parts.nth(3)
 }
 
-fn query_action(query: Option<&str>, body: &[u8]) -> Option<String> {
+pub(crate) fn query_action(query: Option<&str>, body: &[u8]) -> Option<String> {
     let from = |bytes: &[u8]| {
         form_urlencoded::parse(bytes)
             .find(|(k, _)| k == "Action")
@@ -412,7 +412,7 @@ fn query_action(query: Option<&str>, body: &[u8]) -> Option<String> {
 }
 
 /// `/service/GraniteServiceVersion20100801/operation/GetMetricData` → `GetMetricData`.
-fn rpc_v2_operation(path: &str) -> Option<String> {
+pub(crate) fn rpc_v2_operation(path: &str) -> Option<String> {
     let (_, op) = path.rsplit_once("/operation/")?;
     let op = op.trim_end_matches('/');
     (!op.is_empty() && !op.contains('/')).then(|| op.to_string())
@@ -420,7 +420,7 @@ fn rpc_v2_operation(path: &str) -> Option<String> {
 
 /// Path-style S3: `/bucket` or `/bucket/key…`. Good enough for hangar,
 /// which only reads objects.
-fn s3_operation(method: &str, path: &str) -> String {
+pub(crate) fn s3_operation(method: &str, path: &str) -> String {
     let has_key = path
         .trim_start_matches('/')
         .split_once('/')
@@ -455,19 +455,38 @@ fn error_response(service: Service, fault: &Fault) -> Response<Full<Bytes>> {
         (Service::Ec2, _) => (503, "Unavailable", "The server is overloaded"),
         (_, _) => (503, "ServiceUnavailable", "Service is unavailable"),
     };
+    aws_error(service, status, code, message)
+}
+
+/// The service's throttling error (EC2 `RequestLimitExceeded` 503, ELBv2
+/// and CloudWatch `Throttling` 400, S3 `SlowDown` 503).
+pub fn throttling_error(service: Service) -> Response<Full<Bytes>> {
+    error_response(service, &Fault::Throttle)
+}
+
+/// An error answer in `service`'s wire protocol: EC2's
+/// `<Response><Errors><Error>…`, ELBv2's `<ErrorResponse>`, CloudWatch's
+/// RPCv2-CBOR map, S3's `<Error>`. `message` is escaped here.
+pub fn aws_error(
+    service: Service,
+    status: u16,
+    code: &str,
+    message: &str,
+) -> Response<Full<Bytes>> {
     let request_id = "00000000-0000-4000-8000-fa017fa017fa";
+    let xml_message = xml_escape(message);
     let (content_type, body): (&str, Vec<u8>) = match service {
         Service::Ec2 => (
             "text/xml;charset=UTF-8",
             format!(
-                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>{request_id}</RequestID></Response>"
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{xml_message}</Message></Error></Errors><RequestID>{request_id}</RequestID></Response>"
             )
             .into_bytes(),
         ),
         Service::Elbv2 => (
             "text/xml",
             format!(
-                "<ErrorResponse xmlns=\"http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/\"><Error><Type>{}</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>{request_id}</RequestId></ErrorResponse>",
+                "<ErrorResponse xmlns=\"http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/\"><Error><Type>{}</Type><Code>{code}</Code><Message>{xml_message}</Message></Error><RequestId>{request_id}</RequestId></ErrorResponse>",
                 sender_or_receiver(status)
             )
             .into_bytes(),
@@ -482,7 +501,7 @@ fn error_response(service: Service, fault: &Fault) -> Response<Full<Bytes>> {
         Service::S3 | Service::Other => (
             "application/xml",
             format!(
-                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message><RequestId>{request_id}</RequestId></Error>"
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{xml_message}</Message><RequestId>{request_id}</RequestId></Error>"
             )
             .into_bytes(),
         ),
@@ -501,6 +520,12 @@ fn error_response(service: Service, fault: &Fault) -> Response<Full<Bytes>> {
         }
     }
     resp
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn sender_or_receiver(status: u16) -> &'static str {
@@ -542,11 +567,15 @@ fn cbor_head(out: &mut Vec<u8>, major: u8, len: u64) {
 
 /// Small, seedable, dependency-free PRNG (SplitMix64) for reproducible
 /// probabilistic faults.
-#[derive(Default)]
-struct SplitMix64(u64);
+#[derive(Debug, Default)]
+pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn new(seed: u64) -> SplitMix64 {
+        SplitMix64(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -555,7 +584,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
+    pub(crate) fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }

@@ -1,32 +1,47 @@
 //! The local cloud's AWS endpoint (`AWS_ENDPOINT_URL`): moto, with the
-//! load balancer's control plane answering like an ALB's.
+//! promises and failure modes of AWS that moto lacks.
 //!
-//! moto registers and deregisters targets instantly and calls every target
-//! healthy. hangar relies on the ALB's answers: after `RegisterTargets` it
-//! waits for `healthy`; after `DeregisterTargets` it waits while the target
-//! is `draining`. So every request is forwarded to moto unchanged, except:
-//! - `RegisterTargets` / `DeregisterTargets` on the LB's target group: once
-//!   moto accepted them, the LB data plane is told *before* the caller gets
-//!   its answer — when `DeregisterTargets` returns, no new request goes to
-//!   the target (no polling lag for an operator to race against);
-//! - `DescribeTargetHealth` on that group reports what the data plane
-//!   sees: `initial` until the LB's own health checks pass, `healthy`,
-//!   `unhealthy` (with the last failure), and `draining` for deregistered
-//!   targets while requests are still in flight to them (at most the
-//!   deregistration delay) — then they vanish, as on an ALB.
+//! Every request is forwarded to moto, except where AWS behaves otherwise
+//! (each behaviour is a field of [`Semantics`], on by default):
+//! - [`ec2`]: `RunInstances` with a `ClientToken` launches once (repeats
+//!   answer with the first reservation, other parameters are
+//!   `IdempotentParameterMismatch`); per-subnet capacity errors
+//!   ([`Capacity`]); `DescribeInstances` shows new instances and tag
+//!   changes only after a lag ([`consistency`]);
+//! - [`elb`]: target health and draining as the LB data plane sees them;
+//! - [`throttle`]: AWS's token buckets per access key and API family,
+//!   answered with the service's own throttling error;
+//! - [`accounting`]: calls, throttles and errors per access key and action,
+//!   and blocking one service for one key (its connections are reset);
+//! - [`admin`]: an HTTP API for all of that under `/_hangar/`.
 //!
-//! The local cloud's own services (seeding, host manager, the LB's reads)
-//! talk to moto directly.
+//! The caller is read from the SigV4 `Authorization` header
+//! (`Credential=AKID/date/region/service/aws4_request`), the action from
+//! the protocol. The local cloud's own services (seeding, host manager, the
+//! LB's reads) talk to moto directly, so nothing here delays or throttles
+//! them.
 
-use std::collections::BTreeSet;
-use std::convert::Infallible;
+pub mod accounting;
+pub mod admin;
+pub mod consistency;
+mod ec2;
+mod elb;
+pub mod semantics;
+pub mod throttle;
+pub mod xml;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -34,7 +49,15 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::lb::{Health, Lb, TargetView};
+pub use accounting::{ApiCalls, CallCounts};
+pub use semantics::{Bucket, Capacity, Lag, Semantics, ThrottleLimits};
+
+use crate::faults::{self, Service};
+use crate::lb::Lb;
+use accounting::{Accounting, Outcome};
+use consistency::Consistency;
+use throttle::{BucketId, Throttle};
+use xml::Document;
 
 /// Largest request the gateway buffers (release artifacts go to S3 through it).
 const MAX_BODY: usize = 1 << 30;
@@ -51,16 +74,32 @@ pub enum GatewayError {
     BadUpstream(String),
 }
 
-/// A running gateway.
-#[derive(Clone, Debug)]
+/// A running gateway; cheap to clone. Its methods are the test controls.
+#[derive(Clone)]
 pub struct Gateway {
     addr: SocketAddr,
+    shared: Arc<Shared>,
 }
 
-struct Shared {
+impl fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gateway").field("addr", &self.addr).finish()
+    }
+}
+
+pub(crate) struct Shared {
     upstream: Uri,
     client: Client<HttpConnector, Full<Bytes>>,
     lb: Lb,
+    semantics: Semantics,
+    accounting: Accounting,
+    throttle: Option<Throttle>,
+    capacity: Mutex<BTreeMap<String, Capacity>>,
+    /// Client token → its launch (see [`ec2::run_instances`]).
+    tokens: Mutex<HashMap<String, Arc<ec2::TokenEntry>>>,
+    consistency: Mutex<Consistency>,
+    /// Tag writes one at a time, so "the tags before" are exact.
+    tag_writes: tokio::sync::Mutex<()>,
 }
 
 impl Gateway {
@@ -69,6 +108,7 @@ impl Gateway {
         listen: SocketAddr,
         moto_endpoint: &str,
         lb: Lb,
+        semantics: Semantics,
         cancel: CancellationToken,
     ) -> Result<(Gateway, JoinHandle<()>), GatewayError> {
         let upstream: Uri = moto_endpoint
@@ -87,11 +127,23 @@ impl Gateway {
             addr: listen,
             source,
         })?;
-        let shared = std::sync::Arc::new(Shared {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x5eed);
+        let shared = Arc::new(Shared {
             upstream,
             client: Client::builder(TokioExecutor::new()).build_http(),
             lb,
+            throttle: semantics.throttling.map(Throttle::new),
+            consistency: Mutex::new(Consistency::new(semantics.listing_lag, seed)),
+            semantics,
+            accounting: Accounting::default(),
+            capacity: Mutex::new(BTreeMap::new()),
+            tokens: Mutex::new(HashMap::new()),
+            tag_writes: tokio::sync::Mutex::new(()),
         });
+        let accept_shared = shared.clone();
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             loop {
@@ -107,11 +159,12 @@ impl Gateway {
                         }
                     },
                 };
-                let shared = shared.clone();
+                let _ = stream.set_nodelay(true);
+                let shared = accept_shared.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |req| {
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+                        async move { handle(&shared, req).await }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -120,7 +173,7 @@ impl Gateway {
             }
             connections.shutdown().await;
         });
-        Ok((Gateway { addr }, task))
+        Ok((Gateway { addr, shared }, task))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -131,273 +184,274 @@ impl Gateway {
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    pub fn semantics(&self) -> &Semantics {
+        &self.shared.semantics
+    }
+
+    /// What `RunInstances` into `subnet` answers from now on.
+    pub fn set_subnet_capacity(&self, subnet: &str, capacity: Capacity) {
+        self.shared.set_capacity(subnet, capacity);
+    }
+
+    /// Subnets not [`Capacity::Available`].
+    pub fn subnet_capacities(&self) -> BTreeMap<String, Capacity> {
+        self.shared.capacities()
+    }
+
+    /// Calls so far, per access key id and action.
+    pub fn api_calls(&self) -> ApiCalls {
+        self.shared.accounting.snapshot()
+    }
+
+    pub fn reset_api_calls(&self) {
+        self.shared.accounting.reset();
+    }
+
+    /// Resets the connection of every `service` call (a SigV4 signing name:
+    /// `dynamodb`, `ec2`, `elasticloadbalancing`/`elbv2`, `s3`,
+    /// `monitoring`/`cloudwatch`) signed with `access_key_id`, until
+    /// [`unblock`](Self::unblock): a network partition for that caller.
+    pub fn block(&self, access_key_id: &str, service: &str) {
+        self.shared.accounting.block(access_key_id, service);
+    }
+
+    pub fn unblock(&self, access_key_id: &str, service: &str) {
+        self.shared.accounting.unblock(access_key_id, service);
+    }
 }
 
-/// What an ELBv2 call asks, from its form body.
-struct Call {
-    action: String,
-    target_group_arn: Option<String>,
-    /// `Targets.member.N.Id` / `.Port`.
-    targets: Vec<(String, Option<u16>)>,
+/// Who is calling what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Caller {
+    /// From the SigV4 credential; `anonymous` when unsigned.
+    pub access_key_id: String,
+    /// The SigV4 signing name (`ec2`, `elasticloadbalancing`, `dynamodb`…);
+    /// `unsigned` when there is none.
+    pub service: String,
+    pub action: String,
 }
 
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+impl Caller {
+    fn identify(parts: &hyper::http::request::Parts, body: &[u8]) -> Caller {
+        let credential = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|a| a.split("Credential=").nth(1))
+            .and_then(|c| c.split([',', ' ']).next())
+            .unwrap_or("");
+        let mut scope = credential.split('/');
+        let access_key_id = scope
+            .next()
+            .filter(|k| !k.is_empty())
+            .unwrap_or("anonymous")
+            .to_string();
+        let service = scope.nth(2).unwrap_or("unsigned").to_string();
+        let target = parts
+            .headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|t| t.rsplit('.').next())
+            .map(str::to_string);
+        let action = match service.as_str() {
+            "s3" => Some(faults::s3_operation(
+                parts.method.as_str(),
+                parts.uri.path(),
+            )),
+            "monitoring" => faults::rpc_v2_operation(parts.uri.path())
+                .or_else(|| faults::query_action(parts.uri.query(), body)),
+            _ => target.or_else(|| faults::query_action(parts.uri.query(), body)),
+        }
+        .unwrap_or_else(|| parts.method.as_str().to_string());
+        Caller {
+            access_key_id,
+            service,
+            action,
+        }
+    }
+
+    /// The service as [`crate::faults`] names it, for protocol-correct errors.
+    fn wire(&self) -> Service {
+        match self.service.as_str() {
+            "ec2" => Service::Ec2,
+            "elasticloadbalancing" => Service::Elbv2,
+            "monitoring" => Service::CloudWatch,
+            "s3" => Service::S3,
+            _ => Service::Other,
+        }
+    }
+}
+
+/// Why a connection is dropped without an answer.
+#[derive(Debug)]
+struct Dropped(&'static str);
+
+impl fmt::Display for Dropped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
+    if req.uri().path().starts_with(admin::PREFIX) && !req.headers().contains_key(AUTHORIZATION) {
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        return Ok(admin::handle(shared, &method, &path));
+    }
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return plain(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body: {e}")),
-    };
-    let call = is_elbv2(&parts).then(|| parse_call(&body));
-    let mut upstream_uri = hyper::http::uri::Parts::from(shared.upstream.clone());
-    upstream_uri.path_and_query = parts.uri.path_and_query().cloned();
-    let Ok(uri) = Uri::from_parts(upstream_uri) else {
-        return plain(StatusCode::BAD_REQUEST, "bad request URI");
-    };
-    let mut upstream = Request::from_parts(parts, Full::new(body));
-    *upstream.uri_mut() = uri;
-    let resp = match shared.client.request(upstream).await {
-        Ok(resp) => resp,
         Err(e) => {
-            return plain(
+            return Ok(plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body: {e}"),
+            ))
+        }
+    };
+    let caller = Caller::identify(&parts, &body);
+    let record = |outcome| {
+        shared.accounting.record(
+            &caller.access_key_id,
+            &caller.service,
+            &caller.action,
+            outcome,
+        )
+    };
+    if shared
+        .accounting
+        .is_blocked(&caller.access_key_id, &caller.service)
+    {
+        record(Outcome::Blocked);
+        // Dropping the connection unanswered is what a partition looks like.
+        return Err(Dropped("blocked"));
+    }
+    if let Some(throttle) = &shared.throttle {
+        let buckets = BucketId::for_call(&caller.service, &caller.action);
+        if let Err(bucket) = throttle.admit(&caller.access_key_id, buckets, Instant::now()) {
+            tracing::debug!(key = %caller.access_key_id, action = %caller.action, ?bucket, "throttled");
+            record(Outcome::Throttled);
+            return Ok(faults::throttling_error(caller.wire()));
+        }
+    }
+    let resp = match (caller.service.as_str(), caller.action.as_str()) {
+        ("ec2", "RunInstances") => ec2::run_instances(shared, parts, body).await,
+        ("ec2", "DescribeInstances") => ec2::describe_instances(shared, parts, body).await,
+        ("ec2", action @ ("CreateTags" | "DeleteTags")) => {
+            ec2::write_tags(shared, parts, body, action).await
+        }
+        ("elasticloadbalancing", _) => elb::handle(shared, parts, body).await,
+        _ => shared.pass(parts, body).await,
+    };
+    record(Outcome::Answered(resp.status().as_u16()));
+    Ok(resp)
+}
+
+impl Shared {
+    fn set_capacity(&self, subnet: &str, capacity: Capacity) {
+        let mut map = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        if capacity == Capacity::Available {
+            map.remove(subnet);
+        } else {
+            map.insert(subnet.to_string(), capacity);
+        }
+    }
+
+    fn capacities(&self) -> BTreeMap<String, Capacity> {
+        self.capacity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sends the caller's request to moto; its whole answer, or the
+    /// gateway's own 502 when moto cannot be reached.
+    async fn send(
+        &self,
+        parts: &hyper::http::request::Parts,
+        body: Bytes,
+    ) -> Result<(hyper::http::response::Parts, Bytes), Response<Full<Bytes>>> {
+        let mut upstream_uri = hyper::http::uri::Parts::from(self.upstream.clone());
+        upstream_uri.path_and_query = parts.uri.path_and_query().cloned();
+        let Ok(uri) = Uri::from_parts(upstream_uri) else {
+            return Err(plain(StatusCode::BAD_REQUEST, "bad request URI"));
+        };
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = upstream_headers(&parts.headers);
+        self.exchange(req).await
+    }
+
+    /// [`send`](Self::send), answered as it came.
+    async fn pass(&self, parts: hyper::http::request::Parts, body: Bytes) -> Response<Full<Bytes>> {
+        match self.send(&parts, body).await {
+            Ok((parts, body)) => Response::from_parts(parts, Full::new(body)),
+            Err(resp) => resp,
+        }
+    }
+
+    async fn exchange(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(hyper::http::response::Parts, Bytes), Response<Full<Bytes>>> {
+        let resp = self.client.request(req).await.map_err(|e| {
+            plain(
                 StatusCode::BAD_GATEWAY,
                 &format!("moto unreachable: {}", crate::aws::error_chain(&e)),
             )
-        }
-    };
-    let (mut parts, body) = resp.into_parts();
-    let body = match body.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return plain(
-                StatusCode::BAD_GATEWAY,
-                &format!("moto's answer broke: {e}"),
-            )
-        }
-    };
-    let Some(call) = call else {
-        return Response::from_parts(parts, Full::new(body));
-    };
-    let ours = call.target_group_arn.as_deref() == Some(shared.lb.target_group_arn());
-    if !parts.status.is_success() || !ours {
-        return Response::from_parts(parts, Full::new(body));
+        })?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| {
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("moto's answer broke: {e}"),
+                )
+            })?
+            .to_bytes();
+        Ok((parts, body))
     }
-    let arn = shared.lb.target_group_arn().to_string();
-    let body = match call.action.as_str() {
-        "RegisterTargets" => {
-            shared.lb.note_registered(&arn, &call.targets);
-            body
-        }
-        "DeregisterTargets" => {
-            shared.lb.note_deregistered(&arn, &call.targets);
-            body
-        }
-        "DescribeTargetHealth" => {
-            let asked: Vec<String> = call.targets.iter().map(|(id, _)| id.clone()).collect();
-            match rewrite_target_health(&body, &shared.lb.targets(), &asked) {
-                Some(rewritten) => {
-                    // The length changed; hyper sets it from the new body.
-                    parts.headers.remove(hyper::header::CONTENT_LENGTH);
-                    Bytes::from(rewritten)
-                }
-                None => body,
-            }
-        }
-        _ => body,
-    };
-    Response::from_parts(parts, Full::new(body))
-}
 
-fn is_elbv2(parts: &hyper::http::request::Parts) -> bool {
-    parts
-        .headers
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|a| a.split("Credential=").nth(1))
-        .and_then(|c| c.split([',', ' ']).next())
-        .and_then(|scope| scope.split('/').nth(3))
-        == Some("elasticloadbalancing")
-}
-
-fn parse_call(body: &[u8]) -> Call {
-    let mut call = Call {
-        action: String::new(),
-        target_group_arn: None,
-        targets: Vec::new(),
-    };
-    let mut ids = std::collections::BTreeMap::<u32, (Option<String>, Option<u16>)>::new();
-    for (k, v) in form_urlencoded::parse(body) {
-        match k.as_ref() {
-            "Action" => call.action = v.into_owned(),
-            "TargetGroupArn" => call.target_group_arn = Some(v.into_owned()),
-            key => {
-                let Some(rest) = key.strip_prefix("Targets.member.") else {
-                    continue;
-                };
-                let Some((n, field)) = rest.split_once('.') else {
-                    continue;
-                };
-                let Ok(n) = n.parse::<u32>() else { continue };
-                let entry = ids.entry(n).or_default();
-                match field {
-                    "Id" => entry.0 = Some(v.into_owned()),
-                    "Port" => entry.1 = v.parse().ok(),
-                    _ => {}
-                }
-            }
+    /// The gateway's own EC2 query to moto (signed like the caller's
+    /// request, so moto picks the same region), parsed.
+    async fn internal(&self, like: &HeaderMap, form: &ec2::Form) -> Result<Document, String> {
+        let mut req = Request::new(Full::new(ec2::encode_form(form)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.upstream.clone();
+        if let Some(auth) = like.get(AUTHORIZATION) {
+            req.headers_mut().insert(AUTHORIZATION, auth.clone());
         }
+        req.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded; charset=utf-8"),
+        );
+        let (parts, body) = self
+            .exchange(req)
+            .await
+            .map_err(|r| format!("HTTP {}", r.status()))?;
+        let text = std::str::from_utf8(&body).map_err(|e| e.to_string())?;
+        if !parts.status.is_success() {
+            return Err(format!(
+                "HTTP {}: {}",
+                parts.status,
+                text.chars().take(300).collect::<String>()
+            ));
+        }
+        Document::parse(text).map_err(|e| e.to_string())
     }
-    call.targets = ids
-        .into_values()
-        .filter_map(|(id, port)| Some((id?, port)))
-        .collect();
-    call
 }
 
-/// One `<member>` of moto's `TargetHealthDescriptions`.
-#[derive(Debug, PartialEq)]
-struct Member {
-    id: String,
-    port: Option<u16>,
-    health_check_port: Option<String>,
-    state: String,
-    reason: Option<String>,
-    description: Option<String>,
-}
-
-fn tag<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
-    let open = format!("<{name}>");
-    let close = format!("</{name}>");
-    let start = xml.find(&open)? + open.len();
-    let len = xml[start..].find(&close)?;
-    Some(&xml[start..start + len])
-}
-
-fn parse_members(xml: &str) -> Option<Vec<Member>> {
-    let list = match tag(xml, "TargetHealthDescriptions") {
-        Some(list) => list,
-        // An empty list may be omitted or self-closed.
-        None if xml.contains("<DescribeTargetHealthResult") => "",
-        None => return None,
-    };
-    let mut members = Vec::new();
-    for chunk in list.split("<member>").skip(1) {
-        let id = tag(chunk, "Id")?.to_string();
-        members.push(Member {
-            id,
-            port: tag(chunk, "Port").and_then(|p| p.parse().ok()),
-            health_check_port: tag(chunk, "HealthCheckPort").map(str::to_string),
-            state: tag(chunk, "State").unwrap_or("unavailable").to_string(),
-            reason: tag(chunk, "Reason").map(str::to_string),
-            description: tag(chunk, "Description").map(str::to_string),
-        });
-    }
-    Some(members)
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// moto's answer with the data plane's truth merged in; `None` when the
-/// body is not the expected XML (then moto's answer passes unchanged).
-fn rewrite_target_health(body: &[u8], lb: &[TargetView], asked: &[String]) -> Option<String> {
-    let xml = std::str::from_utf8(body).ok()?;
-    let members = parse_members(xml)?;
-    let find = |id: &str, port: Option<u16>| {
-        lb.iter()
-            .find(|t| t.instance_id == id && port.is_none_or(|p| p == t.port))
-    };
-    let mut out: Vec<Member> = Vec::new();
-    let mut seen = BTreeSet::new();
-    for mut m in members {
-        match find(&m.id, m.port) {
-            Some(t) if t.registered => {
-                let (state, reason, description) = match t.health {
-                    Health::Initial => (
-                        "initial",
-                        Some("Elb.InitialHealthChecking"),
-                        Some("Initial health checks in progress".to_string()),
-                    ),
-                    Health::Healthy => ("healthy", None, None),
-                    Health::Unhealthy => (
-                        "unhealthy",
-                        Some("Target.FailedHealthChecks"),
-                        Some(
-                            t.last_check_error
-                                .clone()
-                                .unwrap_or_else(|| "Health checks failed".into()),
-                        ),
-                    ),
-                };
-                m.state = state.into();
-                m.reason = reason.map(str::to_string);
-                m.description = description;
-            }
-            Some(t) => {
-                m.port = Some(t.port);
-                m.state = "draining".into();
-                m.reason = Some("Target.DeregistrationInProgress".into());
-                m.description = Some("Target deregistration is in progress".into());
-            }
-            // Registered in moto, not yet seen by the data plane.
-            None if m.state == "healthy" => {
-                m.state = "initial".into();
-                m.reason = Some("Elb.RegistrationInProgress".into());
-                m.description = Some("Target registration is in progress".into());
-            }
-            None => {}
-        }
-        seen.insert((m.id.clone(), m.port));
-        out.push(m);
-    }
-    // Draining targets moto no longer lists (all of them, unless the call
-    // asked about specific targets).
-    for t in lb.iter().filter(|t| !t.registered) {
-        let wanted = asked.is_empty() || asked.contains(&t.instance_id);
-        if wanted && !seen.contains(&(t.instance_id.clone(), Some(t.port))) {
-            out.push(Member {
-                id: t.instance_id.clone(),
-                port: Some(t.port),
-                health_check_port: Some("traffic-port".into()),
-                state: "draining".into(),
-                reason: Some("Target.DeregistrationInProgress".into()),
-                description: Some("Target deregistration is in progress".into()),
-            });
-        }
-    }
-    let mut list = String::new();
-    for m in &out {
-        list.push_str("<member><Target><Id>");
-        list.push_str(&escape(&m.id));
-        list.push_str("</Id>");
-        if let Some(p) = m.port {
-            list.push_str(&format!("<Port>{p}</Port>"));
-        }
-        list.push_str("</Target>");
-        if let Some(p) = &m.health_check_port {
-            list.push_str(&format!("<HealthCheckPort>{}</HealthCheckPort>", escape(p)));
-        }
-        list.push_str(&format!(
-            "<TargetHealth><State>{}</State>",
-            escape(&m.state)
-        ));
-        if let Some(r) = &m.reason {
-            list.push_str(&format!("<Reason>{}</Reason>", escape(r)));
-        }
-        if let Some(d) = &m.description {
-            list.push_str(&format!("<Description>{}</Description>", escape(d)));
-        }
-        list.push_str("</TargetHealth></member>");
-    }
-    let request_id = tag(xml, "RequestId").unwrap_or("hangar-local");
-    Some(format!(
-        "<DescribeTargetHealthResponse xmlns=\"http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/\">\
-         <DescribeTargetHealthResult><TargetHealthDescriptions>{list}</TargetHealthDescriptions></DescribeTargetHealthResult>\
-         <ResponseMetadata><RequestId>{request_id}</RequestId></ResponseMetadata></DescribeTargetHealthResponse>"
-    ))
+/// The caller's headers for moto: the body may have been rewritten, so its
+/// length is hyper's to set again.
+fn upstream_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    out.remove(CONTENT_LENGTH);
+    out.remove(TRANSFER_ENCODING);
+    out
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
@@ -410,80 +464,65 @@ fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
 
-    const MOTO: &str = "<DescribeTargetHealthResponse xmlns=\"http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/\"><DescribeTargetHealthResult><TargetHealthDescriptions><member><Target><Id>i-a</Id><Port>80</Port></Target><HealthCheckPort>traffic-port</HealthCheckPort><TargetHealth><State>healthy</State></TargetHealth></member><member><Target><Id>i-b</Id><Port>80</Port></Target><HealthCheckPort>traffic-port</HealthCheckPort><TargetHealth><State>healthy</State></TargetHealth></member><member><Target><Id>i-new</Id><Port>80</Port></Target><HealthCheckPort>traffic-port</HealthCheckPort><TargetHealth><State>healthy</State></TargetHealth></member></TargetHealthDescriptions></DescribeTargetHealthResult><ResponseMetadata><RequestId>r1</RequestId></ResponseMetadata></DescribeTargetHealthResponse>";
-
-    fn view(id: &str, registered: bool, health: Health) -> TargetView {
-        TargetView {
-            instance_id: id.into(),
-            port: 80,
-            addr: None,
-            registered,
-            health,
-            last_check_error: Some("HTTP 500 <oops>".into()),
-            in_flight: 1,
-            served: 0,
+    fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> hyper::http::request::Parts {
+        let mut b = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
         }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn auth(key: &str, service: &str) -> String {
+        format!("AWS4-HMAC-SHA256 Credential={key}/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=abc")
     }
 
     #[test]
-    fn target_health_is_what_the_data_plane_sees() {
-        let lb = [
-            view("i-a", true, Health::Healthy),
-            view("i-b", true, Health::Unhealthy),
-            view("i-gone", false, Health::Healthy),
-        ];
-        let out = rewrite_target_health(MOTO.as_bytes(), &lb, &[]).unwrap();
-        let members = parse_members(&out).unwrap();
-        let states: Vec<(&str, &str)> = members
-            .iter()
-            .map(|m| (m.id.as_str(), m.state.as_str()))
-            .collect();
-        assert_eq!(
-            states,
-            [
-                ("i-a", "healthy"),
-                ("i-b", "unhealthy"),
-                ("i-new", "initial"),
-                ("i-gone", "draining")
-            ]
+    fn callers_are_read_from_the_credential_scope_and_protocol() {
+        let ec2 = Caller::identify(
+            &parts("POST", "/", &[("authorization", &auth("AKID1", "ec2"))]),
+            b"Action=RunInstances&Version=2016-11-15",
         );
         assert_eq!(
-            members[1].description.as_deref(),
-            Some("HTTP 500 &lt;oops&gt;")
+            ec2,
+            Caller {
+                access_key_id: "AKID1".into(),
+                service: "ec2".into(),
+                action: "RunInstances".into()
+            }
+        );
+        let ddb = Caller::identify(
+            &parts(
+                "POST",
+                "/",
+                &[
+                    ("authorization", &auth("AKID2", "dynamodb")),
+                    ("x-amz-target", "DynamoDB_20120810.PutItem"),
+                ],
+            ),
+            b"{}",
         );
         assert_eq!(
-            members[3].reason.as_deref(),
-            Some("Target.DeregistrationInProgress")
+            (ddb.service.as_str(), ddb.action.as_str()),
+            ("dynamodb", "PutItem")
         );
-        assert!(out.contains("<RequestId>r1</RequestId>"));
-    }
-
-    #[test]
-    fn asking_for_other_targets_hides_unrelated_draining_ones() {
-        let lb = [view("i-gone", false, Health::Healthy)];
-        let out = rewrite_target_health(MOTO.as_bytes(), &lb, &["i-a".into()]).unwrap();
-        assert!(!out.contains("i-gone"));
-        let out = rewrite_target_health(MOTO.as_bytes(), &lb, &["i-gone".into()]).unwrap();
-        assert!(out.contains("<Id>i-gone</Id>"));
-    }
-
-    #[test]
-    fn an_empty_group_and_foreign_xml() {
-        let empty = "<DescribeTargetHealthResponse><DescribeTargetHealthResult><TargetHealthDescriptions/></DescribeTargetHealthResult></DescribeTargetHealthResponse>";
-        let lb = [view("i-gone", false, Health::Healthy)];
-        let out = rewrite_target_health(empty.as_bytes(), &lb, &[]).unwrap();
-        assert_eq!(parse_members(&out).unwrap().len(), 1);
-        assert!(rewrite_target_health(b"<Error/>", &lb, &[]).is_none());
-    }
-
-    #[test]
-    fn calls_are_read_from_the_form() {
-        let call = parse_call(b"Action=DeregisterTargets&Version=2015-12-01&TargetGroupArn=arn%3Atg&Targets.member.2.Id=i-b&Targets.member.1.Id=i-a&Targets.member.1.Port=8080");
-        assert_eq!(call.action, "DeregisterTargets");
-        assert_eq!(call.target_group_arn.as_deref(), Some("arn:tg"));
+        let s3 = Caller::identify(
+            &parts("PUT", "/bucket/key", &[("authorization", &auth("K", "s3"))]),
+            b"",
+        );
+        assert_eq!(s3.action, "PutObject");
+        let cw = Caller::identify(
+            &parts(
+                "POST",
+                "/service/GraniteServiceVersion20100801/operation/PutMetricData",
+                &[("authorization", &auth("K", "monitoring"))],
+            ),
+            b"\xa0",
+        );
+        assert_eq!(cw.action, "PutMetricData");
+        let none = Caller::identify(&parts("GET", "/moto-api/", &[]), b"");
         assert_eq!(
-            call.targets,
-            [("i-a".to_string(), Some(8080)), ("i-b".to_string(), None)]
+            (none.access_key_id.as_str(), none.service.as_str()),
+            ("anonymous", "unsigned")
         );
     }
 }

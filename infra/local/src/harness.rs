@@ -66,6 +66,7 @@ use aws_sdk_elasticloadbalancingv2::types::TargetDescription;
 
 use crate::artifact::{Artifact, ArtifactError, ReleaseKind};
 use crate::aws::{error_chain, Clients};
+use crate::gateway::{ApiCalls, Capacity, Gateway, Lag, Semantics, ThrottleLimits};
 use crate::hosts::{HostsError, NodeView};
 use crate::lb::{HealthCheckOptions, Lb};
 use crate::load::{LoadError, LoadGenerator, LoadOptions};
@@ -139,6 +140,18 @@ pub struct LocalCloudOptions {
     /// The seeded resources' name and the default spec's `metadata.name`.
     pub cluster_name: String,
     pub moto: MotoOptions,
+    // AWS behaviours the gateway adds to moto (see `crate::gateway`): each
+    // defaults to AWS's; switch one off only with a comment saying why.
+    /// `RunInstances` `ClientToken` idempotency; `None`: off. Default 24 h.
+    pub client_token_ttl: Option<Duration>,
+    /// `DescribeInstances` lag for new instances and tag changes. Default
+    /// uniform 0.5–3 s per change.
+    pub listing_lag: Lag,
+    /// API token buckets per access key; `None`: no throttling. Default AWS's.
+    pub throttling: Option<ThrottleLimits>,
+    /// `DescribeTargetHealth` shows a drained target `draining` until its
+    /// deregistration delay passed, as an ALB does. Default `true`.
+    pub draining_for_whole_delay: bool,
 }
 
 impl Default for LocalCloudOptions {
@@ -148,11 +161,13 @@ impl Default for LocalCloudOptions {
             state_dir: None,
             host_poll: Duration::from_millis(250),
             target_poll: Duration::from_millis(100),
+            // Faster than an ALB can (5 s minimum); the thresholds are the
+            // target group's (seeded 2/2).
             health: HealthCheckOptions {
-                interval: Duration::from_millis(200),
-                timeout: Duration::from_secs(1),
-                healthy_threshold: 2,
-                unhealthy_threshold: 2,
+                interval: Some(Duration::from_millis(200)),
+                timeout: Some(Duration::from_secs(1)),
+                healthy_threshold: None,
+                unhealthy_threshold: None,
             },
             metrics_interval: Duration::from_secs(1),
             lb_listen: None,
@@ -160,6 +175,21 @@ impl Default for LocalCloudOptions {
             deregistration_delay: Duration::from_secs(20),
             cluster_name: "web".into(),
             moto: MotoOptions::default(),
+            client_token_ttl: Semantics::default().client_token_ttl,
+            listing_lag: Lag::default(),
+            throttling: Some(ThrottleLimits::default()),
+            draining_for_whole_delay: true,
+        }
+    }
+}
+
+impl LocalCloudOptions {
+    fn semantics(&self) -> Semantics {
+        Semantics {
+            client_token_ttl: self.client_token_ttl,
+            listing_lag: self.listing_lag,
+            throttling: self.throttling,
+            draining_for_whole_delay: self.draining_for_whole_delay,
         }
     }
 }
@@ -177,8 +207,10 @@ pub struct LocalCloud {
     runtime: Option<tokio::runtime::Runtime>,
     services: Option<Services>,
     moto: Option<Moto>,
-    /// Through the gateway: what hangar sees.
+    /// Through the gateway: what hangar sees (signed with the harness's key).
     clients: Clients,
+    /// Straight to moto: the truth, without lag or throttling.
+    moto_clients: Clients,
     seeded: Seeded,
     key: ClientKey,
     state_dir: PathBuf,
@@ -251,6 +283,7 @@ impl LocalCloud {
             target_poll: options.target_poll,
             health: options.health,
             metrics_interval: options.metrics_interval,
+            semantics: options.semantics(),
         };
         let handle = runtime.handle().clone();
         let started = on_own_thread(move || {
@@ -259,12 +292,16 @@ impl LocalCloud {
                 let internal = Clients::connect(&endpoint, &seed_options.region).await;
                 let seeded = crate::seed::seed(&internal, &seed_options).await?;
                 let services = Services::start(&internal, &seeded, service_options).await?;
-                let clients =
-                    Clients::connect(&services.gateway.endpoint(), &seed_options.region).await;
-                Ok::<_, LocalCloudError>((clients, seeded, services))
+                let clients = Clients::connect_as(
+                    &services.gateway.endpoint(),
+                    &seed_options.region,
+                    crate::aws::HARNESS_ACCESS_KEY_ID,
+                )
+                .await;
+                Ok::<_, LocalCloudError>((clients, internal, seeded, services))
             })
         });
-        let (clients, seeded, services) = match started {
+        let (clients, moto_clients, seeded, services) = match started {
             Ok(parts) => parts,
             Err(e) => {
                 on_own_thread(move || runtime.shutdown_timeout(Duration::from_secs(5)));
@@ -276,6 +313,7 @@ impl LocalCloud {
             services: Some(services),
             moto: Some(moto),
             clients,
+            moto_clients,
             seeded,
             key,
             state_dir,
@@ -341,6 +379,55 @@ impl LocalCloud {
         self.clients.sdk.clone()
     }
 
+    /// SDK clients through the gateway signed with `access_key_id`: a
+    /// second caller with its own token buckets, counters and blocks.
+    pub fn clients_as(&self, access_key_id: &str) -> Clients {
+        let endpoint = self.endpoint();
+        let region = self.region().to_string();
+        let key = access_key_id.to_string();
+        self.block_on(async move { Clients::connect_as(&endpoint, &region, &key).await })
+    }
+
+    /// SDK clients straight to moto: the account as it is now, with no
+    /// listing lag, throttling or blocks (for watchers that check the truth).
+    pub fn moto_clients(&self) -> &Clients {
+        &self.moto_clients
+    }
+
+    /// The AWS endpoint's controls (see [`crate::gateway`]).
+    pub fn gateway(&self) -> &Gateway {
+        &self.services().gateway
+    }
+
+    /// What `RunInstances` into `subnet` answers from now on:
+    /// [`Capacity::Insufficient`] is EC2's HTTP 500
+    /// `InsufficientInstanceCapacity`, [`Capacity::Unsupported`] its 400
+    /// `Unsupported`, [`Capacity::Available`] lifts either.
+    pub fn set_subnet_capacity(&self, subnet: &str, capacity: Capacity) {
+        self.gateway().set_subnet_capacity(subnet, capacity);
+    }
+
+    /// Calls through the AWS endpoint so far, per access key id and action
+    /// (hangar signs with [`crate::aws::ACCESS_KEY_ID`], this harness with
+    /// [`crate::aws::HARNESS_ACCESS_KEY_ID`]).
+    pub fn api_calls(&self) -> ApiCalls {
+        self.gateway().api_calls()
+    }
+
+    pub fn reset_api_calls(&self) {
+        self.gateway().reset_api_calls();
+    }
+
+    /// Resets the connection of every `service` call (`dynamodb`, `ec2`,
+    /// `elbv2`, …) signed with `access_key_id` until [`unblock`](Self::unblock).
+    pub fn block(&self, access_key_id: &str, service: &str) {
+        self.gateway().block(access_key_id, service);
+    }
+
+    pub fn unblock(&self, access_key_id: &str, service: &str) {
+        self.gateway().unblock(access_key_id, service);
+    }
+
     pub fn seeded(&self) -> &Seeded {
         &self.seeded
     }
@@ -400,7 +487,13 @@ impl LocalCloud {
     /// endpoint, region and credentials, plus the `HANGAR_LOCAL_*` values
     /// `infra/local/run/env` exports.
     pub fn env(&self) -> Vec<(String, String)> {
-        let mut env = crate::aws::process_env(&self.endpoint(), self.region());
+        self.env_as(crate::aws::ACCESS_KEY_ID)
+    }
+
+    /// [`env`](Self::env) for a process signing with `access_key_id` (a
+    /// second operator against the same cloud).
+    pub fn env_as(&self, access_key_id: &str) -> Vec<(String, String)> {
+        let mut env = crate::aws::process_env_as(&self.endpoint(), self.region(), access_key_id);
         env.extend(local_env(
             &self.seeded,
             &self.lb_url(),

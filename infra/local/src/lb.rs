@@ -10,10 +10,14 @@
 //!   poll catches up with calls made to moto directly.
 //! - **Health**: the LB checks every registered target itself, like an ALB
 //!   (moto calls every target healthy at once): `GET <path>` of the target
-//!   group's health check, `interval`/`timeout`/thresholds from
-//!   [`HealthCheckOptions`] (fast in tests), success per the target group's
-//!   matcher. A new or re-registered target starts `initial` and gets
-//!   traffic only after `healthy_threshold` consecutive passes.
+//!   group's health check every `HealthCheckIntervalSeconds`, within
+//!   `HealthCheckTimeoutSeconds`, success per the group's matcher. A new or
+//!   re-registered target starts `initial` and gets traffic only after the
+//!   group's `HealthyThresholdCount` consecutive passes; a healthy one turns
+//!   `unhealthy` after `UnhealthyThresholdCount` failures. All of these are
+//!   read from the target group (and re-read when it changes);
+//!   [`HealthCheckOptions`] may override them (tests check every 200 ms,
+//!   which an ALB cannot).
 //! - **Routing**: round-robin over registered *and* healthy targets; `502`
 //!   when there is none (a real ALB answers 503 without registered targets
 //!   and fails open — routes to all — when all are unhealthy; here nothing
@@ -75,27 +79,42 @@ pub enum LbError {
     TargetGroup { arn: String, message: String },
 }
 
-/// ALB-style health checking, done by the LB itself.
+/// ALB-style health checking, done by the LB itself. `None` takes the
+/// target group's own setting (as an ALB does); a value overrides it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheckOptions {
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Consecutive passes before a target gets traffic.
-    pub healthy_threshold: u32,
-    /// Consecutive failures before a healthy target stops getting traffic.
-    pub unhealthy_threshold: u32,
+    /// Overrides `HealthCheckIntervalSeconds`.
+    pub interval: Option<Duration>,
+    /// Overrides `HealthCheckTimeoutSeconds`.
+    pub timeout: Option<Duration>,
+    /// Overrides `HealthyThresholdCount`: consecutive passes before a
+    /// target gets traffic.
+    pub healthy_threshold: Option<u32>,
+    /// Overrides `UnhealthyThresholdCount`: consecutive failures before a
+    /// healthy target stops getting traffic.
+    pub unhealthy_threshold: Option<u32>,
 }
 
 impl Default for HealthCheckOptions {
-    /// Faster than an ALB's minimum (5 s × 2), so the demo stays lively.
+    /// Checks every second, faster than an ALB's 5 s minimum, so the demo
+    /// stays lively; thresholds from the target group.
     fn default() -> Self {
         HealthCheckOptions {
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            healthy_threshold: 2,
-            unhealthy_threshold: 2,
+            interval: Some(Duration::from_secs(1)),
+            timeout: Some(Duration::from_secs(1)),
+            healthy_threshold: None,
+            unhealthy_threshold: None,
         }
     }
+}
+
+/// The health-check settings in force: the group's, less the overrides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct EffectiveHealth {
+    interval: Duration,
+    timeout: Duration,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -264,6 +283,10 @@ struct GroupSettings {
     health_port: Option<u16>,
     matcher: String,
     deregistration_delay: Duration,
+    interval: Duration,
+    timeout: Duration,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
 }
 
 struct Shared {
@@ -282,6 +305,11 @@ struct Shared {
     syncs: AtomicU64,
     directory: watch::Receiver<Directory>,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// moto, for re-reading the target group.
+    elb: aws_sdk_elasticloadbalancingv2::Client,
+    /// Targets that finished draining, with when they were deregistered:
+    /// an ALB still reports them `draining` until the delay has passed.
+    drained: Mutex<BTreeMap<TargetKey, Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -342,6 +370,8 @@ impl Lb {
             syncs: AtomicU64::new(0),
             directory,
             client,
+            elb: elb.clone(),
+            drained: Mutex::new(BTreeMap::new()),
         });
         let lb = Lb { shared };
         let accept = tokio::spawn(lb.clone().accept(listener, cancel.clone()));
@@ -767,6 +797,7 @@ impl Lb {
         key: &TargetKey,
     ) {
         let addr = addr_of(directory, key);
+        lock(&self.shared.drained).remove(key);
         match targets.get_mut(key) {
             Some(t) => {
                 t.addr = addr;
@@ -818,11 +849,16 @@ impl Lb {
                 }
             }
         }
+        let mut lingering = lock(&self.shared.drained);
+        lingering.retain(|_, since| now.duration_since(*since) < delay);
         for key in drained {
             if let Some(t) = targets.remove(&key) {
                 tracing::info!(target = %key.id, "drained");
                 if let Some(checker) = t.checker {
                     checker.abort();
+                }
+                if let Some(since) = t.deregistered_at {
+                    lingering.insert(key, since);
                 }
             }
         }
@@ -872,15 +908,51 @@ impl Lb {
         &self.shared.options.target_group_arn
     }
 
+    /// Drained targets still inside their deregistration delay, as
+    /// `(instance id, port)`: an ALB keeps showing them `draining`.
+    pub fn lingering(&self) -> Vec<(String, u16)> {
+        let delay = lock(&self.shared.settings).deregistration_delay;
+        let now = Instant::now();
+        let mut drained = lock(&self.shared.drained);
+        drained.retain(|_, since| now.duration_since(*since) < delay);
+        drained.keys().map(|k| (k.id.clone(), k.port)).collect()
+    }
+
+    /// The target group's deregistration delay in force.
+    pub fn deregistration_delay(&self) -> Duration {
+        lock(&self.shared.settings).deregistration_delay
+    }
+
+    /// Re-reads the target group's settings now (the gateway calls this
+    /// when a `ModifyTargetGroup*` call succeeded).
+    pub async fn reload_settings(&self) -> Result<(), LbError> {
+        let settings =
+            read_settings(&self.shared.elb, &self.shared.options.target_group_arn).await?;
+        *lock(&self.shared.settings) = settings;
+        Ok(())
+    }
+
+    fn health(&self) -> EffectiveHealth {
+        let o = self.shared.options.health;
+        let s = lock(&self.shared.settings);
+        EffectiveHealth {
+            interval: o.interval.unwrap_or(s.interval),
+            timeout: o.timeout.unwrap_or(s.timeout),
+            healthy_threshold: o.healthy_threshold.unwrap_or(s.healthy_threshold).max(1),
+            unhealthy_threshold: o
+                .unhealthy_threshold
+                .unwrap_or(s.unhealthy_threshold)
+                .max(1),
+        }
+    }
+
     /// Health-checks one target until it is removed.
     async fn check(self, key: TargetKey) {
-        let opts = self.shared.options.health;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(opts.timeout));
         let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .build(connector);
+            .build(HttpConnector::new());
         loop {
+            let opts = self.health();
             let addr = lock(&self.shared.targets).get(&key).and_then(|t| t.addr);
             let settings = lock(&self.shared.settings).clone();
             let result = match addr {
@@ -897,7 +969,7 @@ impl Lb {
     }
 
     fn record_check(&self, key: &TargetKey, result: Result<(), String>) {
-        let opts = self.shared.options.health;
+        let opts = self.health();
         let mut targets = lock(&self.shared.targets);
         let Some(t) = targets.get_mut(key) else {
             return;
@@ -907,7 +979,7 @@ impl Lb {
                 t.ok_streak += 1;
                 t.fail_streak = 0;
                 t.last_error = None;
-                if t.health != Health::Healthy && t.ok_streak >= opts.healthy_threshold.max(1) {
+                if t.health != Health::Healthy && t.ok_streak >= opts.healthy_threshold {
                     tracing::info!(target = %key.id, "healthy");
                     t.health = Health::Healthy;
                 }
@@ -915,8 +987,7 @@ impl Lb {
             Err(e) => {
                 t.fail_streak += 1;
                 t.ok_streak = 0;
-                if t.health != Health::Unhealthy && t.fail_streak >= opts.unhealthy_threshold.max(1)
-                {
+                if t.health != Health::Unhealthy && t.fail_streak >= opts.unhealthy_threshold {
                     tracing::info!(target = %key.id, error = %e, "unhealthy");
                     t.health = Health::Unhealthy;
                 }
@@ -1016,7 +1087,28 @@ async fn read_settings(
             .unwrap_or("200")
             .to_string(),
         deregistration_delay: Duration::from_secs(delay),
+        // An ALB's defaults for an HTTP instance target group.
+        interval: secs(group.health_check_interval_seconds(), 30),
+        timeout: secs(group.health_check_timeout_seconds(), 5),
+        healthy_threshold: count(group.healthy_threshold_count(), 5),
+        unhealthy_threshold: count(group.unhealthy_threshold_count(), 2),
     })
+}
+
+fn secs(value: Option<i32>, default: u64) -> Duration {
+    Duration::from_secs(
+        value
+            .and_then(|v| u64::try_from(v).ok())
+            .filter(|v| *v > 0)
+            .unwrap_or(default),
+    )
+}
+
+fn count(value: Option<i32>, default: u32) -> u32 {
+    value
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(default)
 }
 
 /// One health check: `GET url` within `timeout`, status per `matcher`.

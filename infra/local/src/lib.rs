@@ -14,7 +14,10 @@
 //!   target group and release bucket; [`artifact`]: release tarballs;
 //! - [`hosts`]: the host manager turning running instances into nodes;
 //! - [`lb`]: the load balancer's data plane; [`gateway`]: the AWS endpoint
-//!   (moto, with target health and draining as the data plane sees them);
+//!   (moto, plus what AWS promises and moto does not: ClientToken
+//!   idempotency, listing lag, capacity errors, token-bucket throttling,
+//!   target health and draining as the data plane sees them, per-key call
+//!   accounting and blocking);
 //!   [`metrics`]: the LB's CloudWatch metrics; [`services`]: all of them together;
 //! - [`harness`]: [`LocalCloud`], the whole thing inside one test;
 //! - [`spec`]: ready-to-use cluster specs; [`load`]: a fixed-rate load generator.
@@ -36,6 +39,7 @@ pub mod slot;
 pub mod spec;
 
 pub use artifact::{Artifact, ReleaseKind};
+pub use gateway::{ApiCalls, CallCounts, Capacity, Lag, Semantics};
 pub use harness::{eventually, init_test_logging, LocalCloud, LocalCloudError, LocalCloudOptions};
 pub use spec::ClusterSpec;
 

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::aws::Clients;
-use crate::gateway::{Gateway, GatewayError};
+use crate::gateway::{Gateway, GatewayError, Semantics};
 use crate::hosts::{HostOptions, Hosts, HostsError, NodeView};
 use crate::lb::{HealthCheckOptions, Lb, LbError, LbOptions, TargetView};
 use crate::metrics::{MetricsOptions, Published, Publisher};
@@ -51,6 +51,8 @@ pub struct ServiceOptions {
     pub target_poll: Duration,
     pub health: HealthCheckOptions,
     pub metrics_interval: Duration,
+    /// The AWS behaviours the gateway adds to moto (AWS's by default).
+    pub semantics: Semantics,
 }
 
 /// The running services. Stop them with [`Services::shutdown`]; dropping
@@ -114,6 +116,7 @@ impl Services {
             options.gateway_listen,
             &options.moto_endpoint,
             lb.clone(),
+            options.semantics.clone(),
             cancel.clone(),
         )
         .await?;

@@ -4,6 +4,7 @@
 //! LB + metrics) in the background; `down` stops them by PID; `status` says
 //! what runs; `load` sends fixed-rate traffic through the LB.
 
+mod admin_cmd;
 mod load_cmd;
 mod rundir;
 mod serve;
@@ -43,6 +44,26 @@ enum Command {
     },
     /// Send GET requests through the LB at a fixed rate.
     Load(load_cmd::LoadArgs),
+    /// Make RunInstances into SUBNET fail (off: InsufficientInstanceCapacity,
+    /// unsupported: Unsupported) or launch again (on); no arguments: list.
+    Capacity {
+        subnet: Option<String>,
+        /// on | off | unsupported
+        state: Option<String>,
+    },
+    /// API calls through the gateway per access key and action.
+    Calls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reset the connection of every SERVICE call signed with KEY.
+    Block {
+        key: String,
+        /// A SigV4 signing name: dynamodb, ec2, elbv2, s3, cloudwatch.
+        service: String,
+    },
+    /// Undo `block`.
+    Unblock { key: String, service: String },
     /// The background daemon `up` starts (not for direct use).
     #[command(hide = true)]
     Serve(serve::ServeArgs),
@@ -56,6 +77,10 @@ fn main() -> ExitCode {
         Command::Down => stack::down(&cli.run_dir),
         Command::Status { json } => stack::status(&cli.run_dir, json),
         Command::Load(args) => load_cmd::run(&cli.run_dir, args),
+        Command::Capacity { subnet, state } => admin_cmd::capacity(&cli.run_dir, subnet, state),
+        Command::Calls { json } => admin_cmd::calls(&cli.run_dir, json),
+        Command::Block { key, service } => admin_cmd::block(&cli.run_dir, true, &key, &service),
+        Command::Unblock { key, service } => admin_cmd::block(&cli.run_dir, false, &key, &service),
     };
     match result {
         Ok(code) => code,

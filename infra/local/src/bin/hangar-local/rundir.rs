@@ -145,6 +145,9 @@ pub struct Stack {
     pub host_poll: Duration,
     pub target_poll: Duration,
     pub started: SystemTime,
+    /// The AWS behaviours the gateway emulates (absent in an older stack.json: AWS's).
+    #[serde(default)]
+    pub semantics: hangar_local::gateway::Semantics,
 }
 
 /// `status.json`: the daemon's PID and its services' snapshot.

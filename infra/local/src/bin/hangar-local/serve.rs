@@ -65,6 +65,7 @@ async fn serve(run: &RunDir, stack: &crate::rundir::Stack, slot: Slot) -> Result
             target_poll: stack.target_poll,
             health: stack.health,
             metrics_interval: stack.metrics_interval,
+            semantics: stack.semantics.clone(),
         },
     )
     .await?;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hangar_local::aws::{process_env, Clients};
+use hangar_local::gateway::{Lag, Semantics};
 use hangar_local::harness::local_env;
 use hangar_local::lb::HealthCheckOptions;
 use hangar_local::node::{self, ClientKey};
@@ -38,9 +39,20 @@ pub struct UpArgs {
     /// How often the LB publishes its CloudWatch metrics (divides the spec's 10s period).
     #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
     metrics_interval: Duration,
-    /// How often the LB health-checks each target.
-    #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
-    health_interval: Duration,
+    /// How often the LB health-checks each target (overrides the target
+    /// group's HealthCheckIntervalSeconds; `group` keeps the group's, 5s).
+    #[arg(long, default_value = "1s")]
+    health_interval: String,
+    /// How late DescribeInstances shows new instances and tag changes:
+    /// `500ms-3s` (AWS-like, default), a fixed `2s`, or `0` (at once).
+    #[arg(long, default_value = "500ms-3s", value_parser = Lag::parse)]
+    listing_lag: Lag,
+    /// Turn off AWS's API token buckets (RequestLimitExceeded / Throttling).
+    #[arg(long)]
+    no_throttling: bool,
+    /// Turn off RunInstances ClientToken idempotency (moto launches again).
+    #[arg(long)]
+    no_idempotency: bool,
 }
 
 pub fn up(root: &Path, args: UpArgs) -> Result<ExitCode> {
@@ -163,12 +175,25 @@ fn seed_and_serve(
         seeded,
         metrics_interval: args.metrics_interval,
         health: HealthCheckOptions {
-            interval: args.health_interval,
+            interval: match args.health_interval.as_str() {
+                "group" => None,
+                other => Some(crate::parse_duration(other).map_err(anyhow::Error::msg)?),
+            },
             ..HealthCheckOptions::default()
         },
         host_poll: Duration::from_millis(250),
         target_poll: Duration::from_millis(100),
         started: SystemTime::now(),
+        semantics: Semantics {
+            listing_lag: args.listing_lag,
+            throttling: (!args.no_throttling).then(Default::default),
+            client_token_ttl: if args.no_idempotency {
+                None
+            } else {
+                Semantics::default().client_token_ttl
+            },
+            ..Semantics::default()
+        },
     };
     run.write_stack(&stack)?;
     let pid = spawn_serve(run, lease)?;
