@@ -4,8 +4,10 @@
 //!   started on a loopback port and stopped by PID;
 //! - [`faults`]: a loopback proxy in front of moto that injects
 //!   protocol-correct throttling, 5xx, hangs and resets;
-//! - [`node`]: real OpenSSH `sshd` nodes on loopback addresses, each in its
-//!   own mount namespace.
+//! - [`node`]: `lite` nodes, real OpenSSH `sshd` processes on loopback
+//!   addresses, each in its own mount namespace;
+//! - [`debian`]: `debian` nodes, Debian 12 machines (systemd-nspawn) with
+//!   their own network namespace on the cloud's bridge, apt through the host.
 //!
 //! On top of those, the local cloud itself:
 //! - [`slot`]: each cloud's addresses inside 127.0.0.0/8, leased so clouds
@@ -21,6 +23,7 @@
 
 pub mod artifact;
 pub mod aws;
+pub mod debian;
 pub mod faults;
 pub mod gateway;
 pub mod harness;
@@ -29,6 +32,7 @@ pub mod lb;
 pub mod load;
 pub mod metrics;
 pub mod moto;
+pub mod php_app;
 pub mod node;
 pub mod seed;
 pub mod services;
@@ -36,6 +40,7 @@ pub mod slot;
 pub mod spec;
 
 pub use artifact::{Artifact, ReleaseKind};
+pub use debian::{ImageVariant, NodeKind};
 pub use harness::{eventually, init_test_logging, LocalCloud, LocalCloudError, LocalCloudOptions};
 pub use spec::ClusterSpec;
 

@@ -65,6 +65,10 @@ impl RunDir {
     pub fn nodes(&self) -> PathBuf {
         self.root.join("nodes")
     }
+    /// Cloud-level state of `debian` nodes (the apt proxy).
+    pub fn debian(&self) -> PathBuf {
+        self.root.join("debian")
+    }
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")
     }
@@ -145,6 +149,9 @@ pub struct Stack {
     pub host_poll: Duration,
     pub target_poll: Duration,
     pub started: SystemTime,
+    /// `lite` or `debian` (with its image); absent in older stack files.
+    #[serde(default)]
+    pub nodes: hangar_local::NodeKind,
 }
 
 /// `status.json`: the daemon's PID and its services' snapshot.
