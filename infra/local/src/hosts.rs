@@ -344,6 +344,12 @@ impl Hosts {
         self.lock().nodes.get(instance_id).map(|r| r.view.clone())
     }
 
+    /// Whether the node of `instance_id` is being stopped right now (its
+    /// machine powering off, its namespace and mount not yet released).
+    pub fn is_stopping(&self, instance_id: &str) -> bool {
+        self.lock().stopping.contains(instance_id)
+    }
+
     /// Last start failure per instance that has no node yet.
     pub fn errors(&self) -> BTreeMap<String, String> {
         self.lock().errors.clone()

@@ -213,11 +213,12 @@ impl LocalCloud {
         })
     }
 
-    /// Waits until `instance_id` has no node (stopped or terminated and the
-    /// manager has powered its machine off).
+    /// Waits until `instance_id` has no node: stopped or terminated, its
+    /// machine powered off and its namespace and mount released.
     pub fn wait_no_node(&self, instance_id: &str, timeout: Duration) -> Result<(), LocalCloudError> {
         eventually(timeout, &format!("{instance_id} without a node"), || {
-            self.node(instance_id).is_none().then_some(())
+            (self.node(instance_id).is_none() && !self.hosts().is_stopping(instance_id))
+                .then_some(())
         })
     }
 
