@@ -553,7 +553,10 @@ impl Hosts {
         // State of instances that terminated while they had no node.
         let (active, busy): (HashSet<String>, HashSet<String>) = {
             let state = self.lock();
-            (state.nodes.keys().cloned().collect(), state.stopping.clone())
+            (
+                state.nodes.keys().cloned().collect(),
+                state.stopping.clone(),
+            )
         };
         for dir in node_dirs(&self.options.nodes_dir) {
             let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -573,7 +576,10 @@ impl Hosts {
         let now = Instant::now();
         let (have, busy): (HashSet<String>, HashSet<String>) = {
             let state = self.lock();
-            (state.nodes.keys().cloned().collect(), state.stopping.clone())
+            (
+                state.nodes.keys().cloned().collect(),
+                state.stopping.clone(),
+            )
         };
         for info in listing.values() {
             let Some(ip) = info.private_ip else { continue };
@@ -588,28 +594,28 @@ impl Hosts {
             }
             starting.insert(info.id.clone());
             let state_dir = self.options.nodes_dir.join(&info.id);
-            let start: Box<dyn FnOnce() -> Result<AnyNode, HostsError> + Send> =
-                match &self.debian {
-                    Some(d) => {
-                        let config = MachineConfig {
-                            instance_id: info.id.clone(),
-                            ip,
-                            vpc: d.options.vpc,
-                            image: d.options.image.clone(),
-                            state_dir,
-                            authorized_keys: vec![self.options.authorized_key.clone()],
-                            apt_proxy: d.options.apt_proxy.then(|| d.options.apt_proxy_addr()),
-                            boot_timeout: d.options.boot_timeout,
-                        };
-                        let d = d.clone();
-                        Box::new(move || Ok(AnyNode::Debian(Machine::start(config, &d.bridge)?)))
-                    }
-                    None => {
-                        let config = NodeConfig::new(&info.id, ip, state_dir)
-                            .authorize(self.options.authorized_key.clone());
-                        Box::new(move || Ok(AnyNode::Lite(Node::start(config)?)))
-                    }
-                };
+            let start: Box<dyn FnOnce() -> Result<AnyNode, HostsError> + Send> = match &self.debian
+            {
+                Some(d) => {
+                    let config = MachineConfig {
+                        instance_id: info.id.clone(),
+                        ip,
+                        vpc: d.options.vpc,
+                        image: d.options.image.clone(),
+                        state_dir,
+                        authorized_keys: vec![self.options.authorized_key.clone()],
+                        apt_proxy: d.options.apt_proxy.then(|| d.options.apt_proxy_addr()),
+                        boot_timeout: d.options.boot_timeout,
+                    };
+                    let d = d.clone();
+                    Box::new(move || Ok(AnyNode::Debian(Machine::start(config, &d.bridge)?)))
+                }
+                None => {
+                    let config = NodeConfig::new(&info.id, ip, state_dir)
+                        .authorize(self.options.authorized_key.clone());
+                    Box::new(move || Ok(AnyNode::Lite(Node::start(config)?)))
+                }
+            };
             let done = done.clone();
             let id = info.id.clone();
             tokio::task::spawn_blocking(move || {

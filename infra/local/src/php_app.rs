@@ -119,7 +119,16 @@ pub async fn upload(
     kind: PhpKind,
 ) -> Result<Artifact, ArtifactError> {
     let (bytes, sha256) = build(id, kind)?;
-    crate::artifact::put(s3, bucket, prefix, id, bytes, sha256, kind.as_release_kind()).await
+    crate::artifact::put(
+        s3,
+        bucket,
+        prefix,
+        id,
+        bytes,
+        sha256,
+        kind.as_release_kind(),
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -152,7 +161,11 @@ mod tests {
             assert!(!body.contains("{{"), "{path} has a placeholder left");
         }
         // Decimal indexes (a leading zero would be an octal literal in PHP).
-        let m8 = &files.iter().find(|(p, _)| p == "app/modules/m008.php").unwrap().1;
+        let m8 = &files
+            .iter()
+            .find(|(p, _)| p == "app/modules/m008.php")
+            .unwrap()
+            .1;
         assert!(m8.contains("INDEX = 8;"));
         assert!(m8.contains("namespace HangarFixture\\M008;"));
         assert_eq!(build("v1", PhpKind::Good).unwrap().1, sha);
@@ -173,6 +186,9 @@ mod tests {
         assert_eq!(health.len(), good.len() + 1);
         assert!(health.contains(&"HEALTH_FAIL".to_string()));
         assert!(fatal.contains(&format!("app/modules/m{MODULES:03}.php")));
-        assert!(matches!(build("../x", PhpKind::Good), Err(ArtifactError::BadId(_))));
+        assert!(matches!(
+            build("../x", PhpKind::Good),
+            Err(ArtifactError::BadId(_))
+        ));
     }
 }

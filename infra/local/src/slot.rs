@@ -339,7 +339,10 @@ mod tests {
         let last = Slot::new(MAX).unwrap().bridged();
         assert_eq!(last.cidr(), "198.19.248.0/21");
         // Still inside 198.18.0.0/15.
-        assert_eq!(u32::from(last.network()) >> 17, u32::from(BRIDGED_RANGE) >> 17);
+        assert_eq!(
+            u32::from(last.network()) >> 17,
+            u32::from(BRIDGED_RANGE) >> 17
+        );
         assert!(s5.bridge_name().len() <= 15);
         assert!(format!("{}{}", last.veth_prefix(), "abcdef01").len() <= 15);
     }

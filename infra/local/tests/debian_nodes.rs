@@ -36,7 +36,9 @@ fn launch_ready(cloud: &LocalCloud, n: u32) -> Vec<(String, Ipv4Addr)> {
     let launched = cloud.launch(n).expect("RunInstances");
     assert_eq!(launched.len(), n as usize);
     for l in &launched {
-        cloud.wait_ssh(&l.id, BOOT).expect("the machine answers SSH");
+        cloud
+            .wait_ssh(&l.id, BOOT)
+            .expect("the machine answers SSH");
     }
     eprintln!("{n} machine(s) launched to SSH in {:?}", started.elapsed());
     launched.into_iter().map(|l| (l.id, l.private_ip)).collect()
@@ -47,7 +49,11 @@ fn launch_ready(cloud: &LocalCloud, n: u32) -> Vec<(String, Ipv4Addr)> {
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, BTreeMap<String, String>, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -81,7 +87,11 @@ fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
     let nodes = launch_ready(&cloud, 2);
     let (a, a_ip) = nodes[0].clone();
     let (b, b_ip) = nodes[1].clone();
-    assert!(vpc.contains(a_ip) && vpc.contains(b_ip), "{a_ip} {b_ip} outside {}", vpc.cidr());
+    assert!(
+        vpc.contains(a_ip) && vpc.contains(b_ip),
+        "{a_ip} {b_ip} outside {}",
+        vpc.cidr()
+    );
     assert_eq!(cloud.node_ip(&a), Some(a_ip));
 
     // Each machine generated its own host key; SSH verifies against it
@@ -96,14 +106,42 @@ fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
         .exec_ok("cat /etc/ssh/ssh_host_ed25519_key.pub")
         .unwrap();
     assert_eq!(served.trim(), key_a);
-    assert_eq!(cloud.ssh_ok(&a, DEPLOY_USER, "id -un").unwrap().trim(), "deploy");
+    assert_eq!(
+        cloud.ssh_ok(&a, DEPLOY_USER, "id -un").unwrap().trim(),
+        "deploy"
+    );
     // Passwordless sudo (-n fails instead of prompting).
-    assert_eq!(cloud.ssh_ok(&a, DEPLOY_USER, "sudo -n id -u").unwrap().trim(), "0");
+    assert_eq!(
+        cloud
+            .ssh_ok(&a, DEPLOY_USER, "sudo -n id -u")
+            .unwrap()
+            .trim(),
+        "0"
+    );
     // A wrong key for the address is refused, not trusted.
     let known = cloud.known_hosts(&a).unwrap();
-    std::fs::write(&known, format!("{a_ip} {}\n", key_b.split_whitespace().take(2).collect::<Vec<_>>().join(" "))).unwrap();
+    std::fs::write(
+        &known,
+        format!(
+            "{a_ip} {}\n",
+            key_b
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    )
+    .unwrap();
     let spoofed = std::process::Command::new("ssh")
-        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null", "-o"])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+        ])
         .arg(format!("UserKnownHostsFile={}", known.display()))
         .arg("-i")
         .arg(cloud.key_path())
@@ -111,7 +149,10 @@ fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
         .arg("true")
         .output()
         .unwrap();
-    assert!(!spoofed.status.success(), "ssh accepted another machine's host key");
+    assert!(
+        !spoofed.status.success(),
+        "ssh accepted another machine's host key"
+    );
     // root has no key on a machine (like a cloud image): deploy + sudo only.
     let root = cloud.ssh(&a, "root", "true").unwrap();
     assert!(!root.status.success(), "root logged in: {}", out(&root));
@@ -141,13 +182,28 @@ fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
     assert_eq!(routes.lines().count(), 1, "{routes}");
     // `ip route get` asks the kernel only: no packet leaves for the check.
     let beyond = m.exec("ip route get 203.0.113.10").unwrap();
-    assert!(!beyond.status.success(), "a route beyond the VPC: {}", out(&beyond));
+    assert!(
+        !beyond.status.success(),
+        "a route beyond the VPC: {}",
+        out(&beyond)
+    );
     // Root inside the machine (not nsenter from the host) lacks CAP_NET_ADMIN.
     let add = cloud
-        .ssh(&a, DEPLOY_USER, &format!("sudo -n ip route add default via {}", vpc.gateway()))
+        .ssh(
+            &a,
+            DEPLOY_USER,
+            &format!("sudo -n ip route add default via {}", vpc.gateway()),
+        )
         .unwrap();
-    assert!(!add.status.success(), "the machine could add a default route");
-    assert!(String::from_utf8_lossy(&add.stderr).contains("Operation not permitted"), "{}", out(&add));
+    assert!(
+        !add.status.success(),
+        "the machine could add a default route"
+    );
+    assert!(
+        String::from_utf8_lossy(&add.stderr).contains("Operation not permitted"),
+        "{}",
+        out(&add)
+    );
     assert!(
         m.exec_ok("ip -6 addr").unwrap().trim().is_empty(),
         "IPv6 addresses on a node"
@@ -160,7 +216,9 @@ fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
         .ssh_ok(
             &a,
             DEPLOY_USER,
-            &format!("sudo -n systemd-run --unit=hello-http --property=Restart=no perl -e '{server}'"),
+            &format!(
+                "sudo -n systemd-run --unit=hello-http --property=Restart=no perl -e '{server}'"
+            ),
         )
         .unwrap();
     let (status, _, body) = eventually(Duration::from_secs(20), "hello-http on node A", || {
@@ -168,15 +226,35 @@ fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
     })
     .unwrap();
     assert_eq!(status, 200);
-    assert!(body.contains(&format!("hello from ip-{}", a_ip.to_string().replace('.', "-"))), "{body}");
+    assert!(
+        body.contains(&format!(
+            "hello from ip-{}",
+            a_ip.to_string().replace('.', "-")
+        )),
+        "{body}"
+    );
     let refused = TcpStream::connect_timeout(&SocketAddr::from((b_ip, 80)), Duration::from_secs(2));
-    assert!(refused.is_err(), "node B answers on port 80 although only A listens");
+    assert!(
+        refused.is_err(),
+        "node B answers on port 80 although only A listens"
+    );
     // Nor does the host itself listen on A's port (the lite nodes' catch).
-    let on_host = cloud.machine(&b).unwrap().exec_ok("ss -Htln 'sport = :80'").unwrap();
-    assert!(on_host.trim().is_empty(), "B sees a listener on :80: {on_host}");
+    let on_host = cloud
+        .machine(&b)
+        .unwrap()
+        .exec_ok("ss -Htln 'sport = :80'")
+        .unwrap();
+    assert!(
+        on_host.trim().is_empty(),
+        "B sees a listener on :80: {on_host}"
+    );
     // Node to node through the bridge, like two instances in one VPC.
     let via_b = cloud
-        .ssh_ok(&b, DEPLOY_USER, &format!("curl -s --max-time 5 http://{a_ip}/"))
+        .ssh_ok(
+            &b,
+            DEPLOY_USER,
+            &format!("curl -s --max-time 5 http://{a_ip}/"),
+        )
         .unwrap();
     assert!(via_b.contains("hello from"), "{via_b}");
 
@@ -206,7 +284,11 @@ fn apt_installs_a_package_from_the_archive_through_the_proxy() {
              sudo -n apt-get install -y -q --no-install-recommends hello",
         )
         .unwrap();
-    assert!(install.status.success(), "apt-get failed: {}", out(&install));
+    assert!(
+        install.status.success(),
+        "apt-get failed: {}",
+        out(&install)
+    );
     eprintln!("apt-get update + install hello: {:?}", started.elapsed());
     assert_eq!(
         cloud.ssh_ok(&id, DEPLOY_USER, "hello").unwrap().trim(),
@@ -234,7 +316,13 @@ fn stop_start_reboot_and_terminate_follow_ec2() {
     cloud
         .ssh_ok(&id, DEPLOY_USER, "echo kept > ~/disk-file && sync")
         .unwrap();
-    cloud.ssh_ok(&id, DEPLOY_USER, "sudo -n sh -c 'echo gone > /run/boot-file'").unwrap();
+    cloud
+        .ssh_ok(
+            &id,
+            DEPLOY_USER,
+            "sudo -n sh -c 'echo gone > /run/boot-file'",
+        )
+        .unwrap();
     let netns = cloud.machine(&id).unwrap().net().netns.clone();
 
     // Stop: the machine powers off, its namespace and mount go, the disk stays.
@@ -243,13 +331,26 @@ fn stop_start_reboot_and_terminate_follow_ec2() {
     cloud.wait_no_node(&id, Duration::from_secs(60)).unwrap();
     eprintln!("stop to powered off: {:?}", began.elapsed());
     let state = cloud.state_dir().join("nodes").join(&id);
-    assert!(state.join("upper/home/deploy/disk-file").is_file(), "the disk lost a file");
+    assert!(
+        state.join("upper/home/deploy/disk-file").is_file(),
+        "the disk lost a file"
+    );
     let left = cloud.debian_leftovers();
-    assert!(!left.netns.contains(&netns), "netns {netns} survived the stop");
-    assert!(left.mounts.is_empty(), "mounts survived the stop: {:?}", left.mounts);
+    assert!(
+        !left.netns.contains(&netns),
+        "netns {netns} survived the stop"
+    );
+    assert!(
+        left.mounts.is_empty(),
+        "mounts survived the stop: {:?}",
+        left.mounts
+    );
     // (The cloud's apt proxy runs on; nothing of the machine does.)
     let machine_pids = hangar_local::debian::machine::pids_naming(&state);
-    assert!(machine_pids.is_empty(), "processes survived the stop: {machine_pids:?}");
+    assert!(
+        machine_pids.is_empty(),
+        "processes survived the stop: {machine_pids:?}"
+    );
 
     // Start: same disk, same host key, same IP.
     let began = Instant::now();
@@ -257,13 +358,29 @@ fn stop_start_reboot_and_terminate_follow_ec2() {
     cloud.wait_ssh(&id, BOOT).unwrap();
     eprintln!("start to SSH: {:?}", began.elapsed());
     assert_eq!(cloud.node_ip(&id), Some(ip));
-    assert_eq!(cloud.host_key(&id).unwrap(), key, "the host key changed across stop/start");
-    assert_eq!(cloud.ssh_ok(&id, DEPLOY_USER, "cat ~/disk-file").unwrap().trim(), "kept");
+    assert_eq!(
+        cloud.host_key(&id).unwrap(),
+        key,
+        "the host key changed across stop/start"
+    );
+    assert_eq!(
+        cloud
+            .ssh_ok(&id, DEPLOY_USER, "cat ~/disk-file")
+            .unwrap()
+            .trim(),
+        "kept"
+    );
     let run = cloud.ssh(&id, DEPLOY_USER, "cat /run/boot-file").unwrap();
     assert!(!run.status.success(), "/run survived a power cycle");
 
     // Reboot: a new init, same disk.
-    cloud.ssh_ok(&id, DEPLOY_USER, "sudo -n sh -c 'echo gone > /run/boot-file'").unwrap();
+    cloud
+        .ssh_ok(
+            &id,
+            DEPLOY_USER,
+            "sudo -n sh -c 'echo gone > /run/boot-file'",
+        )
+        .unwrap();
     let before = cloud.node(&id).unwrap().listener_pid;
     let began = Instant::now();
     cloud.reboot_instances(&[&id]).unwrap();
@@ -278,8 +395,18 @@ fn stop_start_reboot_and_terminate_follow_ec2() {
     })
     .unwrap();
     eprintln!("reboot to SSH: {:?}", began.elapsed());
-    assert_eq!(cloud.ssh_ok(&id, DEPLOY_USER, "cat ~/disk-file").unwrap().trim(), "kept");
-    assert!(!cloud.ssh(&id, DEPLOY_USER, "cat /run/boot-file").unwrap().status.success());
+    assert_eq!(
+        cloud
+            .ssh_ok(&id, DEPLOY_USER, "cat ~/disk-file")
+            .unwrap()
+            .trim(),
+        "kept"
+    );
+    assert!(!cloud
+        .ssh(&id, DEPLOY_USER, "cat /run/boot-file")
+        .unwrap()
+        .status
+        .success());
     assert_eq!(cloud.host_key(&id).unwrap(), key);
 
     // Terminate: machine and disk are gone.
@@ -312,13 +439,20 @@ fn dropping_the_cloud_leaves_nothing_behind() {
         .collect();
     // A process a session left behind must die with the machine too.
     cloud
-        .ssh_ok(&nodes[0].0, DEPLOY_USER, "setsid sleep 600 </dev/null >/dev/null 2>&1 &")
+        .ssh_ok(
+            &nodes[0].0,
+            DEPLOY_USER,
+            "setsid sleep 600 </dev/null >/dev/null 2>&1 &",
+        )
         .unwrap();
     drop(cloud);
     let after = hangar_local::debian::leftovers(vpc, &state_dir);
     assert!(after.is_empty(), "left behind: {after:?}");
     for pid in machines {
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "machine init {pid} alive");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "machine init {pid} alive"
+        );
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
@@ -332,7 +466,12 @@ fn dropping_the_cloud_leaves_nothing_behind() {
 /// A step of `runbooks/nginx-php-fpm.yaml`, as hangar's runbook engine
 /// would run it over SSH (operator/src/runbook): guards first, then the
 /// command or the file, `sudo -n` for `become` since the user is `deploy`.
-fn apply_runbook(cloud: &LocalCloud, id: &str, runbook: &Path, app_root: &str) -> Vec<(String, &'static str)> {
+fn apply_runbook(
+    cloud: &LocalCloud,
+    id: &str,
+    runbook: &Path,
+    app_root: &str,
+) -> Vec<(String, &'static str)> {
     let text = std::fs::read_to_string(runbook).unwrap();
     let doc: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
     let vars: BTreeMap<String, String> = doc["vars"]
@@ -371,19 +510,32 @@ fn apply_runbook(cloud: &LocalCloud, id: &str, runbook: &Path, app_root: &str) -
         let become_root = step["become"].as_bool().unwrap_or(false);
         let mut guard = String::new();
         if let Some(u) = step["unless"].as_str() {
-            guard.push_str(&format!("( {}\n) >/dev/null 2>&1 </dev/null && {{ echo skip; exit 0; }}\n", render(u)));
+            guard.push_str(&format!(
+                "( {}\n) >/dev/null 2>&1 </dev/null && {{ echo skip; exit 0; }}\n",
+                render(u)
+            ));
         }
         if let Some(o) = step["onlyIf"].as_str() {
-            guard.push_str(&format!("( {}\n) >/dev/null 2>&1 </dev/null || {{ echo skip; exit 0; }}\n", render(o)));
+            guard.push_str(&format!(
+                "( {}\n) >/dev/null 2>&1 </dev/null || {{ echo skip; exit 0; }}\n",
+                render(o)
+            ));
         }
         if let Some(c) = step["creates"].as_str() {
-            guard.push_str(&format!("[ -e {} ] && {{ echo skip; exit 0; }}\n", quote(&render(c))));
+            guard.push_str(&format!(
+                "[ -e {} ] && {{ echo skip; exit 0; }}\n",
+                quote(&render(c))
+            ));
         }
         if let Some(file) = step.get("file").filter(|f| !f.is_null()) {
             let path = render(file["path"].as_str().unwrap());
             let content = render(file["template"].as_str().unwrap());
             let mode = file["mode"].as_str().unwrap_or("0644");
-            let owner = format!("{}:{}", file["owner"].as_str().unwrap_or("root"), file["group"].as_str().unwrap_or("root"));
+            let owner = format!(
+                "{}:{}",
+                file["owner"].as_str().unwrap_or("root"),
+                file["group"].as_str().unwrap_or("root")
+            );
             // Unchanged content, mode and owner: nothing to do (hangar compares the same).
             let check = format!(
                 "[ -f {p} ] && [ \"$(stat -c '%a %U:%G' {p}) $(sha256sum < {p} | cut -d' ' -f1)\" = {want} ] && echo same",
@@ -394,7 +546,9 @@ fn apply_runbook(cloud: &LocalCloud, id: &str, runbook: &Path, app_root: &str) -
                     hex_sha256(content.as_bytes())
                 )),
             );
-            let same = cloud.ssh(id, DEPLOY_USER, &wrap(&check, become_root)).unwrap();
+            let same = cloud
+                .ssh(id, DEPLOY_USER, &wrap(&check, become_root))
+                .unwrap();
             if String::from_utf8_lossy(&same.stdout).contains("same") {
                 report.push((name, "unchanged"));
                 continue;
@@ -403,20 +557,31 @@ fn apply_runbook(cloud: &LocalCloud, id: &str, runbook: &Path, app_root: &str) -
                 "set -e\nmkdir -p \"$(dirname {p})\"\numask 077\ncat > {p}.hangar-tmp\nchmod {mode} {p}.hangar-tmp\nchown {owner} {p}.hangar-tmp\nmv -f {p}.hangar-tmp {p}\n",
                 p = quote(&path)
             );
-            let o = cloud.ssh_with_input(id, DEPLOY_USER, &wrap(&write, become_root), content.as_bytes()).unwrap();
+            let o = cloud
+                .ssh_with_input(
+                    id,
+                    DEPLOY_USER,
+                    &wrap(&write, become_root),
+                    content.as_bytes(),
+                )
+                .unwrap();
             assert!(o.status.success(), "step `{name}` failed: {}", out(&o));
             report.push((name, "changed"));
             continue;
         }
         let script = render(step["run"].as_str().unwrap());
         if !guard.is_empty() {
-            let g = cloud.ssh(id, DEPLOY_USER, &wrap(&guard, become_root)).unwrap();
+            let g = cloud
+                .ssh(id, DEPLOY_USER, &wrap(&guard, become_root))
+                .unwrap();
             if String::from_utf8_lossy(&g.stdout).contains("skip") {
                 report.push((name, "unchanged"));
                 continue;
             }
         }
-        let o = cloud.ssh(id, DEPLOY_USER, &wrap(&script, become_root)).unwrap();
+        let o = cloud
+            .ssh(id, DEPLOY_USER, &wrap(&script, become_root))
+            .unwrap();
         assert!(o.status.success(), "step `{name}` failed: {}", out(&o));
         report.push((name, "changed"));
     }
@@ -438,7 +603,9 @@ fn place_release(cloud: &LocalCloud, id: &str, app_root: &str, release: &str, ki
          rm -rf $d.tmp/storage; ln -s $r/shared/storage $d.tmp/storage; \
          rm -rf $d; mv $d.tmp $d; ln -sfn $d $r/.current.tmp; mv -T $r/.current.tmp $r/current"
     );
-    let o = cloud.ssh_with_input(id, DEPLOY_USER, &script, &tarball).unwrap();
+    let o = cloud
+        .ssh_with_input(id, DEPLOY_USER, &script, &tarball)
+        .unwrap();
     assert!(o.status.success(), "placing {release}: {}", out(&o));
 }
 
@@ -456,41 +623,77 @@ fn nginx_php_fpm_serves_the_fixture_through_the_lb() {
     let first = apply_runbook(&cloud, &id, &runbook, app_root);
     eprintln!("runbook on the php image: {:?}: {first:?}", began.elapsed());
     // The packages are in the image already: the slow step is a no-op.
-    assert!(first.contains(&("packages".to_string(), "unchanged")), "{first:?}");
+    assert!(
+        first.contains(&("packages".to_string(), "unchanged")),
+        "{first:?}"
+    );
     let m = cloud.machine(&id).unwrap();
     assert_eq!(
-        m.exec_ok("systemctl is-active nginx php8.2-fpm").unwrap().split_whitespace().collect::<Vec<_>>(),
+        m.exec_ok("systemctl is-active nginx php8.2-fpm")
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
         ["active", "active"]
     );
-    assert_eq!(m.exec_ok("systemctl is-enabled nginx php8.2-fpm").unwrap().split_whitespace().collect::<Vec<_>>(), ["enabled", "enabled"]);
+    assert_eq!(
+        m.exec_ok("systemctl is-enabled nginx php8.2-fpm")
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["enabled", "enabled"]
+    );
     // The pool is the runbook's, sized from its vars, on the socket the site uses.
     let pool = m.exec_ok("cat /etc/php/8.2/fpm/pool.d/app.conf").unwrap();
     assert!(pool.contains("pm.max_children = 16"), "{pool}");
-    assert!(m.exec_ok("test -S /run/php/php8.2-fpm-app.sock && echo yes").unwrap().contains("yes"));
-    assert!(m.exec("test -e /etc/php/8.2/fpm/pool.d/www.conf").unwrap().status.code() == Some(1));
+    assert!(m
+        .exec_ok("test -S /run/php/php8.2-fpm-app.sock && echo yes")
+        .unwrap()
+        .contains("yes"));
+    assert!(
+        m.exec("test -e /etc/php/8.2/fpm/pool.d/www.conf")
+            .unwrap()
+            .status
+            .code()
+            == Some(1)
+    );
 
     // The app's writable shared storage belongs to PHP's user.
     place_release(&cloud, &id, app_root, "v1", PhpKind::Good);
-    m.exec_ok(&format!("chown www-data:www-data {app_root}/shared/storage")).unwrap();
+    m.exec_ok(&format!(
+        "chown www-data:www-data {app_root}/shared/storage"
+    ))
+    .unwrap();
 
     // Straight at the node, then through the LB.
-    let (status, headers, body) = eventually(Duration::from_secs(20), "the app on the node", || {
-        http_get(SocketAddr::from((ip, 80)), "/").filter(|r| r.0 == 200)
-    })
-    .unwrap();
+    let (status, headers, body) =
+        eventually(Duration::from_secs(20), "the app on the node", || {
+            http_get(SocketAddr::from((ip, 80)), "/").filter(|r| r.0 == 200)
+        })
+        .unwrap();
     assert_eq!(status, 200);
-    assert!(body.contains("release v1") && body.contains("modules 200"), "{body}");
-    assert_eq!(headers.get("x-releases-seen").map(String::as_str), Some("v1"));
+    assert!(
+        body.contains("release v1") && body.contains("modules 200"),
+        "{body}"
+    );
+    assert_eq!(
+        headers.get("x-releases-seen").map(String::as_str),
+        Some("v1")
+    );
     cloud.register(&[&id]).unwrap();
-    eventually(Duration::from_secs(30), "the node healthy behind the LB", || {
-        (cloud.lb().routable().len() == 1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the node healthy behind the LB",
+        || (cloud.lb().routable().len() == 1).then_some(()),
+    )
     .unwrap();
     let lb = cloud.lb().local_addr();
     let (status, headers, body) = http_get(lb, "/").unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers.get("x-release").map(String::as_str), Some("v1"));
-    assert_eq!(headers.get("x-hangar-target").map(String::as_str), Some(id.as_str()));
+    assert_eq!(
+        headers.get("x-hangar-target").map(String::as_str),
+        Some(id.as_str())
+    );
     let (status, _, body) = http_get(lb, "/write?key=greeting&value=hello").unwrap();
     assert_eq!(status, 200, "{body}");
 
@@ -503,11 +706,22 @@ fn nginx_php_fpm_serves_the_fixture_through_the_lb() {
     place_release(&cloud, &id, app_root, "v2", PhpKind::Good);
     let (status, headers, body) = http_get(lb, "/").unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(headers.get("x-release").map(String::as_str), Some("v2"), "{body}");
-    assert_eq!(headers.get("x-releases-seen").map(String::as_str), Some("v2"), "a mixed response");
+    assert_eq!(
+        headers.get("x-release").map(String::as_str),
+        Some("v2"),
+        "{body}"
+    );
+    assert_eq!(
+        headers.get("x-releases-seen").map(String::as_str),
+        Some("v2"),
+        "a mixed response"
+    );
     let (status, _, note) = http_get(lb, "/read?key=greeting").unwrap();
     assert_eq!(status, 200);
-    assert!(note.contains("hello") && note.contains("written-by=v1"), "{note}");
+    assert!(
+        note.contains("hello") && note.contains("written-by=v1"),
+        "{note}"
+    );
 
     // A fatal release answers 500 but passes its health check.
     place_release(&cloud, &id, app_root, "v3", PhpKind::Fatal);

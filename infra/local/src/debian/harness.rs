@@ -15,9 +15,7 @@ use crate::harness::{eventually, LocalCloud, LocalCloudError};
 use crate::hosts::NodeView;
 use crate::php_app::PhpKind;
 
-fn aws<E: std::error::Error + 'static>(
-    what: &'static str,
-) -> impl FnOnce(E) -> LocalCloudError {
+fn aws<E: std::error::Error + 'static>(what: &'static str) -> impl FnOnce(E) -> LocalCloudError {
     move |e| LocalCloudError::Aws {
         what: what.to_string(),
         message: crate::aws::error_chain(&e),
@@ -133,14 +131,21 @@ impl LocalCloud {
             // A command that does not read its stdin closes it early: fine.
             let _ = stdin.write_all(input);
         }
-        child.wait_with_output().map_err(|source| LocalCloudError::Io {
-            context: "waiting for ssh".into(),
-            source,
-        })
+        child
+            .wait_with_output()
+            .map_err(|source| LocalCloudError::Io {
+                context: "waiting for ssh".into(),
+                source,
+            })
     }
 
     /// [`ssh`](Self::ssh), failing on a non-zero exit; returns stdout.
-    pub fn ssh_ok(&self, instance_id: &str, user: &str, cmd: &str) -> Result<String, LocalCloudError> {
+    pub fn ssh_ok(
+        &self,
+        instance_id: &str,
+        user: &str,
+        cmd: &str,
+    ) -> Result<String, LocalCloudError> {
         let out = self.ssh(instance_id, user, cmd)?;
         if !out.status.success() {
             return Err(LocalCloudError::Node(crate::node::NodeError::Command {
@@ -153,7 +158,11 @@ impl LocalCloud {
     }
 
     /// Waits until `instance_id` has a node and `ssh deploy@… true` succeeds.
-    pub fn wait_ssh(&self, instance_id: &str, timeout: Duration) -> Result<NodeView, LocalCloudError> {
+    pub fn wait_ssh(
+        &self,
+        instance_id: &str,
+        timeout: Duration,
+    ) -> Result<NodeView, LocalCloudError> {
         eventually(timeout, &format!("ssh to {instance_id}"), || {
             let view = self.node(instance_id)?;
             let ok = self
@@ -168,8 +177,13 @@ impl LocalCloud {
     pub fn stop_instances(&self, instance_ids: &[&str]) -> Result<(), LocalCloudError> {
         let ec2 = self.clients().ec2.clone();
         let ids: Vec<String> = instance_ids.iter().map(|s| s.to_string()).collect();
-        self.block_on(async move { ec2.stop_instances().set_instance_ids(Some(ids)).send().await })
-            .map_err(aws("StopInstances"))?;
+        self.block_on(async move {
+            ec2.stop_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+        })
+        .map_err(aws("StopInstances"))?;
         Ok(())
     }
 
@@ -177,8 +191,13 @@ impl LocalCloud {
     pub fn start_instances(&self, instance_ids: &[&str]) -> Result<(), LocalCloudError> {
         let ec2 = self.clients().ec2.clone();
         let ids: Vec<String> = instance_ids.iter().map(|s| s.to_string()).collect();
-        self.block_on(async move { ec2.start_instances().set_instance_ids(Some(ids)).send().await })
-            .map_err(aws("StartInstances"))?;
+        self.block_on(async move {
+            ec2.start_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+        })
+        .map_err(aws("StartInstances"))?;
         Ok(())
     }
 
@@ -188,8 +207,13 @@ impl LocalCloud {
     pub fn reboot_instances(&self, instance_ids: &[&str]) -> Result<(), LocalCloudError> {
         let ec2 = self.clients().ec2.clone();
         let ids: Vec<String> = instance_ids.iter().map(|s| s.to_string()).collect();
-        self.block_on(async move { ec2.reboot_instances().set_instance_ids(Some(ids)).send().await })
-            .map_err(aws("RebootInstances"))?;
+        self.block_on(async move {
+            ec2.reboot_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+        })
+        .map_err(aws("RebootInstances"))?;
         for id in instance_ids {
             self.hosts().reboot(id)?;
         }
@@ -215,7 +239,11 @@ impl LocalCloud {
 
     /// Waits until `instance_id` has no node: stopped or terminated, its
     /// machine powered off and its namespace and mount released.
-    pub fn wait_no_node(&self, instance_id: &str, timeout: Duration) -> Result<(), LocalCloudError> {
+    pub fn wait_no_node(
+        &self,
+        instance_id: &str,
+        timeout: Duration,
+    ) -> Result<(), LocalCloudError> {
         eventually(timeout, &format!("{instance_id} without a node"), || {
             (self.node(instance_id).is_none() && !self.hosts().is_stopping(instance_id))
                 .then_some(())

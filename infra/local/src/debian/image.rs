@@ -131,7 +131,11 @@ impl Image {
         if !marker.is_file() {
             return Err(DebianError::Image {
                 variant: self.variant.name().into(),
-                message: format!("{} is not a built image (no {})", self.path.display(), marker.display()),
+                message: format!(
+                    "{} is not a built image (no {})",
+                    self.path.display(),
+                    marker.display()
+                ),
             });
         }
         Ok(())

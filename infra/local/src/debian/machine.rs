@@ -163,9 +163,13 @@ impl Machine {
                 ip,
             },
             nspawn_pid: get("nspawn_pid")?.parse().map_err(|_| bad("nspawn_pid"))?,
-            nspawn_start: get("nspawn_start")?.parse().map_err(|_| bad("nspawn_start"))?,
+            nspawn_start: get("nspawn_start")?
+                .parse()
+                .map_err(|_| bad("nspawn_start"))?,
             leader_pid: get("leader_pid")?.parse().map_err(|_| bad("leader_pid"))?,
-            leader_start: get("leader_start")?.parse().map_err(|_| bad("leader_start"))?,
+            leader_start: get("leader_start")?
+                .parse()
+                .map_err(|_| bad("leader_start"))?,
             pid_namespace: get("pid_namespace")?,
             state_dir,
             child: Mutex::new(None),
@@ -271,7 +275,10 @@ impl Machine {
             .args(["-m", "-u", "-i", "-n", "-p", "-r", "-w", "--"])
             .args(["/bin/sh", "-c", cmd])
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("HOME", "/root")
             .env("LANG", "C.UTF-8")
             .stdin(Stdio::null())
@@ -324,7 +331,10 @@ impl Machine {
         // SAFETY: kill(2) on the pid we recorded, checked by start time.
         if unsafe { libc::kill(self.leader_pid as i32, signal) } != 0 {
             return Err(DebianError::Io {
-                context: format!("signal {signal} to machine {} (pid {})", self.name, self.leader_pid),
+                context: format!(
+                    "signal {signal} to machine {} (pid {})",
+                    self.name, self.leader_pid
+                ),
                 source: std::io::Error::last_os_error(),
             });
         }
@@ -516,7 +526,11 @@ fn spawn(config: &MachineConfig, net: &NodeNet, root: &Path) -> Result<Machine> 
         .append(true)
         .open(&console_path)
         .map_err(io_err(format!("opening {}", console_path.display())))?;
-    let _ = writeln!(console, "--- hangar-local: booting {} ---", config.instance_id);
+    let _ = writeln!(
+        console,
+        "--- hangar-local: booting {} ---",
+        config.instance_id
+    );
     let console_err = console
         .try_clone()
         .map_err(io_err(format!("opening {}", console_path.display())))?;
@@ -654,7 +668,13 @@ fn write_user_data(root: &Path, config: &MachineConfig) -> Result<()> {
         ),
         None => "// Written by hangar-local: no apt proxy in this cloud.\n".into(),
     };
-    write_in_tree(root, "etc/apt/apt.conf.d/00hangar-proxy", &proxy, 0o644, None)?;
+    write_in_tree(
+        root,
+        "etc/apt/apt.conf.d/00hangar-proxy",
+        &proxy,
+        0o644,
+        None,
+    )?;
     let keys: String = config
         .authorized_keys
         .iter()
@@ -704,7 +724,13 @@ fn ensure_dir_in_tree(root: &Path, rel: &str, mode: u32, owner: Option<u32>) -> 
     Ok(())
 }
 
-fn write_in_tree(root: &Path, rel: &str, content: &str, mode: u32, owner: Option<u32>) -> Result<()> {
+fn write_in_tree(
+    root: &Path,
+    rel: &str,
+    content: &str,
+    mode: u32,
+    owner: Option<u32>,
+) -> Result<()> {
     let path = checked_path(root, rel)?;
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
@@ -768,9 +794,10 @@ fn mount_overlay(lower: &Path, dir: &Path, target: &Path) -> Result<()> {
 /// machine are still exiting), then lazily as a last resort.
 pub fn unmount(target: &Path) -> Result<()> {
     use std::ffi::CString;
-    let c = CString::new(target.to_string_lossy().as_bytes()).map_err(|_| DebianError::Refused {
-        what: format!("unmount {}", target.display()),
-    })?;
+    let c =
+        CString::new(target.to_string_lossy().as_bytes()).map_err(|_| DebianError::Refused {
+            what: format!("unmount {}", target.display()),
+        })?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         // SAFETY: umount2(2) with a NUL-terminated path.
@@ -823,7 +850,7 @@ fn unescape_mount(s: &str) -> String {
 
 pub fn is_mount_point(path: &Path) -> bool {
     let want = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    mount_points().iter().any(|m| *m == want)
+    mount_points().contains(&want)
 }
 
 /// Every mount point strictly under `dir` (deepest last).
@@ -881,12 +908,13 @@ pub fn pids_naming(dir: &Path) -> Vec<u32> {
                 })
                 .unwrap_or(false);
             root_inside
-                || daemon && fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| {
-                        c.split(|&b| b == 0)
-                            .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
-                    })
-                    .unwrap_or(false)
+                || daemon
+                    && fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|c| {
+                            c.split(|&b| b == 0)
+                                .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
+                        })
+                        .unwrap_or(false)
         })
         .collect();
     pids.sort_unstable();

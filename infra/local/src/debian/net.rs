@@ -182,17 +182,36 @@ impl NodeNet {
     fn try_create(&self, bridge: &Bridge) -> Result<()> {
         run(ip().args(["netns", "add", &self.netns]))?;
         // IPv6 off inside before any interface is up.
-        run(ip().args(["netns", "exec", &self.netns, "/bin/sh", "-c"]).arg(
-            "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && \
+        run(ip()
+            .args(["netns", "exec", &self.netns, "/bin/sh", "-c"])
+            .arg(
+                "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && \
              echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
-        ))?;
+            ))?;
         run(ip().args([
-            "link", "add", "name", &self.veth, "type", "veth", "peer", "name", "eth0", "netns",
+            "link",
+            "add",
+            "name",
+            &self.veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
             &self.netns,
         ]))?;
         sysctl(&format!("ipv6/conf/{}/disable_ipv6", self.veth), "1")?;
         sysctl(&format!("ipv4/conf/{}/forwarding", self.veth), "0")?;
-        run(ip().args(["link", "set", "dev", &self.veth, "master", &bridge.name, "up"]))?;
+        run(ip().args([
+            "link",
+            "set",
+            "dev",
+            &self.veth,
+            "master",
+            &bridge.name,
+            "up",
+        ]))?;
         let cidr = format!("{}/{BRIDGED_PREFIX}", self.ip);
         run(ip().args(["-n", &self.netns, "addr", "add", &cidr, "dev", "eth0"]))?;
         run(ip().args(["-n", &self.netns, "link", "set", "dev", "eth0", "up"]))?;
@@ -220,7 +239,10 @@ mod tests {
         assert_eq!(n.netns, "hangar-s63-i-0123456789abcdef0");
         assert_eq!(n.veth, "hg63-9abcdef0");
         assert!(n.veth.len() <= MAX_IFNAME);
-        assert_eq!(n.path(), Path::new("/run/netns/hangar-s63-i-0123456789abcdef0"));
+        assert_eq!(
+            n.path(),
+            Path::new("/run/netns/hangar-s63-i-0123456789abcdef0")
+        );
         assert!(NodeNet::for_instance(vpc, "../etc", Ipv4Addr::LOCALHOST).is_err());
         assert!(NodeNet::for_instance(vpc, "", Ipv4Addr::LOCALHOST).is_err());
     }

@@ -51,9 +51,10 @@ async fn serve(run: &RunDir, stack: &crate::rundir::Stack, slot: Slot) -> Result
     let clients = Clients::connect(&stack.endpoint, &stack.region).await;
     let debian = match stack.nodes {
         hangar_local::NodeKind::Debian { image } => {
-            let image = tokio::task::spawn_blocking(move || hangar_local::debian::Image::ensure(image))
-                .await
-                .context("finding the node image")??;
+            let image =
+                tokio::task::spawn_blocking(move || hangar_local::debian::Image::ensure(image))
+                    .await
+                    .context("finding the node image")??;
             Some(hangar_local::debian::DebianOptions::new(
                 image,
                 slot.bridged(),
