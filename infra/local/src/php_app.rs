@@ -21,6 +21,12 @@ use crate::artifact::{Artifact, ArtifactError, ReleaseKind};
 /// Modules included per request (OPcache compiles each once per release).
 pub const MODULES: usize = 200;
 
+/// Every entry's mtime: fixed, so a release always hashes the same, but
+/// not 0 — OPcache never caches a file whose timestamp reads 0 (it takes
+/// it for a socket or a failed stat), so a tarball stamped with the epoch
+/// silently recompiles every file on every request.
+pub const MTIME: u64 = 1_704_067_200; // 2024-01-01T00:00:00Z
+
 const INDEX: &str = include_str!("../fixtures/php-app/public/index.php");
 const BOOTSTRAP: &str = include_str!("../fixtures/php-app/app/bootstrap.php");
 const MODULE: &str = include_str!("../fixtures/php-app/app/module.php.tpl");
@@ -91,7 +97,7 @@ pub fn build(id: &str, kind: PhpKind) -> Result<(Vec<u8>, String), ArtifactError
         header.set_entry_type(tar::EntryType::Directory);
         header.set_mode(0o755);
         header.set_size(0);
-        header.set_mtime(0);
+        header.set_mtime(MTIME);
         tar.append_data(&mut header, dir, std::io::empty())?;
     }
     for (path, body) in &files {
@@ -99,8 +105,8 @@ pub fn build(id: &str, kind: PhpKind) -> Result<(Vec<u8>, String), ArtifactError
         header.set_entry_type(tar::EntryType::Regular);
         header.set_mode(0o644);
         header.set_size(body.len() as u64);
-        // Fixed metadata: the same id and kind always hash the same.
-        header.set_mtime(0);
+        // Fixed metadata (see MTIME): the same id and kind always hash the same.
+        header.set_mtime(MTIME);
         tar.append_data(&mut header, path, body.as_bytes())?;
     }
     let mut gz = tar.into_inner()?;
@@ -170,6 +176,16 @@ mod tests {
         assert!(m8.contains("namespace HangarFixture\\M008;"));
         assert_eq!(build("v1", PhpKind::Good).unwrap().1, sha);
         assert_ne!(build("v2", PhpKind::Good).unwrap().1, sha);
+    }
+
+    #[test]
+    fn no_entry_is_stamped_with_the_epoch_which_opcache_refuses_to_cache() {
+        let (bytes, _) = build("v1", PhpKind::Good).unwrap();
+        let mut archive = tar::Archive::new(GzDecoder::new(&bytes[..]));
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            assert_eq!(entry.header().mtime().unwrap(), MTIME);
+        }
     }
 
     #[test]

@@ -702,9 +702,20 @@ fn nginx_php_fpm_serves_the_fixture_through_the_lb() {
     let (_, _, op) = http_get(lb, "/opcache").unwrap();
     assert!(op.contains("enabled=1"), "{op}");
 
-    // Swap to v2: the next request runs v2 only, the note survives.
+    // Swap to v2: the next request runs v2 only, the note survives. Its
+    // first request compiles v2's ~200 files (OPcache misses), the second
+    // finds them cached (hits): the compile cost a rollout pays per release.
+    let counters = |text: &str| -> BTreeMap<String, u64> {
+        text.lines()
+            .filter_map(|l| l.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+            .collect()
+    };
     place_release(&cloud, &id, app_root, "v2", PhpKind::Good);
+    let before = counters(&http_get(lb, "/opcache").unwrap().2);
+    let t = Instant::now();
     let (status, headers, body) = http_get(lb, "/").unwrap();
+    let cold = t.elapsed();
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         headers.get("x-release").map(String::as_str),
@@ -715,6 +726,37 @@ fn nginx_php_fpm_serves_the_fixture_through_the_lb() {
         headers.get("x-releases-seen").map(String::as_str),
         Some("v2"),
         "a mixed response"
+    );
+    let after_cold = counters(&http_get(lb, "/opcache").unwrap().2);
+    let t = Instant::now();
+    let (status, headers, _) = http_get(lb, "/").unwrap();
+    let warm = t.elapsed();
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("x-releases-seen").map(String::as_str),
+        Some("v2")
+    );
+    let after_warm = counters(&http_get(lb, "/opcache").unwrap().2);
+    let misses = |c: &BTreeMap<String, u64>| c.get("misses").copied().unwrap_or(0);
+    let hits = |c: &BTreeMap<String, u64>| c.get("hits").copied().unwrap_or(0);
+    eprintln!(
+        "v2 first request {cold:?} ({} OPcache misses), second {warm:?} ({} hits, {} misses)",
+        misses(&after_cold) - misses(&before),
+        hits(&after_warm) - hits(&after_cold),
+        misses(&after_warm) - misses(&after_cold),
+    );
+    assert!(
+        misses(&after_cold) - misses(&before) >= 200,
+        "{before:?} -> {after_cold:?}"
+    );
+    assert_eq!(
+        misses(&after_warm),
+        misses(&after_cold),
+        "a warm request compiled files"
+    );
+    assert!(
+        hits(&after_warm) - hits(&after_cold) >= 200,
+        "{after_cold:?} -> {after_warm:?}"
     );
     let (status, _, note) = http_get(lb, "/read?key=greeting").unwrap();
     assert_eq!(status, 200);

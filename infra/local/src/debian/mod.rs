@@ -234,6 +234,19 @@ pub fn leftovers(vpc: BridgedVpc, state_dir: &std::path::Path) -> Leftovers {
 /// off hard), mounts, namespaces, links — all by their exact names. For a
 /// crashed run's leftovers and `cloud down`; returns what it found.
 pub fn sweep(vpc: BridgedVpc, state_dir: &std::path::Path) -> Result<Leftovers> {
+    // Processes and mounts are found *under* this directory: `/` or `/tmp`
+    // would be everything.
+    let canonical = state_dir
+        .canonicalize()
+        .unwrap_or_else(|_| state_dir.to_path_buf());
+    if !canonical.is_absolute() || canonical.components().count() < 3 {
+        return Err(DebianError::Refused {
+            what: format!(
+                "sweep {} (a cloud's state directory is at least two levels below /)",
+                state_dir.display()
+            ),
+        });
+    }
     let found = leftovers(vpc, state_dir);
     if found.is_empty() {
         return Ok(found);
@@ -258,4 +271,23 @@ pub fn sweep(vpc: BridgedVpc, state_dir: &std::path::Path) -> Result<Leftovers> 
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_refuses_directories_that_would_match_the_whole_host() {
+        let vpc = crate::slot::Slot::new(63).unwrap().bridged();
+        for dir in ["/", "/tmp", "relative/dir"] {
+            assert!(
+                matches!(
+                    sweep(vpc, std::path::Path::new(dir)),
+                    Err(DebianError::Refused { .. })
+                ),
+                "{dir} accepted"
+            );
+        }
+    }
 }
