@@ -77,6 +77,63 @@ fn out(o: &std::process::Output) -> String {
     )
 }
 
+/// The image's cache key follows its recipe: an edited base recipe names a
+/// new image for base and php, an edited php recipe only for php (checked
+/// with `--check` against a copy of the recipe: nothing is built).
+#[test]
+fn image_names_follow_the_recipe_hash() {
+    let script = hangar_local::debian::image::build_script();
+    let recipe = script.parent().unwrap();
+    let copy = std::env::temp_dir().join(format!("hangar-recipe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&copy);
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(recipe)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let cache = copy.join("cache");
+    let check = |variant: &str| -> (Option<i32>, String) {
+        let o = std::process::Command::new(copy.join("build"))
+            .args(["--variant", variant, "--check"])
+            .env("HANGAR_LOCAL_IMAGE_CACHE", &cache)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let name = text
+            .split_whitespace()
+            .find(|w| w.starts_with(&format!("{variant}-")))
+            .unwrap_or_else(|| panic!("no image name in {text:?}"))
+            .to_string();
+        (o.status.code(), name)
+    };
+    let (code, base0) = check("base");
+    assert_eq!(code, Some(3), "an empty cache has no image");
+    let (_, php0) = check("php");
+    // The copy hashes like the original: same recipe, same names.
+    if let Some(built) = hangar_local::debian::Image::built(ImageVariant::Base).unwrap() {
+        assert_eq!(built.path.file_name().unwrap().to_string_lossy(), base0);
+    }
+    std::fs::write(copy.join("php/packages"), "# edited\nnginx\n").unwrap();
+    let (_, base1) = check("base");
+    let (_, php1) = check("php");
+    assert_eq!(base1, base0, "a php edit changed the base image");
+    assert_ne!(php1, php0, "a php edit kept the php image");
+    let mut setup = std::fs::read_to_string(copy.join("base/setup.sh")).unwrap();
+    setup.push_str("\n# edited\n");
+    std::fs::write(copy.join("base/setup.sh"), setup).unwrap();
+    let (_, base2) = check("base");
+    let (_, php2) = check("php");
+    assert_ne!(base2, base1, "a base edit kept the base image");
+    assert_ne!(php2, php1, "a base edit kept the php image");
+    std::fs::remove_dir_all(&copy).unwrap();
+}
+
 /// Boots, logs in as `deploy` verifying the key the machine generated, and
 /// proves the machines' networks are theirs: port 80 on one node is not
 /// port 80 on another, and nothing routes beyond the bridge.

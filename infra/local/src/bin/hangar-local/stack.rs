@@ -592,8 +592,9 @@ pub fn status(root: &Path, json: bool) -> Result<ExitCode> {
                     None => "not registered".into(),
                 };
                 println!(
-                    "    {}  {:<15} {} procs  {}",
+                    "    {}  {:<6} {:<15} {} procs  {}",
                     n.instance_id,
+                    n.kind,
                     n.ip,
                     s.node_pids.get(&n.instance_id).copied().unwrap_or(0),
                     target
