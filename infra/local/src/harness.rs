@@ -230,9 +230,12 @@ impl LocalCloud {
         if leftovers > 0 {
             tracing::warn!(leftovers, %slot, "killed nodes a previous run left behind");
         }
-        let machines = crate::debian::sweep(slot.bridged(), &state_dir)?;
-        if !machines.is_empty() {
-            tracing::warn!(?machines, %slot, "removed what a previous run's debian nodes left behind");
+        // Bridge, namespaces, mounts and processes of a crashed debian run.
+        if image.is_some() || !crate::debian::leftovers(slot.bridged(), &state_dir).is_empty() {
+            let machines = crate::debian::sweep(slot.bridged(), &state_dir)?;
+            if !machines.is_empty() {
+                tracing::warn!(?machines, %slot, "removed what a previous run's debian nodes left behind");
+            }
         }
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir).map_err(|source| LocalCloudError::Io {
@@ -624,8 +627,10 @@ impl Drop for LocalCloud {
         }
         drop(self.moto.take());
         // Nothing may stay mounted under the state dir we delete.
-        if let Err(e) = crate::debian::sweep(self.slot.bridged(), &self.state_dir) {
-            eprintln!("hangar-local: cleaning up debian nodes: {e}");
+        if !crate::debian::leftovers(self.slot.bridged(), &self.state_dir).is_empty() {
+            if let Err(e) = crate::debian::sweep(self.slot.bridged(), &self.state_dir) {
+                eprintln!("hangar-local: cleaning up debian nodes: {e}");
+            }
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }

@@ -444,7 +444,10 @@ fn teardown(run: &RunDir) -> Result<Vec<String>> {
         .flatten()
         .map(|s| s.slot)
         .unwrap_or(hangar_local::slot::QUICKSTART);
-    if let Ok(slot) = Slot::new(slot) {
+    let slot = Slot::new(slot)
+        .ok()
+        .filter(|s| !hangar_local::debian::leftovers(s.bridged(), &run.root).is_empty());
+    if let Some(slot) = slot {
         let swept = hangar_local::debian::sweep(slot.bridged(), &run.root)?;
         if !swept.is_empty() {
             stopped.push(format!(
