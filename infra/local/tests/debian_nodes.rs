@@ -837,3 +837,119 @@ fn nginx_php_fpm_serves_the_fixture_through_the_lb() {
     let changed: Vec<_> = again.iter().filter(|(_, r)| *r == "changed").collect();
     assert!(changed.is_empty(), "a re-run changed {changed:?}");
 }
+
+/// Env var that turns [`crash_helper`] on: the slot it starts its cloud on.
+const CRASH_SLOT: &str = "HANGAR_TEST_CRASH_SLOT";
+
+/// Not a test of its own: run by the test below in a child process, which
+/// it then kills with SIGKILL (no drop, no cleanup) once a machine runs.
+#[test]
+#[ignore = "helper: run by a_killed_test_leaves_machines_the_next_cloud_on_its_slot_removes"]
+fn crash_helper() {
+    let Some(slot) = std::env::var(CRASH_SLOT)
+        .ok()
+        .and_then(|s| s.parse::<u8>().ok())
+    else {
+        return;
+    };
+    let cloud = LocalCloud::start(LocalCloudOptions {
+        slot: Some(slot),
+        nodes: NodeKind::Debian {
+            image: ImageVariant::Base,
+        },
+        ..LocalCloudOptions::default()
+    })
+    .unwrap();
+    let (id, _) = launch_ready(&cloud, 1).remove(0);
+    let pid = cloud.node(&id).unwrap().listener_pid;
+    println!("READY {id} {pid}");
+    std::io::stdout().flush().unwrap();
+    // Bounded: the parent kills this process long before.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        std::thread::park_timeout(Duration::from_secs(1));
+    }
+}
+
+/// A test process killed with SIGKILL leaves its machine running (nothing
+/// could stop it); the next cloud on the same slot removes all of it first.
+#[test]
+fn a_killed_test_leaves_machines_the_next_cloud_on_its_slot_removes() {
+    use std::io::BufRead;
+    let slot = {
+        let lease = hangar_local::slot::lease_any().unwrap();
+        lease.slot()
+    };
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash_helper", "--ignored", "--nocapture"])
+        .env(CRASH_SLOT, slot.index().to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let ready = loop {
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("READY ") => break line,
+            Some(Ok(_)) => continue,
+            other => {
+                let _ = child.kill();
+                panic!("the helper ended before its machine ran: {other:?}");
+            }
+        }
+    };
+    let mut parts = ready.split_whitespace().skip(1);
+    let (id, init): (String, u32) = (
+        parts.next().unwrap().to_string(),
+        parts.next().unwrap().parse().unwrap(),
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let vpc = slot.bridged();
+    let state_dir = std::path::PathBuf::from(format!("/tmp/hangar-local/slot-{}", slot.index()));
+    let left = hangar_local::debian::leftovers(vpc, &state_dir);
+    assert!(
+        left.netns.iter().any(|n| n.ends_with(&id)) && !left.mounts.is_empty(),
+        "the killed run left nothing to clean: {left:?}"
+    );
+    assert!(
+        Path::new(&format!("/proc/{init}")).exists(),
+        "its machine died with it"
+    );
+
+    // The slot's next cloud (the lease died with the helper).
+    let cloud = eventually(Duration::from_secs(10), "the slot free again", || {
+        LocalCloud::start(LocalCloudOptions {
+            slot: Some(slot.index()),
+            nodes: NodeKind::Debian {
+                image: ImageVariant::Base,
+            },
+            ..LocalCloudOptions::default()
+        })
+        .ok()
+    })
+    .unwrap();
+    let now = cloud.debian_leftovers();
+    assert!(!now.netns.iter().any(|n| n.ends_with(&id)), "{now:?}");
+    assert!(now.mounts.is_empty(), "{now:?}");
+    let machine_gone = eventually(
+        Duration::from_secs(10),
+        "the old machine's init gone",
+        || {
+            let stat = std::fs::read_to_string(format!("/proc/{init}/stat")).ok();
+            // Gone, or a zombie waiting for its (new) parent to reap it.
+            stat.is_none_or(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .then_some(())
+        },
+    );
+    assert!(
+        machine_gone.is_ok(),
+        "machine init {init} survived the sweep"
+    );
+    drop(cloud);
+    assert!(hangar_local::debian::leftovers(vpc, &state_dir).is_empty());
+}
