@@ -14,6 +14,7 @@
 //!   can run side by side;
 //! - [`seed`]: the emulated account's VPC, subnets, launch template, ALB,
 //!   target group and release bucket; [`artifact`]: release tarballs;
+//!   [`php_app`]: release tarballs of the PHP fixture (`fixtures/php-app`);
 //! - [`hosts`]: the host manager turning running instances into nodes;
 //! - [`lb`]: the load balancer's data plane; [`gateway`]: the AWS endpoint
 //!   (moto, with target health and draining as the data plane sees them);
