@@ -54,7 +54,8 @@ pub enum ArtifactError {
 }
 
 /// The tarball of release `id`, gzip-compressed, and its SHA-256.
-pub fn build(id: &str, kind: ReleaseKind) -> Result<(Vec<u8>, String), ArtifactError> {
+/// A release id is a directory name on the node: letters, digits, `._-`.
+pub(crate) fn check_id(id: &str) -> Result<(), ArtifactError> {
     let valid = !id.is_empty()
         && id != "."
         && id != ".."
@@ -64,6 +65,11 @@ pub fn build(id: &str, kind: ReleaseKind) -> Result<(Vec<u8>, String), ArtifactE
     if !valid {
         return Err(ArtifactError::BadId(id.to_string()));
     }
+    Ok(())
+}
+
+pub fn build(id: &str, kind: ReleaseKind) -> Result<(Vec<u8>, String), ArtifactError> {
+    check_id(id)?;
     let index = format!(
         "<!doctype html>\n<title>hangar local demo</title>\n<h1>release {id}</h1>\n<p>served by a hangar-managed node on the local cloud.</p>\n"
     );
@@ -109,6 +115,19 @@ pub async fn upload(
     kind: ReleaseKind,
 ) -> Result<Artifact, ArtifactError> {
     let (bytes, sha256) = build(id, kind)?;
+    put(s3, bucket, prefix, id, bytes, sha256, kind).await
+}
+
+/// Uploads a built tarball as release `id`.
+pub(crate) async fn put(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+    id: &str,
+    bytes: Vec<u8>,
+    sha256: String,
+    kind: ReleaseKind,
+) -> Result<Artifact, ArtifactError> {
     let key = format!("{}/{id}.tar.gz", prefix.trim_matches('/'));
     s3.put_object()
         .bucket(bucket)

@@ -66,6 +66,7 @@ use aws_sdk_elasticloadbalancingv2::types::TargetDescription;
 
 use crate::artifact::{Artifact, ArtifactError, ReleaseKind};
 use crate::aws::{error_chain, Clients};
+use crate::debian::{DebianError, NodeKind};
 use crate::gateway::{ApiCalls, Capacity, Gateway, Lag, Semantics, ThrottleLimits};
 use crate::hosts::{HostsError, NodeView};
 use crate::lb::{HealthCheckOptions, Lb};
@@ -96,6 +97,8 @@ pub enum LocalCloudError {
     Hosts(#[from] HostsError),
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error(transparent)]
+    Debian(#[from] DebianError),
     #[error("{what}: {message}")]
     Aws { what: String, message: String },
     #[error("{context}: {source}")]
@@ -152,6 +155,9 @@ pub struct LocalCloudOptions {
     /// `DescribeTargetHealth` shows a drained target `draining` until its
     /// deregistration delay passed, as an ALB does. Default `true`.
     pub draining_for_whole_delay: bool,
+    /// What instances become: `lite` (default) or `debian` machines (see
+    /// [`crate::debian`]; the VPC is then the slot's 198.18.0.0/15 share).
+    pub nodes: NodeKind,
 }
 
 impl Default for LocalCloudOptions {
@@ -179,6 +185,7 @@ impl Default for LocalCloudOptions {
             listing_lag: Lag::default(),
             throttling: Some(ThrottleLimits::default()),
             draining_for_whole_delay: true,
+            nodes: NodeKind::Lite,
         }
     }
 }
@@ -232,6 +239,14 @@ impl LocalCloud {
     /// Starts moto, seeds it, and starts the host manager, LB and metrics.
     pub fn start(options: LocalCloudOptions) -> Result<LocalCloud, LocalCloudError> {
         node::check_prerequisites().map_err(LocalCloudError::Prerequisite)?;
+        // Built once and cached; minutes only on a fresh machine.
+        let image = match options.nodes {
+            NodeKind::Debian { image } => {
+                crate::debian::check_prerequisites()?;
+                Some(crate::debian::Image::ensure(image)?)
+            }
+            NodeKind::Lite => None,
+        };
         let lease = match options.slot {
             Some(n) => Slot::new(n)?.lease()?,
             None => slot::lease_any()?,
@@ -246,6 +261,13 @@ impl LocalCloud {
         let leftovers = crate::hosts::sweep(&nodes_dir)?;
         if leftovers > 0 {
             tracing::warn!(leftovers, %slot, "killed nodes a previous run left behind");
+        }
+        // Bridge, namespaces, mounts and processes of a crashed debian run.
+        if image.is_some() || !crate::debian::leftovers(slot.bridged(), &state_dir).is_empty() {
+            let machines = crate::debian::sweep(slot.bridged(), &state_dir)?;
+            if !machines.is_empty() {
+                tracing::warn!(?machines, %slot, "removed what a previous run's debian nodes left behind");
+            }
         }
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir).map_err(|source| LocalCloudError::Io {
@@ -269,6 +291,12 @@ impl LocalCloud {
         let mut seed_options = SeedOptions::new(slot);
         seed_options.name = options.cluster_name.clone();
         seed_options.deregistration_delay = options.deregistration_delay;
+        if image.is_some() {
+            seed_options = seed_options.bridged();
+        }
+        let debian = image.map(|image| {
+            crate::debian::DebianOptions::new(image, slot.bridged(), state_dir.join("debian"))
+        });
         let service_options = ServiceOptions {
             slot,
             nodes_dir,
@@ -284,6 +312,7 @@ impl LocalCloud {
             health: options.health,
             metrics_interval: options.metrics_interval,
             semantics: options.semantics(),
+            debian,
         };
         let handle = runtime.handle().clone();
         let started = on_own_thread(move || {
@@ -502,8 +531,18 @@ impl LocalCloud {
         env
     }
 
-    /// The default spec for this cloud (see [`ClusterSpec::local_default`]).
+    /// The default spec for this cloud (see [`ClusterSpec::local_default`]);
+    /// with `debian` nodes hangar logs in as `deploy` (root has no key there).
     pub fn spec(&self) -> ClusterSpec {
+        let spec = self.lite_spec();
+        if self.hosts().debian().is_some() {
+            spec.set("spec.ssh.user", crate::debian::machine::DEPLOY_USER)
+        } else {
+            spec
+        }
+    }
+
+    fn lite_spec(&self) -> ClusterSpec {
         ClusterSpec::local_default(&SpecInputs {
             name: self.seeded.launch_template_name.clone(),
             region: self.seeded.region.clone(),
@@ -680,6 +719,12 @@ impl Drop for LocalCloud {
             });
         }
         drop(self.moto.take());
+        // Nothing may stay mounted under the state dir we delete.
+        if !crate::debian::leftovers(self.slot.bridged(), &self.state_dir).is_empty() {
+            if let Err(e) = crate::debian::sweep(self.slot.bridged(), &self.state_dir) {
+                eprintln!("hangar-local: cleaning up debian nodes: {e}");
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

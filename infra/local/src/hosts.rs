@@ -32,6 +32,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::debian::apt_proxy::AptProxy;
+use crate::debian::net::Bridge;
+use crate::debian::{DebianError, DebianOptions, Machine, MachineConfig};
 use crate::node::{self, Node, NodeConfig, NodeError};
 use crate::slot::Slot;
 
@@ -41,6 +44,8 @@ pub enum HostsError {
     NoSuchNode(String),
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error(transparent)]
+    Debian(#[from] DebianError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -66,6 +71,10 @@ pub struct HostOptions {
     /// restarted while moto kept its instances). Otherwise every leftover
     /// node under `nodes_dir` is killed and removed before the first poll.
     pub adopt: bool,
+    /// `Some`: instances become `debian` machines (their own network on the
+    /// cloud's bridge, addresses in the slot's [`crate::slot::BridgedVpc`]);
+    /// `None`: `lite` nodes on loopback.
+    pub debian: Option<DebianOptions>,
 }
 
 impl HostOptions {
@@ -81,6 +90,15 @@ impl HostOptions {
             nodes_dir: nodes_dir.into(),
             authorized_key: authorized_key.into(),
             adopt: false,
+            debian: None,
+        }
+    }
+
+    /// Whether `ip` may become a node of this cloud.
+    fn in_vpc(&self, ip: Ipv4Addr) -> bool {
+        match &self.debian {
+            Some(d) => d.vpc.contains(ip),
+            None => self.slot.contains(ip),
         }
     }
 }
@@ -109,17 +127,105 @@ pub struct NodeView {
     pub instance_id: String,
     pub ip: Ipv4Addr,
     pub state_dir: PathBuf,
-    /// `mnt:[inode]`: every process in the node shows it in `/proc/PID/ns/mnt`.
+    /// `lite`: `mnt:[inode]`, every process in the node shows it in
+    /// `/proc/PID/ns/mnt`; `debian`: the machine's `pid:[inode]`.
     pub namespace: String,
+    /// `lite`: the sshd listener; `debian`: the machine's init (systemd).
     pub listener_pid: u32,
+    /// `lite` or `debian`.
+    #[serde(default = "lite")]
+    pub kind: String,
     /// Seconds since the epoch when the node came up (or was adopted).
     pub since_unix: u64,
     pub adopted: bool,
 }
 
+fn lite() -> String {
+    "lite".into()
+}
+
+/// A node of either kind, as the manager runs it.
+#[derive(Debug)]
+enum AnyNode {
+    Lite(Node),
+    Debian(Machine),
+}
+
+impl AnyNode {
+    /// A handle on the node recorded in `dir` (a `machine.info` or `node.info`).
+    fn attach(dir: &Path) -> Result<AnyNode, HostsError> {
+        if dir.join("machine.info").is_file() {
+            Ok(AnyNode::Debian(Machine::attach(dir)?))
+        } else {
+            Ok(AnyNode::Lite(Node::attach(dir)?))
+        }
+    }
+
+    fn ip(&self) -> Ipv4Addr {
+        match self {
+            AnyNode::Lite(n) => n.ip(),
+            AnyNode::Debian(m) => m.ip(),
+        }
+    }
+
+    fn state_dir(&self) -> &Path {
+        match self {
+            AnyNode::Lite(n) => n.state_dir(),
+            AnyNode::Debian(m) => m.state_dir(),
+        }
+    }
+
+    fn alive(&self) -> bool {
+        match self {
+            AnyNode::Lite(n) => !n.pids().is_empty(),
+            AnyNode::Debian(m) => m.is_running(),
+        }
+    }
+
+    fn exec_inside(&self, cmd: &str) -> Result<Output, HostsError> {
+        match self {
+            AnyNode::Lite(n) => Ok(n.exec_inside(cmd)?),
+            AnyNode::Debian(m) => Ok(m.exec(cmd)?),
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), HostsError> {
+        match self {
+            AnyNode::Lite(n) => Ok(n.stop()?),
+            AnyNode::Debian(m) => Ok(m.stop()?),
+        }
+    }
+
+    fn detach(self) {
+        match self {
+            AnyNode::Lite(n) => drop(n.detach()),
+            AnyNode::Debian(m) => drop(m.detach()),
+        }
+    }
+}
+
 struct Running {
-    node: Node,
+    node: AnyNode,
     view: NodeView,
+}
+
+/// The cloud-level parts of `debian` nodes: the bridge and the apt proxy,
+/// torn down when the last handle on the manager goes (after its nodes).
+struct DebianRuntime {
+    options: DebianOptions,
+    bridge: Bridge,
+    proxy: Mutex<Option<AptProxy>>,
+}
+
+impl Drop for DebianRuntime {
+    fn drop(&mut self) {
+        if let Ok(mut proxy) = self.proxy.lock() {
+            drop(proxy.take());
+        }
+        if let Err(e) = self.bridge.remove() {
+            tracing::warn!(bridge = %self.bridge.name, error = %e, "removing the bridge failed");
+        }
+    }
 }
 
 #[derive(Default)]
@@ -129,6 +235,8 @@ struct State {
     errors: BTreeMap<String, String>,
     last_poll_error: Option<String>,
     polls: u64,
+    /// Instances whose node is being stopped: not started again until done.
+    stopping: HashSet<String>,
 }
 
 /// Handle to the host manager; cheap to clone.
@@ -137,6 +245,7 @@ pub struct Hosts {
     options: Arc<HostOptions>,
     state: Arc<Mutex<State>>,
     directory: Arc<watch::Sender<Directory>>,
+    debian: Option<Arc<DebianRuntime>>,
 }
 
 impl std::fmt::Debug for Hosts {
@@ -150,7 +259,7 @@ impl std::fmt::Debug for Hosts {
 /// What a finished node start reports back to the poll loop.
 struct Started {
     id: String,
-    result: Result<Node, NodeError>,
+    result: Result<AnyNode, HostsError>,
     took: Duration,
 }
 
@@ -158,18 +267,41 @@ impl Hosts {
     /// Prepares `nodes_dir`: adopts or kills what a previous run left there
     /// (see [`HostOptions::adopt`]). Blocking (kills processes).
     pub fn new(options: HostOptions) -> Result<Hosts, HostsError> {
-        node::check_prerequisites()?;
+        match &options.debian {
+            Some(_) => crate::debian::check_prerequisites()?,
+            None => node::check_prerequisites()?,
+        }
         fs::create_dir_all(&options.nodes_dir).map_err(|source| HostsError::Io {
             context: format!("creating {}", options.nodes_dir.display()),
             source,
         })?;
+        // The bridge first: adopted machines are attached to it already.
+        let debian = match &options.debian {
+            Some(d) => {
+                let bridge = Bridge::ensure(d.vpc)?;
+                let proxy = if d.apt_proxy {
+                    Some(AptProxy::start(
+                        d.apt_proxy_addr(),
+                        &d.state_dir.join("apt-proxy"),
+                    )?)
+                } else {
+                    None
+                };
+                Some(Arc::new(DebianRuntime {
+                    options: d.clone(),
+                    bridge,
+                    proxy: Mutex::new(proxy),
+                }))
+            }
+            None => None,
+        };
         let mut state = State::default();
         for dir in node_dirs(&options.nodes_dir) {
             let Some(id) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
                 continue;
             };
-            match Node::attach(&dir) {
-                Ok(node) if options.adopt && !node.pids().is_empty() => {
+            match AnyNode::attach(&dir) {
+                Ok(node) if options.adopt && node.alive() => {
                     tracing::info!(instance = %id, ip = %node.ip(), "adopted a running node");
                     let view = view_of(&id, &node, true);
                     state.nodes.insert(id, Running { node, view });
@@ -190,6 +322,7 @@ impl Hosts {
             options: Arc::new(options),
             state: Arc::new(Mutex::new(state)),
             directory: Arc::new(directory),
+            debian,
         })
     }
 
@@ -209,6 +342,12 @@ impl Hosts {
 
     pub fn node(&self, instance_id: &str) -> Option<NodeView> {
         self.lock().nodes.get(instance_id).map(|r| r.view.clone())
+    }
+
+    /// Whether the node of `instance_id` is being stopped right now (its
+    /// machine powering off, its namespace and mount not yet released).
+    pub fn is_stopping(&self, instance_id: &str) -> bool {
+        self.lock().stopping.contains(instance_id)
     }
 
     /// Last start failure per instance that has no node yet.
@@ -234,10 +373,41 @@ impl Hosts {
             .map(|v| v.state_dir)
             .ok_or_else(|| HostsError::NoSuchNode(instance_id.to_string()))?;
         // A second handle for the same node; detached so it never kills it.
-        let handle = Node::attach(&dir)?;
+        let handle = AnyNode::attach(&dir)?;
         let out = handle.exec_inside(cmd);
         handle.detach();
-        Ok(out?)
+        out
+    }
+
+    /// Reboots the `debian` machine of `instance_id` (what RebootInstances
+    /// does): systemd inside reboots, nspawn exits, and the next poll boots
+    /// the machine again on the same disk, namespace name and IP. A `lite`
+    /// node is restarted the same way (every process killed). Blocking.
+    pub fn reboot(&self, instance_id: &str) -> Result<(), HostsError> {
+        let dir = self
+            .node(instance_id)
+            .map(|v| v.state_dir)
+            .ok_or_else(|| HostsError::NoSuchNode(instance_id.to_string()))?;
+        match AnyNode::attach(&dir)? {
+            AnyNode::Debian(m) => {
+                let reboot = m.reboot();
+                m.detach();
+                Ok(reboot?)
+            }
+            AnyNode::Lite(mut n) => Ok(n.stop()?),
+        }
+    }
+
+    /// The options of this cloud's `debian` nodes, if it runs them.
+    pub fn debian(&self) -> Option<&DebianOptions> {
+        self.debian.as_ref().map(|d| &d.options)
+    }
+
+    /// Where the apt proxy caches packages, if it runs.
+    pub fn apt_cache_dir(&self) -> Option<PathBuf> {
+        let d = self.debian.as_ref()?;
+        let proxy = d.proxy.lock().ok()?;
+        proxy.as_ref().map(|p| p.cache_dir().to_path_buf())
     }
 
     /// Polls EC2 until `cancel`, then stops every node it runs.
@@ -289,7 +459,7 @@ impl Hosts {
                 Some(started) => {
                     starting.remove(&started.id);
                     if let Ok(node) = started.result {
-                        stop_node(&mut stopping, started.id, node, None);
+                        self.stop_node(&mut stopping, started.id, node, None);
                     }
                 }
                 None => break,
@@ -297,7 +467,7 @@ impl Hosts {
         }
         let nodes = std::mem::take(&mut self.lock().nodes);
         for (id, running) in nodes {
-            stop_node(&mut stopping, id, running.node, None);
+            self.stop_node(&mut stopping, id, running.node, None);
         }
         while stopping.join_next().await.is_some() {}
     }
@@ -351,11 +521,16 @@ impl Hosts {
     fn stop_gone(&self, listing: &Directory, stopping: &mut JoinSet<()>) {
         let gone: Vec<(String, Running)> = {
             let mut state = self.lock();
+            // Also machines that ended while their instance runs (a reboot,
+            // or a crash): stopped cleanly here, booted again by start_new.
             let ids: Vec<String> = state
                 .nodes
-                .keys()
-                .filter(|id| !listing.get(*id).is_some_and(InstanceInfo::is_running))
-                .cloned()
+                .iter()
+                .filter(|(id, r)| {
+                    !listing.get(*id).is_some_and(InstanceInfo::is_running)
+                        || matches!(r.node, AnyNode::Debian(_)) && !r.node.alive()
+                })
+                .map(|(id, _)| id.clone())
                 .collect();
             ids.into_iter()
                 .filter_map(|id| state.nodes.remove(&id).map(|r| (id, r)))
@@ -363,15 +538,29 @@ impl Hosts {
         };
         for (id, running) in gone {
             let state = listing.get(&id).map(|i| i.state.as_str()).unwrap_or("gone");
-            tracing::info!(instance = %id, state, "instance left `running`: stopping its node");
+            if state == "running" {
+                let exit = match &running.node {
+                    AnyNode::Debian(m) => format!("{:?}", m.exit_status()),
+                    AnyNode::Lite(_) => String::new(),
+                };
+                tracing::info!(instance = %id, exit, "machine ended (reboot or crash): booting it again");
+            } else {
+                tracing::info!(instance = %id, state, "instance left `running`: stopping its node");
+            }
             let remove = terminated(listing, &id).then(|| running.view.state_dir.clone());
-            stop_node(stopping, id, running.node, remove);
+            self.stop_node(stopping, id, running.node, remove);
         }
         // State of instances that terminated while they had no node.
-        let active: HashSet<String> = self.lock().nodes.keys().cloned().collect();
+        let (active, busy): (HashSet<String>, HashSet<String>) = {
+            let state = self.lock();
+            (
+                state.nodes.keys().cloned().collect(),
+                state.stopping.clone(),
+            )
+        };
         for dir in node_dirs(&self.options.nodes_dir) {
             let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if !active.contains(id) && terminated(listing, id) {
+            if !active.contains(id) && !busy.contains(id) && terminated(listing, id) {
                 remove_dir(&dir);
             }
         }
@@ -385,25 +574,53 @@ impl Hosts {
         done: &mpsc::UnboundedSender<Started>,
     ) {
         let now = Instant::now();
-        let have: HashSet<String> = self.lock().nodes.keys().cloned().collect();
+        let (have, busy): (HashSet<String>, HashSet<String>) = {
+            let state = self.lock();
+            (
+                state.nodes.keys().cloned().collect(),
+                state.stopping.clone(),
+            )
+        };
         for info in listing.values() {
             let Some(ip) = info.private_ip else { continue };
             if !info.is_running()
-                || !self.options.slot.contains(ip)
+                || !self.options.in_vpc(ip)
                 || have.contains(&info.id)
+                || busy.contains(&info.id)
                 || starting.contains(&info.id)
                 || retry_at.get(&info.id).is_some_and(|(at, _)| *at > now)
             {
                 continue;
             }
             starting.insert(info.id.clone());
-            let config = NodeConfig::new(&info.id, ip, self.options.nodes_dir.join(&info.id))
-                .authorize(self.options.authorized_key.clone());
+            let state_dir = self.options.nodes_dir.join(&info.id);
+            let start: Box<dyn FnOnce() -> Result<AnyNode, HostsError> + Send> = match &self.debian
+            {
+                Some(d) => {
+                    let config = MachineConfig {
+                        instance_id: info.id.clone(),
+                        ip,
+                        vpc: d.options.vpc,
+                        image: d.options.image.clone(),
+                        state_dir,
+                        authorized_keys: vec![self.options.authorized_key.clone()],
+                        apt_proxy: d.options.apt_proxy.then(|| d.options.apt_proxy_addr()),
+                        boot_timeout: d.options.boot_timeout,
+                    };
+                    let d = d.clone();
+                    Box::new(move || Ok(AnyNode::Debian(Machine::start(config, &d.bridge)?)))
+                }
+                None => {
+                    let config = NodeConfig::new(&info.id, ip, state_dir)
+                        .authorize(self.options.authorized_key.clone());
+                    Box::new(move || Ok(AnyNode::Lite(Node::start(config)?)))
+                }
+            };
             let done = done.clone();
             let id = info.id.clone();
             tokio::task::spawn_blocking(move || {
                 let began = Instant::now();
-                let result = Node::start(config);
+                let result = start();
                 let _ = done.send(Started {
                     id,
                     result,
@@ -427,7 +644,7 @@ impl Hosts {
                 // The instance may have stopped while its node was starting.
                 if !listing.get(&id).is_some_and(InstanceInfo::is_running) {
                     let remove = terminated(listing, &id).then(|| node.state_dir().to_path_buf());
-                    stop_node(stopping, id, node, remove);
+                    self.stop_node(stopping, id, node, remove);
                     return;
                 }
                 tracing::info!(instance = %id, ip = %node.ip(), took_ms = took.as_millis() as u64, "node up");
@@ -447,6 +664,35 @@ impl Hosts {
             }
         }
     }
+
+    /// Kills every process in the node (blocking, so off the async threads),
+    /// then removes its state if the instance is gone for good. Until that
+    /// is done the instance gets no new node (a machine's namespace and
+    /// disk must be released first).
+    fn stop_node(
+        &self,
+        stopping: &mut JoinSet<()>,
+        id: String,
+        mut node: AnyNode,
+        remove: Option<PathBuf>,
+    ) {
+        self.lock().stopping.insert(id.clone());
+        let state = self.state.clone();
+        stopping.spawn_blocking(move || {
+            match node.stop() {
+                Ok(()) => tracing::info!(instance = %id, "node stopped"),
+                Err(e) => tracing::error!(instance = %id, error = %e, "stopping node failed"),
+            }
+            if let Some(dir) = remove {
+                remove_dir(&dir);
+            }
+            state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stopping
+                .remove(&id);
+        });
+    }
 }
 
 fn terminated(listing: &Directory, id: &str) -> bool {
@@ -455,33 +701,24 @@ fn terminated(listing: &Directory, id: &str) -> bool {
         .is_none_or(|i| matches!(i.state.as_str(), "terminated" | "shutting-down"))
 }
 
-fn view_of(id: &str, node: &Node, adopted: bool) -> NodeView {
+fn view_of(id: &str, node: &AnyNode, adopted: bool) -> NodeView {
+    let (namespace, listener_pid, kind) = match node {
+        AnyNode::Lite(n) => (n.namespace().to_string(), n.listener_pid(), "lite"),
+        AnyNode::Debian(m) => (m.pid_namespace().to_string(), m.leader_pid(), "debian"),
+    };
     NodeView {
         instance_id: id.to_string(),
         ip: node.ip(),
         state_dir: node.state_dir().to_path_buf(),
-        namespace: node.namespace().to_string(),
-        listener_pid: node.listener_pid(),
+        namespace,
+        listener_pid,
+        kind: kind.to_string(),
         since_unix: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
         adopted,
     }
-}
-
-/// Kills every process in the node (blocking, so off the async threads),
-/// then removes its state if the instance is gone for good.
-fn stop_node(stopping: &mut JoinSet<()>, id: String, mut node: Node, remove: Option<PathBuf>) {
-    stopping.spawn_blocking(move || {
-        match node.stop() {
-            Ok(()) => tracing::info!(instance = %id, "node stopped"),
-            Err(e) => tracing::error!(instance = %id, error = %e, "stopping node failed"),
-        }
-        if let Some(dir) = remove {
-            remove_dir(&dir);
-        }
-    });
 }
 
 fn node_dirs(nodes_dir: &Path) -> Vec<PathBuf> {
@@ -497,25 +734,27 @@ fn node_dirs(nodes_dir: &Path) -> Vec<PathBuf> {
 }
 
 fn remove_dir(dir: &Path) {
-    if let Err(e) = fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(dir = %dir.display(), error = %e, "removing node state failed");
-        }
+    // Never through a live overlay: a machine's root must be unmounted first.
+    if let Err(e) = crate::debian::machine::remove_state(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "removing node state failed");
     }
 }
 
 /// Kills every node recorded under `nodes_dir` and removes their state
 /// (`cloud down`, or a crashed run's leftovers). Returns how many nodes
 /// had processes left.
-pub fn sweep(nodes_dir: &Path) -> Result<usize, NodeError> {
+pub fn sweep(nodes_dir: &Path) -> Result<usize, HostsError> {
     let mut killed = 0;
     for dir in node_dirs(nodes_dir) {
-        if let Ok(node) = Node::attach(&dir) {
-            if !node.pids().is_empty() {
+        if let Ok(mut node) = AnyNode::attach(&dir) {
+            if node.alive() {
                 killed += 1;
             }
-            let mut node = node;
             node.stop()?;
+        }
+        // A machine whose handle is gone may still have its root mounted.
+        for mount in crate::debian::machine::mounts_under(&dir).iter().rev() {
+            crate::debian::machine::unmount(mount)?;
         }
         remove_dir(&dir);
     }

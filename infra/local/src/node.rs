@@ -489,8 +489,12 @@ pub fn kill_node(state_dir: &Path) -> Result<()> {
     kill_namespace(&info.name, &info.namespace)
 }
 
-/// Every PID whose mount namespace is `namespace` (`mnt:[inode]`).
+/// Every PID whose mount namespace is `namespace` (`mnt:[inode]`), or
+/// whose PID namespace is `namespace` (`pid:[inode]`: a `debian` machine).
 pub fn pids_in_namespace(namespace: &str) -> Vec<u32> {
+    if namespace.starts_with("pid:[") {
+        return crate::debian::machine::pids_in_pid_namespace(namespace);
+    }
     let me = std::process::id();
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();

@@ -34,6 +34,11 @@ pub struct SeedOptions {
     pub deregistration_delay: Duration,
     /// Id of the release uploaded at seeding.
     pub first_release: String,
+    /// The VPC and its two subnets: the slot's loopback range for `lite`
+    /// nodes, its [`crate::slot::BridgedVpc`] for `debian` nodes
+    /// ([`SeedOptions::bridged`]).
+    pub vpc_cidr: String,
+    pub subnet_cidrs: [String; 2],
 }
 
 impl SeedOptions {
@@ -45,7 +50,17 @@ impl SeedOptions {
             bucket: "hangar-local-releases".into(),
             deregistration_delay: Duration::from_secs(20),
             first_release: "v1".into(),
+            vpc_cidr: slot.vpc_cidr(),
+            subnet_cidrs: slot.subnet_cidrs(),
         }
+    }
+
+    /// Addresses for `debian` nodes: the slot's 198.18.0.0/15 share.
+    pub fn bridged(mut self) -> SeedOptions {
+        let vpc = self.slot.bridged();
+        self.vpc_cidr = vpc.cidr();
+        self.subnet_cidrs = vpc.subnet_cidrs();
+        self
     }
 }
 
@@ -102,11 +117,10 @@ fn missing(step: &'static str, what: &'static str) -> SeedError {
 pub async fn seed(clients: &Clients, options: &SeedOptions) -> Result<Seeded, SeedError> {
     let ec2 = &clients.ec2;
     let elb = &clients.elb;
-    let slot = options.slot;
 
     let vpc_id = ec2
         .create_vpc()
-        .cidr_block(slot.vpc_cidr())
+        .cidr_block(&options.vpc_cidr)
         .send()
         .await
         .map_err(api("create VPC"))?
@@ -119,7 +133,7 @@ pub async fn seed(clients: &Clients, options: &SeedOptions) -> Result<Seeded, Se
         .map(|s| format!("{}{s}", options.region))
         .collect();
     let mut subnet_ids = Vec::new();
-    for (cidr, az) in slot.subnet_cidrs().iter().zip(&azs) {
+    for (cidr, az) in options.subnet_cidrs.iter().zip(&azs) {
         let id = ec2
             .create_subnet()
             .vpc_id(&vpc_id)
@@ -149,7 +163,7 @@ pub async fn seed(clients: &Clients, options: &SeedOptions) -> Result<Seeded, Se
             .ip_protocol("tcp")
             .from_port(port)
             .to_port(port)
-            .ip_ranges(IpRange::builder().cidr_ip(slot.vpc_cidr()).build())
+            .ip_ranges(IpRange::builder().cidr_ip(&options.vpc_cidr).build())
             .build()
     };
     ec2.authorize_security_group_ingress()
@@ -270,7 +284,7 @@ pub async fn seed(clients: &Clients, options: &SeedOptions) -> Result<Seeded, Se
     Ok(Seeded {
         region: options.region.clone(),
         vpc_id,
-        vpc_cidr: slot.vpc_cidr(),
+        vpc_cidr: options.vpc_cidr.clone(),
         subnet_ids,
         availability_zones: azs,
         security_group_id,

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::aws::Clients;
+use crate::debian::DebianOptions;
 use crate::gateway::{Gateway, GatewayError, Semantics};
 use crate::hosts::{HostOptions, Hosts, HostsError, NodeView};
 use crate::lb::{HealthCheckOptions, Lb, LbError, LbOptions, TargetView};
@@ -53,6 +54,8 @@ pub struct ServiceOptions {
     pub metrics_interval: Duration,
     /// The AWS behaviours the gateway adds to moto (AWS's by default).
     pub semantics: Semantics,
+    /// `Some`: `debian` nodes (see [`HostOptions::debian`]).
+    pub debian: Option<DebianOptions>,
 }
 
 /// The running services. Stop them with [`Services::shutdown`]; dropping
@@ -95,6 +98,7 @@ impl Services {
         host_options.vpc_id = Some(seeded.vpc_id.clone());
         host_options.poll = options.host_poll;
         host_options.adopt = options.adopt;
+        host_options.debian = options.debian.clone();
         // Blocking: may kill a previous run's leftovers.
         let hosts = tokio::task::spawn_blocking(move || Hosts::new(host_options))
             .await

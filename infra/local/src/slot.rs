@@ -104,6 +104,14 @@ impl Slot {
         o[0] == 127 && o[1] == self.octet()
     }
 
+    /// This slot's VPC for `debian` nodes (see [`BridgedVpc`]).
+    pub fn bridged(self) -> BridgedVpc {
+        BridgedVpc {
+            base: Ipv4Addr::from(u32::from(BRIDGED_RANGE) + u32::from(self.0) * BRIDGED_SIZE),
+            slot: self.0,
+        }
+    }
+
     fn lock_path(self) -> PathBuf {
         PathBuf::from(LEASE_DIR).join(format!("slot-{}.lock", self.0))
     }
@@ -150,6 +158,77 @@ impl Slot {
 impl std::fmt::Display for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "slot {} ({})", self.0, self.vpc_cidr())
+    }
+}
+
+/// First address of the range `debian` nodes' VPCs are carved from:
+/// 198.18.0.0/15, reserved for benchmarking (RFC 2544) and never routed on
+/// the internet, so a node address can never be anybody else's host.
+pub const BRIDGED_RANGE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+
+/// Addresses per slot in [`BRIDGED_RANGE`]: a /21, 64 slots fill the /15.
+const BRIDGED_SIZE: u32 = 2048;
+
+/// Prefix length of a bridged VPC (and of every node's address: all of a
+/// cloud's nodes share one layer-2 segment, the cloud's bridge).
+pub const BRIDGED_PREFIX: u8 = 21;
+
+/// A slot's VPC for `debian` nodes, which have their own network namespace
+/// and cannot hold a loopback address: `198.18.0.0 + n·2048` as a /21.
+/// Slot 0: `198.18.0.0/21`, subnets `198.18.1.0/24` and `198.18.2.0/24`,
+/// the host's bridge at `198.18.0.1` (outside both subnets, like the LB's
+/// `127.77.0.1` for `lite` nodes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BridgedVpc {
+    base: Ipv4Addr,
+    slot: u8,
+}
+
+impl BridgedVpc {
+    pub fn network(self) -> Ipv4Addr {
+        self.base
+    }
+
+    pub fn cidr(self) -> String {
+        format!("{}/{BRIDGED_PREFIX}", self.base)
+    }
+
+    /// Two `/24`s, one per availability zone (third octet +1 and +2).
+    pub fn subnet_cidrs(self) -> [String; 2] {
+        [
+            format!("{}/24", self.offset(256)),
+            format!("{}/24", self.offset(512)),
+        ]
+    }
+
+    /// The host end of the cloud's bridge: what nodes reach the host at
+    /// (the apt proxy listens here).
+    pub fn gateway(self) -> Ipv4Addr {
+        self.offset(1)
+    }
+
+    pub fn contains(self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & !(BRIDGED_SIZE - 1) == u32::from(self.base)
+    }
+
+    /// The cloud's bridge on the host: `hangar-s<n>`.
+    pub fn bridge_name(self) -> String {
+        format!("hangar-s{}", self.slot)
+    }
+
+    /// Prefix of every network namespace this slot's nodes get.
+    pub fn netns_prefix(self) -> String {
+        format!("hangar-s{}-", self.slot)
+    }
+
+    /// Prefix of the host ends of this slot's veth pairs (`hg<n>-…`, kept
+    /// short: interface names have at most 15 characters).
+    pub fn veth_prefix(self) -> String {
+        format!("hg{}-", self.slot)
+    }
+
+    fn offset(self, n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base) + n)
     }
 }
 
@@ -244,6 +323,28 @@ mod tests {
         // IpPool::tests starts at 127.77.128.1; slot 0's subnets end at .2.255.
         let pool = crate::node::IpPool::tests();
         assert!(pool.first > Ipv4Addr::new(127, 77, 2, 255));
+    }
+
+    #[test]
+    fn bridged_vpcs_tile_the_benchmark_range_without_overlap() {
+        let s0 = Slot::new(0).unwrap().bridged();
+        assert_eq!(s0.cidr(), "198.18.0.0/21");
+        assert_eq!(s0.subnet_cidrs(), ["198.18.1.0/24", "198.18.2.0/24"]);
+        assert_eq!(s0.gateway(), Ipv4Addr::new(198, 18, 0, 1));
+        let s5 = Slot::new(5).unwrap().bridged();
+        assert_eq!(s5.cidr(), "198.18.40.0/21");
+        assert!(s5.contains(Ipv4Addr::new(198, 18, 41, 4)));
+        assert!(!s5.contains(Ipv4Addr::new(198, 18, 48, 4)));
+        assert!(!s0.contains(Ipv4Addr::new(198, 18, 41, 4)));
+        let last = Slot::new(MAX).unwrap().bridged();
+        assert_eq!(last.cidr(), "198.19.248.0/21");
+        // Still inside 198.18.0.0/15.
+        assert_eq!(
+            u32::from(last.network()) >> 17,
+            u32::from(BRIDGED_RANGE) >> 17
+        );
+        assert!(s5.bridge_name().len() <= 15);
+        assert!(format!("{}{}", last.veth_prefix(), "abcdef01").len() <= 15);
     }
 
     #[test]

@@ -65,6 +65,10 @@ impl RunDir {
     pub fn nodes(&self) -> PathBuf {
         self.root.join("nodes")
     }
+    /// Cloud-level state of `debian` nodes (the apt proxy).
+    pub fn debian(&self) -> PathBuf {
+        self.root.join("debian")
+    }
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")
     }
@@ -148,6 +152,9 @@ pub struct Stack {
     /// The AWS behaviours the gateway emulates (absent in an older stack.json: AWS's).
     #[serde(default)]
     pub semantics: hangar_local::gateway::Semantics,
+    /// `lite` or `debian` (with its image); absent in older stack files.
+    #[serde(default)]
+    pub nodes: hangar_local::NodeKind,
 }
 
 /// `status.json`: the daemon's PID and its services' snapshot.

@@ -49,6 +49,20 @@ async fn serve(run: &RunDir, stack: &crate::rundir::Stack, slot: Slot) -> Result
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let clients = Clients::connect(&stack.endpoint, &stack.region).await;
+    let debian = match stack.nodes {
+        hangar_local::NodeKind::Debian { image } => {
+            let image =
+                tokio::task::spawn_blocking(move || hangar_local::debian::Image::ensure(image))
+                    .await
+                    .context("finding the node image")??;
+            Some(hangar_local::debian::DebianOptions::new(
+                image,
+                slot.bridged(),
+                run.debian(),
+            ))
+        }
+        hangar_local::NodeKind::Lite => None,
+    };
     let services = Services::start(
         &clients,
         &stack.seeded,
@@ -66,6 +80,7 @@ async fn serve(run: &RunDir, stack: &crate::rundir::Stack, slot: Slot) -> Result
             health: stack.health,
             metrics_interval: stack.metrics_interval,
             semantics: stack.semantics.clone(),
+            debian,
         },
     )
     .await?;

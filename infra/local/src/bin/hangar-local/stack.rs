@@ -53,6 +53,23 @@ pub struct UpArgs {
     /// Turn off RunInstances ClientToken idempotency (moto launches again).
     #[arg(long)]
     no_idempotency: bool,
+    /// What instances become: `lite` (sshd in a mount namespace, on
+    /// 127.(77+n).0.0/16) or `debian` (Debian 12 machines with systemd and
+    /// their own network, on 198.18.0.0/15).
+    #[arg(long, default_value = "lite", value_parser = ["lite", "debian"])]
+    nodes: String,
+    /// The image of `debian` nodes: `base`, or `php` (nginx + PHP-FPM 8.2).
+    #[arg(long, default_value = "base")]
+    image: hangar_local::ImageVariant,
+}
+
+impl UpArgs {
+    fn node_kind(&self) -> hangar_local::NodeKind {
+        match self.nodes.as_str() {
+            "debian" => hangar_local::NodeKind::Debian { image: self.image },
+            _ => hangar_local::NodeKind::Lite,
+        }
+    }
 }
 
 pub fn up(root: &Path, args: UpArgs) -> Result<ExitCode> {
@@ -60,6 +77,13 @@ pub fn up(root: &Path, args: UpArgs) -> Result<ExitCode> {
     let run = RunDir::new(root)?;
     preflight()?;
     let slot = Slot::new(args.slot)?;
+    if let hangar_local::NodeKind::Debian { image } = args.node_kind() {
+        hangar_local::debian::check_prerequisites()
+            .map_err(|e| anyhow!("{e}\n  fix everything at once with: {SETUP}"))?;
+        // Before anything starts: the first build takes a minute or two.
+        let image = hangar_local::debian::Image::ensure(image)?;
+        println!("node image {} ({})", image.name(), image.path.display());
+    }
 
     // Unreadable (written by another version): treated as a dead stack.
     let previous = run.read_stack().unwrap_or(None);
@@ -155,7 +179,12 @@ fn seed_and_serve(
         .enable_all()
         .build()
         .context("building a runtime")?;
-    let options = SeedOptions::new(slot);
+    let nodes = args.node_kind();
+    let options = if nodes.is_debian() {
+        SeedOptions::new(slot).bridged()
+    } else {
+        SeedOptions::new(slot)
+    };
     let seeded = runtime
         .block_on(async {
             let clients = Clients::connect(endpoint, &options.region).await;
@@ -194,6 +223,7 @@ fn seed_and_serve(
             },
             ..Semantics::default()
         },
+        nodes,
     };
     run.write_stack(&stack)?;
     let pid = spawn_serve(run, lease)?;
@@ -390,6 +420,12 @@ fn write_spec(run: &RunDir, stack: &Stack) -> Result<()> {
     .comment("Scales between 2 and 6 nodes: `infra/local/cloud load --rps 20 --for 2m`")
     .comment("asks for 4 (20 rps = 1200/min, 300/min per node); scale-in follows 30s")
     .comment("after the load stops.");
+    // Debian machines accept the cloud's key for `deploy` (sudo), not root.
+    let spec = if stack.nodes.is_debian() {
+        spec.set("spec.ssh.user", hangar_local::debian::machine::DEPLOY_USER)
+    } else {
+        spec
+    };
     spec.write_to(&run.spec())
         .with_context(|| format!("writing {}", run.spec().display()))
 }
@@ -424,6 +460,29 @@ fn teardown(run: &RunDir) -> Result<Vec<String>> {
     let leftovers = hangar_local::hosts::sweep(&run.nodes())?;
     if leftovers > 0 {
         stopped.push(format!("{leftovers} leftover node(s)"));
+    }
+    // Bridge, namespaces, mounts and proxy of `debian` nodes, by exact
+    // name and PID (nothing when the stack ran `lite` nodes).
+    let slot = run
+        .read_stack()
+        .ok()
+        .flatten()
+        .map(|s| s.slot)
+        .unwrap_or(hangar_local::slot::QUICKSTART);
+    let slot = Slot::new(slot)
+        .ok()
+        .filter(|s| !hangar_local::debian::leftovers(s.bridged(), &run.root).is_empty());
+    if let Some(slot) = slot {
+        let swept = hangar_local::debian::sweep(slot.bridged(), &run.root)?;
+        if !swept.is_empty() {
+            stopped.push(format!(
+                "debian leftovers ({} netns, {} links, {} mounts, {} processes)",
+                swept.netns.len(),
+                swept.links.len(),
+                swept.mounts.len(),
+                swept.pids.len()
+            ));
+        }
     }
     run.clean()?;
     Ok(stopped)
@@ -561,8 +620,9 @@ pub fn status(root: &Path, json: bool) -> Result<ExitCode> {
                     None => "not registered".into(),
                 };
                 println!(
-                    "    {}  {:<15} {} procs  {}",
+                    "    {}  {:<6} {:<15} {} procs  {}",
                     n.instance_id,
+                    n.kind,
                     n.ip,
                     s.node_pids.get(&n.instance_id).copied().unwrap_or(0),
                     target
