@@ -1,6 +1,6 @@
 //! HTTP health checks against a node, the way the load balancer will see it.
 //!
-//! A node passes when `GET http://<ip>:<port><path>` answers 2xx. hangar
+//! A node passes when `GET http://<ip>:<port><path>` answers 2xx or 3xx. hangar
 //! retries every `interval`, gives each request `timeout`, and gives up after
 //! `deadline` — generous by default (10 minutes): a cold PHP/Rails boot can
 //! be slow, and a too-short deadline is a classic cause of failed deploys.
@@ -49,7 +49,7 @@ pub enum ProbeFailure {
     /// Nothing answered (refused, unreachable, reset).
     Connect(String),
     TimedOut(Duration),
-    /// An answer, but not 2xx.
+    /// An answer, but not 2xx or 3xx.
     Status(u16),
     Other(String),
 }
@@ -112,7 +112,10 @@ pub async fn probe_once(
         Ok(Err(e)) => Err(ProbeFailure::Other(root_cause(&e))),
         Ok(Ok(resp)) => {
             let status = resp.status().as_u16();
-            if resp.status().is_success() {
+            // 2xx and 3xx, as the spec reference promises: an app whose
+            // health path redirects (to a login page, say) is up.
+            // Redirects are not followed.
+            if resp.status().is_success() || resp.status().is_redirection() {
                 Ok(status)
             } else {
                 Err(ProbeFailure::Status(status))
@@ -121,7 +124,7 @@ pub async fn probe_once(
     }
 }
 
-/// Probes until a 2xx answer or the deadline.
+/// Probes until a 2xx or 3xx answer or the deadline.
 pub async fn wait_healthy(probe: &HealthProbe) -> Result<Healthy, HealthError> {
     let client = client()?;
     let started = Instant::now();
@@ -177,6 +180,41 @@ mod tests {
         let p = HealthProbe::for_node("127.77.1.2".parse().unwrap(), &hc);
         assert_eq!(p.url, "http://127.77.1.2:8080/health");
         assert_eq!(p.deadline, Duration::from_secs(600));
+    }
+
+    /// A loopback server answering every request with `status`.
+    async fn answering(status: u16) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\nLocation: /login\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}/health")
+    }
+
+    #[tokio::test]
+    async fn any_2xx_or_3xx_answer_is_healthy_as_the_spec_reference_says() {
+        let client = client().unwrap();
+        let t = Duration::from_secs(2);
+        for status in [200, 204, 301, 302, 304, 308] {
+            let url = answering(status).await;
+            assert_eq!(probe_once(&client, &url, t).await.ok(), Some(status), "{status}");
+        }
+        for status in [404, 500, 503] {
+            let url = answering(status).await;
+            assert!(
+                matches!(probe_once(&client, &url, t).await, Err(ProbeFailure::Status(s)) if s == status),
+                "{status}"
+            );
+        }
     }
 
     #[tokio::test]
