@@ -108,6 +108,9 @@ pub struct Instance {
     pub launched_at: Option<DateTime<Utc>>,
     /// `hangar:protected=true`: never chosen for scale-in.
     pub protected: bool,
+    /// The `ClientToken` of the `RunInstances` call that launched it: tells
+    /// hangar which of its launch intents an instance fulfils.
+    pub client_token: Option<String>,
     /// Every tag, including the ones above.
     pub tags: BTreeMap<String, String>,
 }

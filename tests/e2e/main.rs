@@ -7,6 +7,7 @@
 
 mod support;
 
+mod aws;
 mod crash;
 mod faults;
 mod isolation;

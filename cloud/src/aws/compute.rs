@@ -97,6 +97,9 @@ impl Compute for AwsCloud {
                 for (k, v) in &tags {
                     instance.tags.entry(k.clone()).or_insert_with(|| v.clone());
                 }
+                instance
+                    .client_token
+                    .get_or_insert_with(|| req.client_token.clone());
                 Some(with_hangar_fields(instance))
             })
             .collect();
@@ -354,6 +357,10 @@ fn instance_from_ec2(i: &Ec2Instance) -> Option<Instance> {
             .launch_time()
             .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
         protected: false,
+        client_token: i
+            .client_token()
+            .filter(|t| !t.is_empty())
+            .map(str::to_string),
         tags,
     })
 }

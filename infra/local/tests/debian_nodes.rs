@@ -876,26 +876,38 @@ fn crash_helper() {
 #[test]
 fn a_killed_test_leaves_machines_the_next_cloud_on_its_slot_removes() {
     use std::io::BufRead;
-    let slot = {
-        let lease = hangar_local::slot::lease_any().unwrap();
-        lease.slot()
-    };
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_helper", "--ignored", "--nocapture"])
-        .env(CRASH_SLOT, slot.index().to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let ready = loop {
-        match lines.next() {
-            Some(Ok(line)) if line.starts_with("READY ") => break line,
-            Some(Ok(_)) => continue,
-            other => {
+    // The slot is free when leased here, but another test of this binary
+    // may take it before the helper does: then the helper ends early and
+    // another free slot is tried.
+    let mut attempts = 0;
+    let (slot, mut child, ready) = loop {
+        attempts += 1;
+        let slot = {
+            let lease = hangar_local::slot::lease_any().unwrap();
+            lease.slot()
+        };
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "crash_helper", "--ignored", "--nocapture"])
+            .env(CRASH_SLOT, slot.index().to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let ready = loop {
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("READY ") => break Some(line),
+                Some(Ok(_)) => continue,
+                _ => break None,
+            }
+        };
+        match ready {
+            Some(line) => break (slot, child, line),
+            None => {
                 let _ = child.kill();
-                panic!("the helper ended before its machine ran: {other:?}");
+                let _ = child.wait();
+                assert!(attempts < 5, "the helper never got its machine running");
             }
         }
     };

@@ -170,6 +170,7 @@ impl Compute for MemoryCloud {
                 availability_zone: None,
                 launched_at: Some(Utc::now()),
                 protected: false,
+                client_token: Some(req.client_token.clone()),
                 tags,
             };
             self.seed_instance(instance.clone());

@@ -168,6 +168,7 @@ pub fn seed(cloud: &MemoryCloud, specs: &SpecSet, shape: &Shape) {
                 availability_zone: Some(format!("eu-west-1{}", ['a', 'b', 'c'][n % 3])),
                 launched_at: Some(launched),
                 protected: false,
+                client_token: None,
                 tags: t,
             });
             ids.push(id);

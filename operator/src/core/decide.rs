@@ -17,6 +17,7 @@ use hangar_crds::ClusterSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::core::fleet::{self, Task};
+use crate::core::launches::LaunchIntent;
 use crate::core::memory::{DecisionRecord, Memory, ServingCount};
 use crate::core::observation::{ActionFailure, Observation, Outcome, Reads};
 use crate::core::planner;
@@ -69,6 +70,10 @@ pub struct Decision {
     pub memory: Memory,
     /// What to do with the nodes (its `actions`) and what status shows of it.
     pub diff: fleet::Diff,
+    /// `RunInstances` calls to make: new intents (the diff's launches) and
+    /// retries of earlier ones, each with its own token. The runtime
+    /// persists the memory holding them before it calls.
+    pub launches: Vec<LaunchIntent>,
     /// Notes node tasks left (already logged by them), oldest first.
     pub task_notes: Vec<Activity>,
     /// What this decision did, oldest first.
@@ -134,11 +139,15 @@ pub fn decide_removed(obs: &Observation, memory: &Memory) -> Decision {
         rolling_back_from: None,
         rollout: spec.release.rollout,
         subnets: &spec.instances.subnets,
+        pending: &[],
         scale_in: spec.scale_in_policy,
         self_healing: spec.self_healing,
         launch_allowed: false,
         now: obs.now,
     };
+    // Launches a deleted cluster intended are not made any more; if any
+    // were, their instances are drained once listed.
+    pass.memory.launches.pending.clear();
     let mut diff = fleet::diff(&nodes, &target);
     diff.actions.retain(|a| {
         matches!(
@@ -193,6 +202,8 @@ pub fn reads(obs: &Observation, memory: &Memory) -> Reads {
 /// what the decision has to say so far.
 struct Pass<'o> {
     obs: &'o Observation,
+    /// This process has not decided for the cluster before.
+    first_pass: bool,
     memory: Memory,
     task_notes: Vec<Activity>,
     activities: Vec<Activity>,
@@ -203,6 +214,7 @@ impl<'o> Pass<'o> {
     fn new(obs: &'o Observation, memory: &Memory) -> Pass<'o> {
         Pass {
             obs,
+            first_pass: !memory.continuing(),
             memory: memory.clone(),
             task_notes: Vec::new(),
             activities: Vec::new(),
@@ -232,16 +244,20 @@ impl<'o> Pass<'o> {
                         .push(Activity::new(*at, "error", Some(node), message));
                 }
                 ActionFailure::Launch {
-                    subnet,
-                    count,
-                    error,
-                    at,
+                    token, error, at, ..
                 } => {
-                    let message = format!("launching {count} in {subnet} failed: {error}");
+                    let message = self.memory.launches.failed(token, error, *at);
                     self.activities
-                        .push(Activity::new(*at, "error", None, message));
+                        .push(Activity::new(*at, "launch", None, message));
                 }
             }
+        }
+        for said in self
+            .memory
+            .launches
+            .confirm(&self.obs.instances, self.obs.now)
+        {
+            self.record("launch", None, said);
         }
         for n in &self.obs.notes {
             self.task_notes.push(Activity::new(
@@ -251,7 +267,6 @@ impl<'o> Pass<'o> {
                 n.message.clone(),
             ));
         }
-        let now = self.obs.now;
         for f in &self.obs.finished {
             self.counts.push(Count::TaskFinished {
                 task: f.task.name(),
@@ -278,34 +293,49 @@ impl<'o> Pass<'o> {
                 Outcome::NodeFailed(why) => {
                     m.failed_nodes.insert(f.node.clone(), why.clone());
                     m.node_errors.insert(f.node.clone(), why.clone());
-                    m.node_failures += 1;
                     let message = format!("{} failed: {why}; replacing the node", f.task.name());
                     self.activities
                         .push(Activity::new(f.at, "error", Some(&f.node), message));
-                    if m.node_failures >= 3 {
-                        let exp = 30u64.saturating_mul(1 << (m.node_failures - 3).min(5));
-                        let wait = chrono::Duration::seconds(exp.min(600) as i64);
-                        m.launch_backoff_until = Some(now + wait);
-                        let message = format!(
-                            "{} nodes failed in a row: launches wait {}s",
-                            m.node_failures,
-                            wait.num_seconds()
-                        );
-                        self.record("backoff", None, message);
-                    }
+                    self.count_node_failure();
                 }
                 Outcome::ReleaseFailed { release, reason } => {
                     m.node_errors.insert(f.node.clone(), reason.clone());
                     // A new node that failed on the release is not serving
                     // anything: replace it (an updated node was restored).
-                    if matches!(f.task, Task::Advance) {
+                    // Like any node that never came up, it counts toward the
+                    // launch backoff: a first release that never gets
+                    // healthy must not launch and terminate in a loop.
+                    let new_node = matches!(f.task, Task::Advance);
+                    if new_node {
                         m.failed_nodes.insert(f.node.clone(), reason.clone());
                     }
                     if let Some(ev) = rollout::fail(&mut m.release, release, reason) {
                         self.rollout_events(vec![ev]);
                     }
+                    if new_node {
+                        self.count_node_failure();
+                    }
                 }
             }
+        }
+    }
+
+    /// One more node in a row that never came up; from the third on,
+    /// launches back off (30 s, doubling, at most 10 min).
+    fn count_node_failure(&mut self) {
+        let now = self.obs.now;
+        let m = &mut self.memory;
+        m.node_failures += 1;
+        if m.node_failures >= 3 {
+            let exp = 30u64.saturating_mul(1 << (m.node_failures - 3).min(5));
+            let wait = chrono::Duration::seconds(exp.min(600) as i64);
+            m.launch_backoff_until = Some(now + wait);
+            let message = format!(
+                "{} nodes failed in a row: launches wait {}s",
+                m.node_failures,
+                wait.num_seconds()
+            );
+            self.record("backoff", None, message);
         }
     }
 
@@ -340,9 +370,15 @@ impl<'o> Pass<'o> {
                 m.last_metric = Some(*reading);
             }
         }
+        let unlisted: u32 = m
+            .launches
+            .unlisted(&obs.instances)
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
         let pass = planner::Pass {
             standing: continuing.then_some(m.desired),
-            counted: fleet::count_toward_capacity(&obs.instances),
+            counted: fleet::count_toward_capacity(&obs.instances) + unlisted,
             evaluation_due: due,
         };
         let evaluated = pass.evaluates(spec);
@@ -420,6 +456,13 @@ impl<'o> Pass<'o> {
             .iter()
             .map(|i| fleet_node(i, &obs.running, m, &obs.unhealthy))
             .collect();
+        let pending = m.launches.unlisted(&obs.instances);
+        let usable: Vec<String> = m
+            .launches
+            .usable(&spec.instances.subnets, now)
+            .into_iter()
+            .cloned()
+            .collect();
         let target = fleet::Target {
             desired: m.desired,
             release: &m.release.target,
@@ -427,13 +470,33 @@ impl<'o> Pass<'o> {
             rollout_halted: rollout::halted(&m.release),
             rolling_back_from: m.release.rolling_back_from.as_deref(),
             rollout: spec.release.rollout,
-            subnets: &spec.instances.subnets,
+            subnets: &usable,
+            pending: &pending,
             scale_in: spec.scale_in_policy,
             self_healing: spec.self_healing,
             launch_allowed: m.launch_backoff_until.is_none_or(|t| t <= now),
             now,
         };
-        fleet::diff(&nodes, &target)
+        let mut diff = fleet::diff(&nodes, &target);
+        if let Some(why) = m.launches.describe_avoided(now) {
+            diff.notes.push(why);
+        }
+        diff
+    }
+
+    /// The launches to make: retries of earlier intents first (same
+    /// tokens), then one new intent per launch the diff asks for.
+    fn launches(&mut self, diff: &fleet::Diff) -> Vec<LaunchIntent> {
+        let (obs, now) = (self.obs, self.obs.now);
+        let launches = &mut self.memory.launches;
+        let mut out = launches.retries(&obs.instances, self.first_pass);
+        for action in &diff.actions {
+            if let fleet::Action::Launch { subnet, count } = action {
+                let release = self.memory.release.target.clone();
+                out.push(launches.intend(&obs.cluster, subnet, *count, &release, now));
+            }
+        }
+        out
     }
 
     fn rollout_events(&mut self, events: Vec<rollout::Event>) {
@@ -463,6 +526,7 @@ impl<'o> Pass<'o> {
     }
 
     fn finish(mut self, diff: fleet::Diff) -> Decision {
+        let launches = self.launches(&diff);
         for action in &diff.actions {
             if let fleet::Action::Start {
                 node,
@@ -475,6 +539,7 @@ impl<'o> Pass<'o> {
         Decision {
             memory: self.memory,
             diff,
+            launches,
             task_notes: self.task_notes,
             activities: self.activities,
             counts: self.counts,

@@ -105,7 +105,12 @@ pub struct Target<'a> {
     /// [`Target::release`] in place (auto-rollback in progress).
     pub rolling_back_from: Option<&'a str>,
     pub rollout: Rollout,
+    /// Subnets new nodes may be launched in now (the spec's, less those
+    /// that refused launches recently), in spec order.
     pub subnets: &'a [String],
+    /// Launched instances the listing does not show yet, per subnet: they
+    /// count toward capacity and toward their subnet's share.
+    pub pending: &'a [(String, u32)],
     pub scale_in: ScaleInPolicy,
     pub self_healing: SelfHealing,
     /// False while launches back off after repeated node failures.
@@ -312,12 +317,17 @@ impl Diff {
     /// Step 4, capacity: launch the missing, drain the surplus. Returns the
     /// nodes chosen for scale-in.
     fn capacity<'n>(&mut self, staying: &[&'n Node], t: &Target<'_>) -> BTreeSet<&'n str> {
-        self.counted = staying.len() as u32;
+        let pending: u32 = t.pending.iter().map(|(_, n)| n).sum();
+        self.counted = staying.len() as u32 + pending;
         let want = t.desired + self.surge;
         if self.counted < want {
             let missing = want - self.counted;
-            if t.launch_allowed {
-                for (subnet, count) in spread(missing, t.subnets, staying) {
+            if t.launch_allowed && t.subnets.is_empty() {
+                self.notes.push(format!(
+                    "{missing} missing, but every subnet refused launches recently"
+                ));
+            } else if t.launch_allowed {
+                for (subnet, count) in spread(missing, t.subnets, staying, t.pending) {
                     self.actions.push(Action::Launch { subnet, count });
                 }
                 self.notes.push(format!(
@@ -331,8 +341,11 @@ impl Diff {
             }
         }
         let mut chosen = BTreeSet::new();
-        if self.counted > want {
-            let surplus = self.counted - want;
+        // Launches in flight are not for scale-in to pick: their instances
+        // are drained once listed, if still too many.
+        let listed = self.counted - pending;
+        if listed > want {
+            let surplus = listed - want;
             let victims = pick_victims(staying, surplus as usize, t);
             if (victims.len() as u32) < surplus {
                 self.notes.push(format!(
@@ -492,18 +505,26 @@ fn pick_victims<'n>(staying: &[&'n Node], count: usize, t: &Target<'_>) -> Vec<&
 }
 
 /// Splits `count` new nodes over subnets so the fleet stays balanced
-/// across them (fewest nodes first, ties in spec order).
-pub fn spread(count: u32, subnets: &[String], staying: &[&Node]) -> Vec<(String, u32)> {
+/// across them (fewest nodes first, launches in flight included; ties in
+/// spec order).
+pub fn spread(
+    count: u32,
+    subnets: &[String],
+    staying: &[&Node],
+    pending: &[(String, u32)],
+) -> Vec<(String, u32)> {
     if subnets.is_empty() {
         return Vec::new();
     }
     let mut load: Vec<u32> = subnets
         .iter()
         .map(|s| {
-            staying
+            let listed = staying
                 .iter()
                 .filter(|n| n.subnet.as_deref() == Some(s))
-                .count() as u32
+                .count() as u32;
+            let launching: u32 = pending.iter().filter(|(p, _)| p == s).map(|(_, n)| n).sum();
+            listed + launching
         })
         .collect();
     let mut add: BTreeMap<usize, u32> = BTreeMap::new();

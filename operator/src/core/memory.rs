@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::core::launches::Launches;
 use crate::core::planner::{EffectiveCapacity, History, Reading};
 use crate::core::rollout::ReleaseStatus;
 
@@ -44,6 +45,10 @@ pub struct Memory {
     pub node_retries: BTreeMap<String, u32>,
     /// Launches wait until then after repeated node failures.
     pub launch_backoff_until: Option<DateTime<Utc>>,
+    /// Launch intents not yet confirmed by the listing, and subnets
+    /// launches avoid for now.
+    #[serde(default)]
+    pub launches: Launches,
     /// How many nodes served at the last pass and since when. Kept by this
     /// process only: after a restart it is unknown, which also marks the
     /// first pass (see [`crate::core::planner::Pass::standing`]), and the
@@ -98,6 +103,7 @@ impl Memory {
             node_errors,
             node_retries,
             launch_backoff_until,
+            launches,
             serving: _,
         } = self;
         let (same_desired, same_reason) = match (last_decision, &other.last_decision) {
@@ -118,6 +124,7 @@ impl Memory {
             && *node_errors == other.node_errors
             && *node_retries == other.node_retries
             && *launch_backoff_until == other.launch_backoff_until
+            && *launches == other.launches
     }
 
     /// What clients are shown: without the planner's history.
@@ -135,6 +142,7 @@ impl Memory {
             node_errors,
             node_retries,
             launch_backoff_until,
+            launches,
             serving,
         } = self;
         Memory {
@@ -150,6 +158,7 @@ impl Memory {
             node_errors: node_errors.clone(),
             node_retries: node_retries.clone(),
             launch_backoff_until: *launch_backoff_until,
+            launches: launches.clone(),
             serving: *serving,
         }
     }

@@ -5,6 +5,7 @@
 pub mod conditions;
 pub mod decide;
 pub mod fleet;
+pub mod launches;
 pub mod lifecycle;
 pub mod memory;
 pub mod observation;

@@ -52,7 +52,9 @@ pub enum ActionFailure {
         error: String,
         at: DateTime<Utc>,
     },
+    /// A `RunInstances` call for the launch intent with this token.
     Launch {
+        token: String,
         subnet: String,
         count: u32,
         error: CloudError,

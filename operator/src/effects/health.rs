@@ -206,7 +206,11 @@ mod tests {
         let t = Duration::from_secs(2);
         for status in [200, 204, 301, 302, 304, 308] {
             let url = answering(status).await;
-            assert_eq!(probe_once(&client, &url, t).await.ok(), Some(status), "{status}");
+            assert_eq!(
+                probe_once(&client, &url, t).await.ok(),
+                Some(status),
+                "{status}"
+            );
         }
         for status in [404, 500, 503] {
             let url = answering(status).await;

@@ -66,8 +66,13 @@ impl Scenario {
             .enable_all()
             .build()
             .expect("runtime");
-        let reader = AwsCloud::new(&cloud.sdk_config(), OWNER, dir.path().join("reader-cache"))
-            .expect("cloud reader");
+        // What exists (moto), not the lagging listing the operator sees.
+        let reader = AwsCloud::new(
+            &cloud.moto_clients().sdk,
+            OWNER,
+            dir.path().join("reader-cache"),
+        )
+        .expect("cloud reader");
         let watcher = Watcher::start(&cloud, OWNER);
         Scenario {
             cloud,

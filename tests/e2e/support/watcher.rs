@@ -49,8 +49,10 @@ impl Watcher {
         let report = Arc::new(Mutex::new(Report::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let lb = cloud.lb().clone();
+        // moto itself, not the gateway: the watcher sees what exists, not
+        // EC2's eventually consistent listing of it.
         let reader = AwsCloud::new(
-            &cloud.sdk_config(),
+            &cloud.moto_clients().sdk,
             owner,
             std::env::temp_dir().join("hangar-e2e-watcher"),
         )

@@ -14,6 +14,7 @@ use hangar_crds::ClusterSpec;
 
 use crate::core::decide::{decide, Decision};
 use crate::core::fleet::{Action, Task};
+use crate::core::launches::LaunchIntent;
 use crate::core::memory::Memory;
 use crate::core::observation::{ActionFailure, ErrorCounts, Finished, Observation, Outcome};
 use crate::core::planner::Reading;
@@ -73,6 +74,7 @@ pub fn node(id: &str) -> Instance {
         availability_zone: None,
         launched_at: Some(t0()),
         protected: false,
+        client_token: None,
         tags: BTreeMap::new(),
     }
     .phase(Phase::Launching)
@@ -195,6 +197,7 @@ impl Observation {
     /// The last pass's launch in `subnet` was refused for capacity.
     pub fn launch_failed_in(mut self, subnet: &str) -> Self {
         self.failures.push(ActionFailure::Launch {
+            token: String::new(),
             subnet: subnet.into(),
             count: 1,
             error: insufficient_capacity(),
@@ -214,15 +217,11 @@ pub fn insufficient_capacity() -> CloudError {
     }
 }
 
-/// The launches of a decision, as `(subnet, count)`.
+/// The launches a decision makes, as `(subnet, count)`.
 pub fn launches(d: &Decision) -> Vec<(String, u32)> {
-    d.diff
-        .actions
+    d.launches
         .iter()
-        .filter_map(|a| match a {
-            Action::Launch { subnet, count } => Some((subnet.clone(), *count)),
-            _ => None,
-        })
+        .map(|l| (l.subnet.clone(), l.count))
         .collect()
 }
 
@@ -357,30 +356,46 @@ impl Sim {
                         });
                     }
                 }
-                Action::Launch { subnet, count } => self.launch(subnet, *count),
+                Action::Launch { .. } => {}
             }
+        }
+        for intent in d.launches.clone() {
+            self.launch(&intent);
         }
         self.decisions.push(d);
         self.decisions.last().expect("just pushed")
     }
 
-    fn launch(&mut self, subnet: &str, count: u32) {
-        if self.full.iter().any(|s| s == subnet) {
+    /// `RunInstances` as EC2 answers it: a token seen before returns its
+    /// instances and launches nothing.
+    fn launch(&mut self, intent: &LaunchIntent) {
+        if self.full.contains(&intent.subnet) {
             self.failures.push(ActionFailure::Launch {
-                subnet: subnet.into(),
-                count,
+                token: intent.token.clone(),
+                subnet: intent.subnet.clone(),
+                count: intent.count,
                 error: insufficient_capacity(),
                 at: self.now,
             });
             return;
         }
-        self.launched.push((subnet.into(), count));
-        for _ in 0..count {
+        let known = self
+            .cloud
+            .iter()
+            .any(|i| i.client_token.as_deref() == Some(intent.token.as_str()));
+        if known {
+            return;
+        }
+        self.launched.push((intent.subnet.clone(), intent.count));
+        for _ in 0..intent.count {
             let id = format!("i-{:03}", self.next_id);
             self.next_id += 1;
-            let release = self.memory.release.target.clone();
-            self.cloud
-                .push(node(&id).in_subnet(subnet).on(&release).launched(self.now));
+            let mut i = node(&id)
+                .in_subnet(&intent.subnet)
+                .on(&intent.release)
+                .launched(self.now);
+            i.client_token = Some(intent.token.clone());
+            self.cloud.push(i);
         }
     }
 
@@ -440,6 +455,15 @@ impl Sim {
                 return;
             }
         }
+    }
+
+    /// The last launch decided.
+    pub fn last_launch(&self) -> &LaunchIntent {
+        self.decisions
+            .iter()
+            .rev()
+            .find_map(|d| d.launches.last())
+            .expect("a launch was decided")
     }
 
     /// Instances serving now.

@@ -382,3 +382,210 @@ fn a_node_phase_is_taken_from_its_tag_and_a_missing_tag_starts_over() {
         ]
     );
 }
+
+#[test]
+fn a_launch_failing_in_one_subnet_falls_back_to_the_others_and_avoids_that_subnet() {
+    let mut sim = Sim::new(spec(""));
+    sim.full.push("subnet-a".into());
+    sim.pass();
+    assert_eq!(
+        sim.launched,
+        [("subnet-b".to_string(), 1)],
+        "subnet-a refused"
+    );
+    // The next pass takes the failure in: subnet-a is avoided, the missing
+    // node goes to subnet-b.
+    let d = sim.pass();
+    assert_eq!(launches(d), [("subnet-b".to_string(), 1)]);
+    let said = &activity(d, "launch")[0];
+    assert!(
+        said.contains("InsufficientInstanceCapacity") && said.contains("avoiding subnet-a for 30s"),
+        "{said}"
+    );
+    assert!(
+        d.diff.notes.iter().any(|n| n.contains("subnet-a avoided")),
+        "status says why: {:?}",
+        d.diff.notes
+    );
+    sim.settle(10);
+    assert_eq!(sim.serving().len(), 2);
+    assert!(sim
+        .serving()
+        .iter()
+        .all(|i| i.subnet_id.as_deref() == Some("subnet-b")));
+    // Once the backoff ran out subnet-a is tried again; a second refusal
+    // avoids it twice as long.
+    sim.wait(31);
+    sim.spec.capacity.min = 3;
+    sim.pass();
+    sim.pass();
+    assert_eq!(
+        sim.memory.launches.avoided["subnet-a"].until,
+        sim.now + Duration::seconds(60)
+    );
+    assert_eq!(
+        sim.launched.iter().filter(|(s, _)| s == "subnet-a").count(),
+        0
+    );
+    // Capacity comes back: the next launch goes to the emptiest subnet,
+    // works, and the subnet's backoff is forgotten.
+    sim.full.clear();
+    sim.wait(61);
+    sim.spec.capacity.min = 4;
+    sim.settle(10);
+    assert!(sim.memory.launches.avoided.is_empty());
+    assert_eq!(sim.serving().len(), 4);
+    let in_a = sim
+        .serving()
+        .iter()
+        .filter(|i| i.subnet_id.as_deref() == Some("subnet-a"))
+        .count();
+    assert_eq!(in_a, 1);
+}
+
+#[test]
+fn every_other_action_runs_when_a_launch_fails() {
+    let mut sim = settled_fleet(with_min(2));
+    sim.full = vec!["subnet-a".into(), "subnet-b".into()];
+    let sick = sim.serving()[0].id.clone();
+    sim.unhealthy(&sick);
+    sim.wait(61);
+    let d = sim.pass();
+    assert_eq!(
+        starts(d),
+        [(sick, "drain")],
+        "the drain starts though the launch fails"
+    );
+    assert_eq!(launches(d).len(), 1);
+    let d = sim.pass();
+    assert_eq!(launches(d).len(), 1, "the other subnet is tried");
+    let d = sim.pass();
+    assert!(launches(d).is_empty(), "both subnets avoided now");
+    assert!(
+        d.diff
+            .notes
+            .iter()
+            .any(|n| n.contains("every subnet refused")),
+        "{:?}",
+        d.diff.notes
+    );
+}
+
+#[test]
+fn a_first_release_that_never_gets_healthy_backs_launches_off_instead_of_looping() {
+    let mut sim = Sim::new(spec(""));
+    let bad = Outcome::ReleaseFailed {
+        release: "v1".into(),
+        reason: "health check: 503".into(),
+    };
+    // Five minutes of passes, every new node failing its first health check.
+    for _ in 0..60 {
+        sim.pass();
+        sim.finish_all("advance", bad.clone());
+        sim.finish_all("drain", Outcome::Done);
+        sim.wait(5);
+    }
+    let launched: u32 = sim.launched.iter().map(|(_, n)| n).sum();
+    assert!(
+        launched <= 10,
+        "{launched} instances launched in 5 minutes for min 2"
+    );
+    assert!(sim.memory.node_failures >= 3);
+    assert!(sim.memory.launch_backoff_until.is_some());
+}
+
+#[test]
+fn a_launch_the_listing_does_not_show_yet_is_not_launched_again() {
+    let mut sim = Sim::new(spec(""));
+    sim.pass();
+    assert_eq!(sim.launched.len(), 2);
+    // EC2's listing lags: the new instances are not in it for a while.
+    sim.unlisted = sim.cloud.iter().map(|i| i.id.clone()).collect();
+    for _ in 0..3 {
+        let d = sim.pass();
+        assert!(launches(d).is_empty(), "{:?}", d.launches);
+        assert_eq!(d.diff.counted, 2, "the intents count toward capacity");
+    }
+    sim.unlisted.clear();
+    let d = sim.pass();
+    assert_eq!(starts(d).len(), 2);
+    assert!(
+        sim.memory.launches.pending.is_empty(),
+        "confirmed by the listing"
+    );
+}
+
+#[test]
+fn a_launch_retried_after_a_lost_answer_or_a_restart_reuses_its_token() {
+    // A throttled call keeps its intent and token.
+    let mut sim = Sim::new(spec(""));
+    let first = sim.pass().launches.clone();
+    let throttled = hangar_cloud::CloudError::Throttled {
+        service: "ec2",
+        code: "RequestLimitExceeded".into(),
+        message: "Request limit exceeded.".into(),
+    };
+    // Pretend the call for subnet-b never reached EC2 and came back throttled.
+    let lost = first
+        .iter()
+        .find(|i| i.subnet == "subnet-b")
+        .unwrap()
+        .clone();
+    sim.cloud
+        .retain(|i| i.client_token.as_deref() != Some(lost.token.as_str()));
+    let obs = sim.observation();
+    let mut obs = obs;
+    obs.failures.push(ActionFailure::Launch {
+        token: lost.token.clone(),
+        subnet: lost.subnet.clone(),
+        count: 1,
+        error: throttled,
+        at: sim.now,
+    });
+    let d = decide(&obs, &sim.memory);
+    assert_eq!(d.launches.len(), 1);
+    assert_eq!(d.launches[0].token, lost.token, "same intent, same token");
+
+    // A restart: the memory on disk holds an intent the listing does not
+    // show; the first pass calls again with its token (EC2 answers with
+    // what it launched, if it did).
+    let mut restarted = d.memory.clone();
+    restarted.serving = None;
+    let d = decide(&obs_without_failures(obs), &restarted);
+    assert_eq!(
+        d.launches
+            .iter()
+            .map(|i| i.token.as_str())
+            .collect::<Vec<_>>(),
+        [lost.token.as_str()]
+    );
+}
+
+fn obs_without_failures(mut obs: Observation) -> Observation {
+    obs.failures.clear();
+    obs
+}
+
+#[test]
+fn the_same_fleet_seen_again_later_gets_a_new_token() {
+    let mut sim = settled_fleet(with_min(2));
+    sim.spec.capacity.min = 3;
+    sim.pass();
+    let first = sim.memory.launches.pending[0].token.clone();
+    sim.settle(10);
+    sim.spec.capacity.min = 2;
+    sim.spec.capacity.max = 2;
+    sim.settle(10);
+    assert_eq!(sim.serving().len(), 2);
+    sim.wait(60);
+    sim.spec.capacity.max = 6;
+    sim.spec.capacity.min = 3;
+    sim.pass();
+    let second = &sim.last_launch().token;
+    assert_ne!(
+        &first, second,
+        "EC2 would answer with the terminated reservation"
+    );
+    sim.settle(10);
+    assert_eq!(sim.serving().len(), 3);
+}

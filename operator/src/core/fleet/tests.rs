@@ -49,6 +49,7 @@ fn target(desired: u32) -> Target<'static> {
             max_surge: 1,
         },
         subnets: SUBNETS_OWNED.get_or_init(|| SUBNETS.iter().map(|s| s.to_string()).collect()),
+        pending: &[],
         scale_in: ScaleInPolicy::Newest,
         self_healing: SelfHealing::default(),
         launch_allowed: true,
@@ -348,10 +349,10 @@ fn spread_fills_the_emptiest_subnet_first() {
     let a2 = serving("i-3", "v2", 1);
     let existing = [&a, &a2];
     assert_eq!(
-        spread(3, &subnets, &existing),
+        spread(3, &subnets, &existing, &[]),
         [("subnet-b".into(), 2), ("subnet-c".into(), 1)]
     );
-    assert!(spread(2, &[], &existing).is_empty());
+    assert!(spread(2, &[], &existing, &[]).is_empty());
 }
 
 fn arb_node() -> impl Strategy<Value = Node> {
@@ -439,4 +440,36 @@ proptest! {
             prop_assert!(in_flight + new_updates <= max_unavailable + d.surge);
         }
     }
+}
+
+#[test]
+fn launches_in_flight_count_toward_capacity_and_toward_their_subnet() {
+    let mut t = target(4);
+    let pending = [("subnet-a".to_string(), 1)];
+    t.pending = &pending;
+    let d = diff(&[serving("i-2", "v2", 1)], &t);
+    assert_eq!(d.counted, 2);
+    assert_eq!(
+        launches(&d),
+        [("subnet-a".into(), 1), ("subnet-b".into(), 1)]
+    );
+    // In flight and too many: nothing listed is drained for them.
+    let mut t = target(1);
+    let pending = [("subnet-a".to_string(), 1)];
+    t.pending = &pending;
+    let d = diff(&[serving("i-2", "v2", 1)], &t);
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+}
+
+#[test]
+fn with_every_subnet_avoided_nothing_launches_and_status_says_why() {
+    let mut t = target(2);
+    t.subnets = &[];
+    let d = diff(&[], &t);
+    assert!(launches(&d).is_empty());
+    assert!(
+        d.notes.iter().any(|n| n.contains("every subnet refused")),
+        "{:?}",
+        d.notes
+    );
 }

@@ -42,6 +42,7 @@ fn instance(id: &str) -> Instance {
         availability_zone: None,
         launched_at: None,
         protected: false,
+        client_token: None,
         tags: BTreeMap::new(),
     }
 }

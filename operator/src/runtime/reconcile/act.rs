@@ -7,11 +7,12 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use hangar_cloud::{Cloud, CloudError, Instance, LaunchRequest};
+use hangar_cloud::{Cloud, Instance, LaunchRequest};
 
 use super::{lock, Operator, ReconcileError};
 use crate::core::decide::Decision;
 use crate::core::fleet::{self, Task};
+use crate::core::launches::LaunchIntent;
 use crate::core::rollout::ReleaseStatus;
 use crate::core::Observation;
 use crate::effects::node_task::{self, NodeContext};
@@ -22,9 +23,9 @@ use crate::core::observation::ActionFailure;
 
 /// What acting on a decision reported.
 pub(super) struct Acted {
-    /// The first launch error, if any (the pass then fails as a whole
-    /// after everything else ran, and the cluster backs off).
-    pub launch_error: Option<CloudError>,
+    /// A launch failed: the next pass (which falls back to other subnets
+    /// or retries) should come soon.
+    pub launch_failed: bool,
 }
 
 impl Operator {
@@ -71,52 +72,75 @@ impl Operator {
                         });
                     }
                 }
+                // Launches are made from `decision.launches` below.
                 fleet::Action::Launch { .. } => {}
             }
         }
-        let mut launch_error = None;
-        for action in &decision.diff.actions {
-            let fleet::Action::Launch { subnet, count } = action else {
-                continue;
-            };
-            let req = LaunchRequest {
-                cluster: name.to_string(),
-                release: decision.memory.release.target.clone(),
-                count: *count,
-                launch_template: obs.spec.instances.launch_template.clone(),
-                launch_template_version: obs.spec.instances.launch_template_version.clone(),
-                instance_type: obs.spec.instances.instance_type.clone(),
-                subnet: subnet.clone(),
-                extra_tags: obs.spec.instances.tags.clone(),
-                client_token: client_token(name, subnet, *count, &obs.instances),
-            };
-            match cloud.compute.launch(&req).await {
-                Ok(launched) => {
-                    let ids: Vec<&str> = launched.iter().map(|i| i.id.as_str()).collect();
-                    let message = format!("launched {} in {subnet}: {}", ids.len(), ids.join(", "));
-                    tracing::info!(cluster = %name, subnet = %subnet, instances = ?ids, "launched");
-                    status.record(Utc::now(), "launch", None, message);
-                    self.inventory.launched(&obs.spec.region, launched);
-                }
-                Err(error) => {
-                    tracing::warn!(cluster = %name, subnet = %subnet, error = %error, "launch failed");
-                    launch_error.get_or_insert_with(|| error.clone());
-                    failures.push(ActionFailure::Launch {
-                        subnet: subnet.clone(),
-                        count: *count,
-                        error,
-                        at: Utc::now(),
-                    });
-                }
+        if !decision.launches.is_empty() {
+            // The intents (and their tokens) reach the disk before EC2
+            // hears of them: a crash between the call and its answer
+            // retries the same token after the restart.
+            self.persist(status);
+        }
+        for intent in &decision.launches {
+            if let Err(failure) = self.launch(name, cloud, obs, intent, status).await {
+                failures.push(failure);
             }
         }
+        let launch_failed = failures
+            .iter()
+            .any(|f| matches!(f, ActionFailure::Launch { .. }));
         if !failures.is_empty() {
             lock(&self.failures)
                 .entry(name.to_string())
                 .or_default()
                 .extend(failures);
         }
-        Acted { launch_error }
+        Acted { launch_failed }
+    }
+
+    /// One `RunInstances` for `intent`, with its token.
+    async fn launch(
+        &self,
+        name: &str,
+        cloud: &Cloud,
+        obs: &Observation,
+        intent: &LaunchIntent,
+        status: &mut ClusterStatus,
+    ) -> Result<(), ActionFailure> {
+        let instances = &obs.spec.instances;
+        let req = LaunchRequest {
+            cluster: name.to_string(),
+            release: intent.release.clone(),
+            count: intent.count,
+            launch_template: instances.launch_template.clone(),
+            launch_template_version: instances.launch_template_version.clone(),
+            instance_type: instances.instance_type.clone(),
+            subnet: intent.subnet.clone(),
+            extra_tags: instances.tags.clone(),
+            client_token: intent.token.clone(),
+        };
+        let subnet = &intent.subnet;
+        match cloud.compute.launch(&req).await {
+            Ok(launched) => {
+                let ids: Vec<&str> = launched.iter().map(|i| i.id.as_str()).collect();
+                let message = format!("launched {} in {subnet}: {}", ids.len(), ids.join(", "));
+                tracing::info!(cluster = %name, subnet = %subnet, token = %intent.token, instances = ?ids, "launched");
+                status.record(Utc::now(), "launch", None, message);
+                self.inventory.launched(&obs.spec.region, launched);
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(cluster = %name, subnet = %subnet, token = %intent.token, error = %error, "launch failed");
+                Err(ActionFailure::Launch {
+                    token: intent.token.clone(),
+                    subnet: subnet.clone(),
+                    count: intent.count,
+                    error,
+                    at: Utc::now(),
+                })
+            }
+        }
     }
 
     /// A removed cluster's decision only drains and cancels.
@@ -203,17 +227,4 @@ impl Operator {
         });
         Ok(())
     }
-}
-
-/// The same observation yields the same token, so a launch retried after a
-/// lost response is recognised by EC2 instead of launching twice.
-fn client_token(cluster: &str, subnet: &str, count: u32, instances: &[Instance]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut ids: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
-    ids.sort_unstable();
-    let mut h = Sha256::new();
-    h.update(format!("{cluster}|{subnet}|{count}|{}", ids.join(",")));
-    let mut token = hex::encode(h.finalize());
-    token.truncate(40);
-    format!("hangar-{token}")
 }

@@ -109,6 +109,10 @@ pub struct Operator {
 /// stabilization windows it serves.
 const READINGS_PERSIST_EVERY: Duration = Duration::from_secs(60);
 
+/// How soon a cluster whose launch failed is looked at again: the next
+/// pass launches in another subnet (or retries a transient failure).
+const LAUNCH_FAILED_REQUEUE: Duration = Duration::from_secs(1);
+
 /// The result of [`Operator::preview`].
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Preview {
@@ -361,13 +365,9 @@ impl Operator {
             || status.memory.release.outdated > 0
             || decision.diff.counted != status.memory.desired;
         self.save_status(before.as_ref(), status);
-        if let Some(error) = acted_on.launch_error {
-            // Until launches fall back per subnet, a failed launch backs the
-            // whole cluster off (every other action has already run).
-            return Err(ReconcileError::Cloud(error));
-        }
-
-        let mut next = if busy {
+        let mut next = if acted_on.launch_failed {
+            LAUNCH_FAILED_REQUEUE
+        } else if busy {
             self.settings.busy_requeue
         } else {
             self.settings.resync
