@@ -304,6 +304,44 @@ async fn releases_ship_activate_and_prune_to_keep() {
     );
 }
 
+/// A release id is a name, not a content: republished with another
+/// artifact (a rebuilt tarball under the same id), the node gets the new
+/// one — never a fleet silently mixing two builds under one id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_id_republished_with_another_artifact_is_shipped_again() {
+    let fx = Fixture::new(1);
+    let pool = fx.pool();
+    assert!(provision(&fx, 0, &pool).await.succeeded());
+    let session = pool.session(&fx.target(0)).await.unwrap();
+    let config = release_config(3);
+    let node = &fx.nodes[0];
+    let first = fx.tarball("first-build", true, false);
+    release::ship(&session, &config, "r1", &first)
+        .await
+        .unwrap();
+    release::activate(&session, &config, "r1").await.unwrap();
+    assert_eq!(http_get(node, "/").await.1, "release first-build\n");
+
+    let rebuilt = fx.tarball("second-build", true, false);
+    assert_ne!(first.sha256, rebuilt.sha256);
+    let shipped = release::ship(&session, &config, "r1", &rebuilt)
+        .await
+        .unwrap();
+    assert!(
+        shipped.uploaded,
+        "the name alone must not reuse releases/r1"
+    );
+    release::activate(&session, &config, "r1").await.unwrap();
+    assert_eq!(http_get(node, "/").await.1, "release second-build\n");
+    let again = release::ship(&session, &config, "r1", &rebuilt)
+        .await
+        .unwrap();
+    assert!(!again.uploaded, "the same artifact is not shipped twice");
+    let state = release::read_state(&session, &config).await.unwrap();
+    assert_eq!(state.releases, vec!["r1"]);
+    assert!(state.staging.is_empty(), "{:?}", state.staging);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_before_activate_hook_keeps_the_old_release_serving() {
     let fx = Fixture::new(1);

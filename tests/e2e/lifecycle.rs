@@ -87,7 +87,7 @@ fn hangar_plan_reads_the_cloud_and_never_changes_it() {
     // counts every AWS call it makes.
     s.write_spec(&spec.with_capacity(3, 3));
     s.aws_faults(crate::support::seed());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+    let out = std::process::Command::new(crate::support::operator::hangar_bin())
         .arg("plan")
         .arg("--specs")
         .arg(&s.specs)

@@ -489,16 +489,12 @@ impl NodeRun {
     }
 
     /// Emergency rollback in place: the target release is on the node from
-    /// before (else it is shipped again).
+    /// before (shipping it is then a check of its artifact), else it is
+    /// shipped again.
     async fn reactivate(&mut self) -> Result<(), Fail> {
+        self.ship().await?;
         let session = self.session().await?;
         let config = self.release_config()?;
-        let state = release::read_state(&session, &config)
-            .await
-            .map_err(|e| self.release_fail(e, false))?;
-        if !state.releases.contains(&self.release) {
-            self.ship().await?;
-        }
         let report = release::activate(&session, &config, &self.release)
             .await
             .map_err(|e| self.release_fail(e, false))?;

@@ -35,7 +35,7 @@ impl OperatorProcess {
             .open(log)
             .expect("operator log");
         let err = out.try_clone().expect("log handle");
-        let child = Command::new(env!("CARGO_BIN_EXE_hangar"))
+        let child = Command::new(hangar_bin())
             .arg("run")
             .arg("--specs")
             .arg(specs)
@@ -135,4 +135,13 @@ pub fn log_tail(log: &PathBuf, lines: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The `hangar` binary under test: the one cargo built with this test,
+/// or `HANGAR_E2E_BIN` (a copy, so a long run is not disturbed by the
+/// next build).
+pub fn hangar_bin() -> std::path::PathBuf {
+    std::env::var_os("HANGAR_E2E_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_hangar").into())
 }

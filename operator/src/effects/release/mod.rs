@@ -148,7 +148,7 @@ pub async fn ship(
     let started = Instant::now();
     let node = session.node().to_string();
     let probe = session
-        .run_checked(&plan::is_shipped_script(config, id))
+        .run_checked(&plan::is_shipped_script(config, id, &artifact.sha256))
         .await?;
     if probe.stdout_lossy().trim() == "present" {
         return Ok(ShipReport {

@@ -123,12 +123,16 @@ fn lock_prelude(config: &ReleaseConfig) -> String {
     )
 }
 
-/// Prints `present` when `releases/<id>` is complete.
-pub fn is_shipped_script(config: &ReleaseConfig, id: &str) -> String {
+/// Prints `present` when `releases/<id>` is complete and came from the
+/// artifact with `sha256` (recorded in `.hangar/artifacts/<id>` when it was
+/// shipped): an id is a name, and a republished one is shipped again.
+pub fn is_shipped_script(config: &ReleaseConfig, id: &str, sha256: &str) -> String {
     format!(
-        "if [ -d {root}/releases/{id} ]; then echo present; else echo absent; fi",
+        "if [ -d {root}/releases/{id} ] && [ \"$(cat {root}/.hangar/artifacts/{id} 2>/dev/null)\" = {want} ]; \
+         then echo present; else echo absent; fi",
         root = config.root_q(),
-        id = shell_quote(id)
+        id = shell_quote(id),
+        want = shell_quote(&sha256.to_ascii_lowercase()),
     )
 }
 
@@ -144,7 +148,8 @@ pub fn ship_script(config: &ReleaseConfig, id: &str, sha256: &str) -> String {
         want = shell_quote(&sha256.to_ascii_lowercase()),
     ));
     s.push_str(&format!(
-        r#"if [ -d "$rel" ]; then cat >/dev/null; echo present; exit 0; fi
+        r#"art="$root/.hangar/artifacts/$id"
+if [ -d "$rel" ] && [ "$(cat "$art" 2>/dev/null)" = "$want" ]; then cat >/dev/null; echo present; exit 0; fi
 rm -rf "$tmp"
 mkdir -p "$tmp/tree" && mkfifo "$tmp/hash.fifo" || exit 70
 # OpenSSL's sha256 is several times faster than coreutils' where it exists.
@@ -172,7 +177,11 @@ fi
     ));
     s.push_str(&link_shared_script(config, "$tmp/tree"));
     s.push_str(
-        r#"mv -T "$tmp/tree" "$rel" || exit 71
+        r#"# A release of this id from another artifact is replaced (the node is
+# out of service while it ships; the activation that follows runs hooks).
+if [ -e "$rel" ]; then mv -T "$rel" "$tmp/replaced" || exit 71; fi
+mv -T "$tmp/tree" "$rel" || exit 71
+mkdir -p "$root/.hangar/artifacts" && printf '%s\n' "$want" > "$art.tmp" && mv -f "$art.tmp" "$art" || exit 72
 rm -rf "$tmp"
 { grep -vxF "$id" "$root/.hangar/shipped" 2>/dev/null; echo "$id"; } > "$root/.hangar/shipped.tmp" \
   && mv -f "$root/.hangar/shipped.tmp" "$root/.hangar/shipped" || exit 72
@@ -247,7 +256,7 @@ pub fn prune_script(config: &ReleaseConfig, victims: &[String]) -> String {
     s.push_str("cur=$(readlink \"$root/current\" 2>/dev/null || true)\n");
     for v in victims {
         s.push_str(&format!(
-            "v={v}\n[ \"$cur\" = \"$root/releases/$v\" ] || rm -rf \"$root/releases/$v\"\n",
+            "v={v}\n[ \"$cur\" = \"$root/releases/$v\" ] || rm -rf \"$root/releases/$v\" \"$root/.hangar/artifacts/$v\"\n",
             v = shell_quote(v)
         ));
     }
