@@ -107,3 +107,62 @@ fn killed_at_random_moments_it_converges_with_no_orphan_double_launch_or_unsafe_
     );
     eprintln!("seed {seed}: {kills} kills, converged every time");
 }
+
+/// A crash inside a failed update's restore can leave a node serving the
+/// old release while its tags say `verifying` on the new one. A restarted
+/// operator must believe the node, not the tag: else the node joins the
+/// target group counted as on the new release, and the fleet silently
+/// mixes two releases.
+#[test]
+fn a_restart_reads_what_a_verifying_node_really_runs_not_its_tag() {
+    let mut s = Scenario::start();
+    let spec = s.spec().remove("spec.autoscaling").with_capacity(1, 1);
+    s.write_spec(&spec);
+    s.start_operator();
+    let st = s.wait_status(
+        "web",
+        "1 in service on v1",
+        Duration::from_secs(120),
+        |st| settled_on(st, 1, "v1"),
+    );
+    let node = st.nodes[0].id.clone();
+    let v2 = s.cloud.upload_release("v2", ReleaseKind::Good).expect("v2");
+    s.crash_operator();
+    // What the crash left: the tags of an activation of v2 that never ran.
+    s.cloud
+        .tag_instance(
+            &node,
+            &[("hangar:phase", "verifying"), ("hangar:release", "v2")],
+        )
+        .expect("tag the node");
+    // EC2's listing shows a tag change late: start the operator once it
+    // would see what the crash left.
+    hangar_local::eventually(Duration::from_secs(10), "the tags listed", || {
+        let tags = s.cloud.listed_tags(&node).ok().flatten()?;
+        (tags.get("hangar:phase").map(String::as_str) == Some("verifying")).then_some(())
+    })
+    .expect("the listing shows the tags");
+    s.write_spec(&spec.with_release(&v2));
+    s.start_operator();
+    let runs = |s: &Scenario| {
+        s.cloud
+            .exec_inside(&node, "readlink /srv/app/current")
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    s.wait_status(
+        "web",
+        "the node really on v2",
+        Duration::from_secs(120),
+        |st| settled_on(st, 1, "v2") && runs(&s).ends_with("/releases/v2"),
+    );
+    let st = s.status("web").expect("status");
+    assert!(
+        st.activities
+            .iter()
+            .any(|a| a.message.contains("runs v1, not v2 as tagged")),
+        "{:?}",
+        st.activities
+    );
+    s.watcher.assert_invariants();
+}

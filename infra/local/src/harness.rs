@@ -644,6 +644,55 @@ impl LocalCloud {
         Ok(())
     }
 
+    /// Sets tags on an instance behind the operator's back (a test playing
+    /// what a crash left, or a person editing tags), straight in moto.
+    pub fn tag_instance(
+        &self,
+        instance_id: &str,
+        tags: &[(&str, &str)],
+    ) -> Result<(), LocalCloudError> {
+        let ec2 = self.moto_clients.ec2.clone();
+        let id = instance_id.to_string();
+        let tags: Vec<aws_sdk_ec2::types::Tag> = tags
+            .iter()
+            .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build())
+            .collect();
+        self.block_on(async move {
+            ec2.create_tags()
+                .resources(id)
+                .set_tags(Some(tags))
+                .send()
+                .await
+        })
+        .map_err(aws("CreateTags"))?;
+        Ok(())
+    }
+
+    /// An instance's tags as `DescribeInstances` through the gateway shows
+    /// them now (what an operator sees, lag included); `None` while the
+    /// listing does not show the instance.
+    pub fn listed_tags(
+        &self,
+        instance_id: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>, LocalCloudError> {
+        let ec2 = self.clients.ec2.clone();
+        let id = instance_id.to_string();
+        let out = self
+            .block_on(async move { ec2.describe_instances().instance_ids(id).send().await })
+            .map_err(aws("DescribeInstances"))?;
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(instance_id))
+            .map(|i| {
+                i.tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+                    .collect()
+            }))
+    }
+
     /// Registers instances in the seeded target group on its port (through
     /// the gateway: the LB starts health-checking them before this returns).
     pub fn register(&self, instance_ids: &[&str]) -> Result<(), LocalCloudError> {

@@ -25,6 +25,12 @@ pub enum Step {
     Activate,
     /// Swap `current` back to an already shipped release, in place.
     Reactivate,
+    /// Read which release the node's `current` really points to. When it
+    /// differs from the `hangar:release` tag (a crash between an
+    /// activation and its tag), the node's truth wins: the tag is
+    /// rewritten before anything else, so it never joins the target group
+    /// counted as a release it does not run.
+    CheckActive,
     /// The node's own health check passes (hangar asks it over HTTP).
     HealthCheck,
     /// Register in the target group and wait until the ALB calls it healthy.
@@ -141,7 +147,9 @@ fn advance_from(phase: Phase, facts: NodeFacts) -> Vec<Step> {
         Phase::Verifying if facts.config_outdated => {
             [vec![set(Phase::Releasing)], release(facts), verify()].concat()
         }
-        Phase::Verifying => verify(),
+        // Resuming after a crash: the activation was done, but by whom and
+        // of what, only the node knows.
+        Phase::Verifying => [vec![CheckActive], verify()].concat(),
         // Nothing to advance: in service already, or on its way out.
         Phase::InService | Phase::Draining | Phase::Terminating => Vec::new(),
     }
@@ -184,6 +192,15 @@ mod tests {
                 Register,
                 set(Phase::InService),
             ]
+        );
+    }
+
+    #[test]
+    fn resuming_a_verifying_node_first_reads_what_it_really_runs() {
+        let s = steps(&Task::Advance, Phase::Verifying, FRESH);
+        assert_eq!(
+            s,
+            [CheckActive, HealthCheck, Register, set(Phase::InService)]
         );
     }
 

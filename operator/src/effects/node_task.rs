@@ -152,38 +152,43 @@ impl NodeRun {
             Step::Ship => self.ship().await,
             Step::Activate => self.activate().await,
             Step::Reactivate => self.reactivate().await,
+            Step::CheckActive => self.check_active().await,
             Step::HealthCheck => self.health_check().await,
             Step::Register => self.register().await,
             Step::Deregister => self.drain().await,
             Step::DrainHooks => self.drain_hooks().await,
             Step::Terminate => self.terminate().await,
-            Step::SetPhase { phase, release } => {
-                let rel = release.then_some(self.release.as_str());
-                match self
-                    .ctx
-                    .cloud
-                    .compute
-                    .set_phase(self.id(), *phase, rel)
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(CloudError::NotFound { .. }) => {
-                        self.ctx.instances.terminated(&self.instance.id);
-                        return Err(Fail::Gone);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-                self.ctx
-                    .instances
-                    .wrote_phase(&self.instance.id, *phase, rel, None);
-                self.instance.phase = Some(*phase);
-                if *phase == Phase::InService {
-                    self.handle
-                        .note("in-service", format!("is in service on {}", self.release));
-                }
-                Ok(())
-            }
+            Step::SetPhase { phase, release } => self.set_phase(*phase, *release).await,
         }
+    }
+
+    /// Writes the phase tag (and the release tag when `release`), and
+    /// tells the inventory.
+    async fn set_phase(&mut self, phase: Phase, release: bool) -> Result<(), Fail> {
+        let rel = release.then_some(self.release.as_str());
+        match self
+            .ctx
+            .cloud
+            .compute
+            .set_phase(self.id(), phase, rel)
+            .await
+        {
+            Ok(()) => {}
+            Err(CloudError::NotFound { .. }) => {
+                self.ctx.instances.terminated(&self.instance.id);
+                return Err(Fail::Gone);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.ctx
+            .instances
+            .wrote_phase(&self.instance.id, phase, rel, None);
+        self.instance.phase = Some(phase);
+        if phase == Phase::InService {
+            self.handle
+                .note("in-service", format!("is in service on {}", self.release));
+        }
+        Ok(())
     }
 
     /// Turns a failure into the task's outcome; an update that failed its
@@ -502,6 +507,35 @@ impl NodeRun {
             "rollback",
             format!("swapped back to {} (from {:?})", report.id, report.replaced),
         );
+        Ok(())
+    }
+
+    /// See [`Step::CheckActive`].
+    async fn check_active(&mut self) -> Result<(), Fail> {
+        let session = self.session().await?;
+        let config = self.release_config()?;
+        let state = release::read_state(&session, &config)
+            .await
+            .map_err(|e| self.release_fail(e, false))?;
+        let Some(active) = state.active else {
+            return Err(Fail::Node(
+                "tagged verifying, but no release is active on it".into(),
+            ));
+        };
+        if self.instance.release.as_deref() != Some(active.as_str()) {
+            self.handle.note(
+                "release",
+                format!(
+                    "runs {active}, not {} as tagged: tag corrected",
+                    self.instance.release.as_deref().unwrap_or("(none)")
+                ),
+            );
+            self.release = active;
+            self.set_phase(Phase::Verifying, true).await?;
+            self.instance.release = Some(self.release.clone());
+        } else {
+            self.release = active;
+        }
         Ok(())
     }
 
