@@ -1,12 +1,12 @@
 //! Runs reconciles: bounded concurrency, one at a time per cluster,
 //! requeue and per-cluster backoff, graceful shutdown.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -63,7 +63,7 @@ impl Default for RunnerConfig {
     }
 }
 
-type Done<E> = (Key, Result<Result<Action, E>, String>, Duration);
+type Done<E> = (Key, Result<Action, E>, Duration);
 
 /// Runs until `shutdown` is cancelled (or every trigger sender is gone),
 /// then lets in-flight reconciles finish and returns.
@@ -75,7 +75,7 @@ pub async fn run<R: Reconciler>(
 ) {
     let concurrency = config.concurrency.max(1);
     let mut scheduler = Scheduler::default();
-    let mut running: HashSet<Key> = HashSet::new();
+    let mut running: HashMap<task::Id, Key> = HashMap::new();
     let mut dirty: HashSet<Key> = HashSet::new();
     let mut tasks: JoinSet<Done<R::Error>> = JoinSet::new();
     let mut stopping = false;
@@ -104,25 +104,24 @@ pub async fn run<R: Reconciler>(
                 None => stopping = true,
             },
             _ = sleep_until_opt(next), if next.is_some() => {}
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                let (key, outcome, took) = match done {
-                    Ok(done) => done,
-                    // A reconcile task only ends this way if it panicked;
-                    // its key is unknown here, so the slot is reclaimed below.
-                    Err(e) => {
-                        tracing::error!(error = %e, "reconcile task panicked");
-                        continue;
-                    }
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                // The slot is freed by task id, so a reconcile that panicked
+                // (or was aborted) gives its slot back like any other.
+                let id = match &done {
+                    Ok((id, _)) => *id,
+                    Err(e) => e.id(),
                 };
-                running.remove(&key);
+                let Some(key) = running.remove(&id) else {
+                    continue;
+                };
                 let again_now = dirty.remove(&key);
-                let delay = match outcome {
-                    Ok(Ok(action)) => {
+                let delay = match done {
+                    Ok((_, (_, Ok(action), took))) => {
                         reconciler.observe(&key, Ok(&action), took);
                         config.backoff.succeeded(&key);
                         action.requeue_after()
                     }
-                    Ok(Err(err)) => {
+                    Ok((_, (_, Err(err), took))) => {
                         reconciler.observe(&key, Err(&err), took);
                         let d = config.backoff.failed(&key, rand::random::<f64>());
                         tracing::warn!(cluster = %key, error = %err, retry_in = ?d, "reconcile failed");
@@ -147,7 +146,7 @@ pub async fn run<R: Reconciler>(
 
 fn start_due<R: Reconciler>(
     scheduler: &mut Scheduler,
-    running: &mut HashSet<Key>,
+    running: &mut HashMap<task::Id, Key>,
     dirty: &mut HashSet<Key>,
     tasks: &mut JoinSet<Done<R::Error>>,
     reconciler: &Arc<R>,
@@ -160,25 +159,19 @@ fn start_due<R: Reconciler>(
             return;
         }
         for key in due {
-            if running.contains(&key) {
+            if running.values().any(|k| *k == key) {
                 // Never two reconciles of one cluster: run again afterwards.
                 dirty.insert(key);
                 continue;
             }
-            running.insert(key.clone());
             let r = Arc::clone(reconciler);
-            tasks.spawn(async move {
+            let k = key.clone();
+            let handle = tasks.spawn(async move {
                 let started = Instant::now();
-                // Catch a panic inside the reconcile so its key is known and
-                // the cluster backs off instead of being forgotten.
-                let outcome = tokio::spawn({
-                    let key = key.clone();
-                    async move { r.reconcile(&key).await }
-                })
-                .await
-                .map_err(|e| e.to_string());
-                (key, outcome, started.elapsed())
+                let outcome = r.reconcile(&k).await;
+                (k, outcome, started.elapsed())
             });
+            running.insert(handle.id(), key);
         }
     }
 }

@@ -13,6 +13,7 @@ struct Probe {
     active: Mutex<HashSet<Key>>,
     max_parallel: Mutex<usize>,
     fail: Mutex<HashMap<Key, u32>>,
+    panic: Mutex<HashMap<Key, u32>>,
     work: Duration,
     requeue: Option<Duration>,
 }
@@ -31,6 +32,16 @@ impl Reconciler for Probe {
         self.log.lock().unwrap().push((key.clone(), Instant::now()));
         tokio::time::sleep(self.work).await;
         self.active.lock().unwrap().remove(key);
+        let panics = match self.panic.lock().unwrap().get_mut(key) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        };
+        if panics {
+            panic!("{key}: a bug");
+        }
         let mut fail = self.fail.lock().unwrap();
         if let Some(n) = fail.get_mut(key) {
             if *n > 0 {
@@ -178,6 +189,31 @@ async fn a_failing_cluster_backs_off_alone_and_resets_on_success() {
         probe.runs("good").len(),
         1,
         "the healthy cluster was not dragged along"
+    );
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_reconcile_gives_its_slot_back_and_backs_off() {
+    let probe = Arc::new(Probe {
+        requeue: Some(Duration::from_secs(100)),
+        ..Probe::default()
+    });
+    probe.panic.lock().unwrap().insert("boom".into(), 2);
+    let (tx, rx) = TriggerSender::channel();
+    let stop = CancellationToken::new();
+    // One slot: if a panic kept it, nothing would ever run again.
+    let handle = tokio::spawn(run(probe.clone(), rx, config(1), stop.clone()));
+    tx.now("boom");
+    settle(Duration::from_millis(500)).await;
+    tx.now("web");
+    settle(Duration::from_secs(10)).await;
+    assert_eq!(probe.runs("web").len(), 1, "the slot came back");
+    assert_eq!(
+        probe.runs("boom").len(),
+        3,
+        "two panics, backed off, then a success"
     );
     stop.cancel();
     handle.await.unwrap();
