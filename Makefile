@@ -11,6 +11,9 @@ test:
 	./infra/local/setup
 	cargo test --workspace
 
+# Formatting, clippy, and cargo deny (advisories, bans, licenses, sources;
+# offline against ../shared/advisory-db.tar.gz when it is there).
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	./infra/ci/deny
