@@ -98,7 +98,8 @@ fn killed_at_random_moments_it_converges_with_no_orphan_double_launch_or_unsafe_
     assert_eq!(
         watch.launched.len(),
         2 + 2 * rounds as usize,
-        "seed {seed}: no double launch: {watch:?}"
+        "seed {seed}: no double launch: {watch:?}\nlaunches in the operator log:\n{}",
+        crate::support::operator::log_lines(&s.log, &["launch", "hangar starting"])
     );
     assert_eq!(
         watch.terminated.len(),

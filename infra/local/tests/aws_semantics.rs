@@ -757,6 +757,41 @@ fn deregistration_drains_in_flight_requests_and_reports_draining_for_the_delay()
     assert!(gone >= Duration::from_secs(3), "gone after {gone:?}");
 }
 
+/// ELB answers a `DeregisterTargets` of a target that is not (or no longer)
+/// registered with success and does nothing — a drain retried after an
+/// operator crash does exactly that; moto refuses it with `InvalidTarget`.
+#[test]
+fn deregistering_a_target_that_is_not_registered_succeeds_and_does_nothing() {
+    let cloud = start(LocalCloudOptions::default());
+    let rt = test_runtime();
+    let elb = elb_as(&cloud, "drain-again");
+    let instance = cloud.launch(1).unwrap().remove(0);
+    let target = aws_sdk_elasticloadbalancingv2::types::TargetDescription::builder()
+        .id(&instance.id)
+        .build();
+    let deregister = || {
+        rt.block_on(
+            elb.deregister_targets()
+                .target_group_arn(cloud.target_group_arn())
+                .targets(target.clone())
+                .send(),
+        )
+    };
+    deregister().expect("never registered: nothing to do");
+    cloud.register(&[&instance.id]).unwrap();
+    deregister().expect("registered: deregistered");
+    deregister().expect("deregistered already: nothing to do");
+    assert!(
+        cloud
+            .lb()
+            .targets()
+            .iter()
+            .all(|t| t.instance_id != instance.id || !t.registered),
+        "{:?}",
+        cloud.lb().targets()
+    );
+}
+
 // ---- throttling ------------------------------------------------------------------
 
 #[test]

@@ -87,6 +87,11 @@ pub struct Decision {
 /// has no autoscaling (whose `evaluationInterval` sets it otherwise).
 const ERRORS_EVALUATION_INTERVAL: Duration = Duration::from_secs(15);
 
+/// How long a node rests after its task ended in a retry, doubling with
+/// each retry in a row of a node coming up.
+const RETRY_REST: Duration = Duration::from_secs(2);
+const RETRY_REST_MAX: Duration = Duration::from_secs(30);
+
 /// Transient failures in a row after which a node still coming up is
 /// given up and replaced: at the default timeouts that is several minutes
 /// of a node hanging or dropping every connection.
@@ -129,7 +134,7 @@ pub fn decide_removed(obs: &Observation, memory: &Memory) -> Decision {
     let nodes: Vec<fleet::Node> = obs
         .instances
         .iter()
-        .map(|i| fleet_node(i, &obs.running, &pass.memory, &HashMap::new()))
+        .map(|i| fleet_node(i, &obs.running, &pass.memory, &HashMap::new(), obs.now))
         .collect();
     let target = fleet::Target {
         desired: 0,
@@ -252,10 +257,10 @@ impl<'o> Pass<'o> {
                 }
             }
         }
-        for said in self
-            .memory
-            .launches
-            .confirm(&self.obs.instances, self.obs.now)
+        for said in
+            self.memory
+                .launches
+                .confirm(&self.obs.instances, &self.obs.unlisted, self.obs.now)
         {
             self.record("launch", None, said);
         }
@@ -278,6 +283,7 @@ impl<'o> Pass<'o> {
                 Outcome::Done => {
                     m.node_errors.remove(&f.node);
                     m.node_retries.remove(&f.node);
+                    m.retry_after.remove(&f.node);
                     if matches!(f.task, Task::Advance) {
                         m.node_failures = 0;
                         m.launch_backoff_until = None;
@@ -286,6 +292,14 @@ impl<'o> Pass<'o> {
                 Outcome::Cancelled => {}
                 Outcome::Retry(why) => {
                     m.node_errors.insert(f.node.clone(), why.clone());
+                    let n = m.node_retries.get(&f.node).copied().unwrap_or(1).max(1);
+                    let rest = RETRY_REST
+                        .saturating_mul(1 << (n - 1).min(4))
+                        .min(RETRY_REST_MAX);
+                    m.retry_after.insert(
+                        f.node.clone(),
+                        f.at + chrono::Duration::from_std(rest).unwrap_or_default(),
+                    );
                     let message = format!("{}: {why} (will retry)", f.task.name());
                     self.activities
                         .push(Activity::new(f.at, "retry", Some(&f.node), message));
@@ -370,15 +384,15 @@ impl<'o> Pass<'o> {
                 m.last_metric = Some(*reading);
             }
         }
-        let unlisted: u32 = m
+        let unseen: u32 = m
             .launches
-            .unlisted(&obs.instances)
+            .unseen(&obs.instances)
             .iter()
             .map(|(_, n)| n)
             .sum();
         let pass = planner::Pass {
             standing: continuing.then_some(m.desired),
-            counted: fleet::count_toward_capacity(&obs.instances) + unlisted,
+            counted: fleet::count_toward_capacity(&obs.instances) + unseen,
             evaluation_due: due,
         };
         let evaluated = pass.evaluates(spec);
@@ -454,9 +468,9 @@ impl<'o> Pass<'o> {
         let nodes: Vec<fleet::Node> = obs
             .instances
             .iter()
-            .map(|i| fleet_node(i, &obs.running, m, &obs.unhealthy))
+            .map(|i| fleet_node(i, &obs.running, m, &obs.unhealthy, now))
             .collect();
-        let pending = m.launches.unlisted(&obs.instances);
+        let pending = m.launches.unseen(&obs.instances);
         let usable: Vec<String> = m
             .launches
             .usable(&spec.instances.subnets, now)
@@ -578,6 +592,7 @@ fn fleet_node(
     running: &HashMap<String, Task>,
     memory: &Memory,
     unhealthy: &HashMap<String, DateTime<Utc>>,
+    now: DateTime<Utc>,
 ) -> fleet::Node {
     fleet::Node {
         id: i.id.clone(),
@@ -592,6 +607,7 @@ fn fleet_node(
         task: running.get(&i.id).cloned(),
         failed: memory.failed_nodes.get(&i.id).cloned(),
         unhealthy_since: unhealthy.get(&i.id).copied(),
+        resting: memory.retry_after.get(&i.id).is_some_and(|t| *t > now),
     }
 }
 

@@ -68,6 +68,8 @@ pub struct Node {
     pub failed: Option<String>,
     /// Since when its health probe fails (in-service nodes only).
     pub unhealthy_since: Option<DateTime<Utc>>,
+    /// Its last task ended in a retry a moment ago: no new task yet.
+    pub resting: bool,
 }
 
 impl Node {
@@ -461,7 +463,14 @@ impl Diff {
         }
     }
 
+    /// Starts `task` unless the node rests after a retry (a later pass
+    /// starts it).
     fn start(&mut self, node: &Node, task: Task) {
+        if node.resting {
+            self.notes
+                .push(format!("{}: {} retried shortly", node.id, task.name()));
+            return;
+        }
         self.actions.push(Action::Start {
             node: node.id.clone(),
             task,

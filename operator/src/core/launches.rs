@@ -19,7 +19,7 @@
 //! doubling with each failure in a row, and the cluster launches in the
 //! other subnets, as an Auto Scaling group does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
@@ -116,12 +116,13 @@ const SUBNET_BACKOFF: chrono::Duration = chrono::Duration::seconds(30);
 const SUBNET_BACKOFF_MAX: chrono::Duration = chrono::Duration::minutes(10);
 
 impl Launches {
-    /// Instances of pending intents the listing does not show yet.
-    pub fn unlisted(&self, instances: &[Instance]) -> Vec<(String, u32)> {
+    /// Instances of pending intents not among `instances` at all (not even
+    /// from hangar's own launch answers): they count toward capacity.
+    pub fn unseen(&self, instances: &[Instance]) -> Vec<(String, u32)> {
         self.pending
             .iter()
             .map(|i| {
-                let seen = listed(instances, &i.token);
+                let seen = carrying(instances.iter(), &i.token);
                 (i.subnet.clone(), i.count.saturating_sub(seen))
             })
             .filter(|(_, n)| *n > 0)
@@ -130,16 +131,24 @@ impl Launches {
 
     /// Forgets intents the listing shows in full (and the backoff of their
     /// subnets: a launch there worked), intents too old to be real, and
-    /// backoffs that ran out long ago.
+    /// backoffs that ran out long ago. Only the listing confirms: instances
+    /// known from hangar's own launch answers (`unlisted`) are forgotten by
+    /// a crash, and the intent must still be on disk then.
     /// Returns what to tell about it.
-    pub fn confirm(&mut self, instances: &[Instance], now: DateTime<Utc>) -> Vec<String> {
+    pub fn confirm(
+        &mut self,
+        instances: &[Instance],
+        unlisted: &BTreeSet<String>,
+        now: DateTime<Utc>,
+    ) -> Vec<String> {
         let mut said = Vec::new();
         // A failure long past says nothing about the subnet today.
         self.avoided
             .retain(|_, b| now - b.until < SUBNET_BACKOFF_MAX);
         let avoided = &mut self.avoided;
+        let listed = || instances.iter().filter(|i| !unlisted.contains(&i.id));
         self.pending.retain(|intent| {
-            let seen = listed(instances, &intent.token);
+            let seen = carrying(listed(), &intent.token);
             if seen > 0 {
                 avoided.remove(&intent.subnet);
             }
@@ -249,7 +258,7 @@ impl Launches {
     pub fn retries(&mut self, instances: &[Instance], first_pass: bool) -> Vec<LaunchIntent> {
         let mut out = Vec::new();
         for intent in &mut self.pending {
-            let unseen = listed(instances, &intent.token) == 0;
+            let unseen = carrying(instances.iter(), &intent.token) == 0;
             if intent.retry || (first_pass && unseen) {
                 intent.retry = false;
                 out.push(intent.clone());
@@ -276,9 +285,8 @@ impl Launches {
     }
 }
 
-fn listed(instances: &[Instance], token: &str) -> u32 {
+fn carrying<'i>(instances: impl Iterator<Item = &'i Instance>, token: &str) -> u32 {
     instances
-        .iter()
         .filter(|i| i.client_token.as_deref() == Some(token))
         .count() as u32
 }

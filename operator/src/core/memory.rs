@@ -43,6 +43,12 @@ pub struct Memory {
     /// connection) is given up and replaced, not retried forever.
     #[serde(default)]
     pub node_retries: BTreeMap<String, u32>,
+    /// A node whose task ended in a retry gets no new task before then
+    /// (id → when): a failure that comes back at once (a lagging listing,
+    /// a target the load balancer has not caught up with) must not burn
+    /// through the retries in a second.
+    #[serde(default)]
+    pub retry_after: BTreeMap<String, DateTime<Utc>>,
     /// Launches wait until then after repeated node failures.
     pub launch_backoff_until: Option<DateTime<Utc>>,
     /// Launch intents not yet confirmed by the listing, and subnets
@@ -102,6 +108,7 @@ impl Memory {
             failed_nodes,
             node_errors,
             node_retries,
+            retry_after,
             launch_backoff_until,
             launches,
             serving: _,
@@ -123,6 +130,7 @@ impl Memory {
             && *failed_nodes == other.failed_nodes
             && *node_errors == other.node_errors
             && *node_retries == other.node_retries
+            && *retry_after == other.retry_after
             && *launch_backoff_until == other.launch_backoff_until
             && *launches == other.launches
     }
@@ -141,6 +149,7 @@ impl Memory {
             failed_nodes,
             node_errors,
             node_retries,
+            retry_after,
             launch_backoff_until,
             launches,
             serving,
@@ -157,6 +166,7 @@ impl Memory {
             failed_nodes: failed_nodes.clone(),
             node_errors: node_errors.clone(),
             node_retries: node_retries.clone(),
+            retry_after: retry_after.clone(),
             launch_backoff_until: *launch_backoff_until,
             launches: launches.clone(),
             serving: *serving,

@@ -4,7 +4,7 @@
 //! reads, probe results, the spec, the clock); [`crate::core::decide()`]
 //! reads nothing else.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -25,6 +25,9 @@ pub struct Observation {
     /// The cluster's instances: the shared listing, plus hangar's own
     /// launches and tag writes it does not show yet.
     pub instances: Vec<Instance>,
+    /// Of those, the ones known only from hangar's own launch answers (the
+    /// listing does not show them yet).
+    pub unlisted: BTreeSet<String>,
     /// Node tasks running now, by node.
     pub running: HashMap<String, Task>,
     /// Node tasks that ended since the last pass, and the notes they left.

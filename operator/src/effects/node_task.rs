@@ -174,7 +174,10 @@ impl NodeRun {
             .await
         {
             Ok(()) => {}
-            Err(CloudError::NotFound { .. }) => {
+            // The cloud saw it terminated. (`InvalidInstanceID.NotFound`,
+            // with a code, is EC2's eventual consistency for an instance
+            // launched a moment ago: a retry.)
+            Err(CloudError::NotFound { code: None, .. }) => {
                 self.ctx.instances.terminated(&self.instance.id);
                 return Err(Fail::Gone);
             }

@@ -22,7 +22,7 @@
 //! the whole region (at 1,000 clusters × 10,000 instances the scan alone
 //! was ~20 M comparisons per pass).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -211,6 +211,17 @@ impl Inventory {
         compute: &dyn Compute,
         cluster: &str,
     ) -> Result<Vec<Instance>, CloudError> {
+        Ok(self.cluster_listing(region, compute, cluster).await?.0)
+    }
+
+    /// [`Inventory::cluster_instances`], and the ids among them known only
+    /// from hangar's own launch answers.
+    pub async fn cluster_listing(
+        &self,
+        region: &str,
+        compute: &dyn Compute,
+        cluster: &str,
+    ) -> Result<(Vec<Instance>, BTreeSet<String>), CloudError> {
         let slot = self.region(region);
         let mut snap = slot.snapshot.lock().await;
         self.refresh_if_stale(&slot, &mut snap, compute).await?;
@@ -228,12 +239,13 @@ impl Inventory {
             .filter(|i| i.cluster == cluster)
             .collect();
         launched.sort_by(|a, b| a.id.cmp(&b.id));
+        let unlisted = launched.iter().map(|i| i.id.clone()).collect();
         out.extend(launched.into_iter().map(|i| {
             let mut i = i.clone();
             own.apply(&mut i);
             i
         }));
-        Ok(out)
+        Ok((out, unlisted))
     }
 
     async fn refresh_if_stale(

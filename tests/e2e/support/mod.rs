@@ -29,8 +29,9 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub struct Scenario {
     pub cloud: LocalCloud,
-    /// Holds the scenario's files; removed on drop.
-    _dir: tempfile::TempDir,
+    /// Holds the scenario's files; removed on drop (kept, and its path
+    /// printed, with `HANGAR_E2E_KEEP=1`: the operator's log and state).
+    dir: Option<tempfile::TempDir>,
     pub specs: PathBuf,
     pub state: PathBuf,
     pub log: PathBuf,
@@ -76,7 +77,7 @@ impl Scenario {
         let watcher = Watcher::start(&cloud, OWNER);
         Scenario {
             cloud,
-            _dir: dir,
+            dir: Some(dir),
             specs,
             state,
             log,
@@ -230,6 +231,14 @@ impl Drop for Scenario {
         self.operator.take();
         self.watcher.stop();
         self.aws_faults.take();
+        if std::env::var_os("HANGAR_E2E_KEEP").is_some() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!(
+                    "HANGAR_E2E_KEEP: scenario files kept in {}",
+                    dir.keep().display()
+                );
+            }
+        }
     }
 }
 

@@ -137,6 +137,16 @@ pub fn log_tail(log: &PathBuf, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The operator log's lines that contain any of `words` (for a failure
+/// message about, say, launches across crashes).
+pub fn log_lines(log: &PathBuf, words: &[&str]) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| words.iter().any(|w| l.contains(w)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The `hangar` binary under test: the one cargo built with this test,
 /// or `HANGAR_E2E_BIN` (a copy, so a long run is not disturbed by the
 /// next build).

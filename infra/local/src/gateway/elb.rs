@@ -40,6 +40,24 @@ pub(super) async fn handle(
     };
     let lb = &shared.lb;
     let ours = call.target_group_arn.as_deref() == Some(lb.target_group_arn());
+    if ours && call.action == "DeregisterTargets" && refused_as_unregistered(&parts, &body) {
+        // moto refuses to deregister a target that is not registered
+        // (any more); ELB answers success and does nothing. A retried
+        // drain after a crash does exactly that.
+        let targets = lb.targets();
+        let registered: BTreeSet<&str> = targets
+            .iter()
+            .filter(|t| t.registered)
+            .map(|t| t.instance_id.as_str())
+            .collect();
+        if call
+            .targets
+            .iter()
+            .all(|(id, _)| !registered.contains(id.as_str()))
+        {
+            return deregistered_nothing();
+        }
+    }
     if !parts.status.is_success() || !ours {
         return Response::from_parts(parts, Full::new(body));
     }
@@ -78,6 +96,26 @@ pub(super) async fn handle(
         _ => body,
     };
     Response::from_parts(parts, Full::new(body))
+}
+
+/// moto's `InvalidTarget` answer (400).
+fn refused_as_unregistered(parts: &hyper::http::response::Parts, body: &[u8]) -> bool {
+    parts.status == hyper::StatusCode::BAD_REQUEST
+        && std::str::from_utf8(body).is_ok_and(|b| b.contains("<Code>InvalidTarget</Code>"))
+}
+
+/// ELB's answer to a `DeregisterTargets` that had nothing to do.
+fn deregistered_nothing() -> Response<Full<Bytes>> {
+    let xml = "<DeregisterTargetsResponse xmlns=\"http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/\">\
+               <DeregisterTargetsResult/>\
+               <ResponseMetadata><RequestId>hangar-local-noop</RequestId></ResponseMetadata>\
+               </DeregisterTargetsResponse>";
+    let mut resp = Response::new(Full::new(Bytes::from_static(xml.as_bytes())));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/xml"),
+    );
+    resp
 }
 
 /// What an ELBv2 call asks, from its form body.

@@ -132,6 +132,7 @@ impl Observation {
             config_hash: CONFIG.into(),
             now: t0(),
             instances: Vec::new(),
+            unlisted: Default::default(),
             running: HashMap::new(),
             finished: Vec::new(),
             notes: Vec::new(),
@@ -250,8 +251,14 @@ pub struct Sim {
     pub memory: Memory,
     /// What exists in the cloud.
     pub cloud: Vec<Instance>,
-    /// Instances the listing does not show yet (eventual consistency).
-    pub unlisted: Vec<String>,
+    /// Instances the listing does not show yet (eventual consistency) and
+    /// hangar does not know of either (it restarted since it launched them).
+    pub hidden: Vec<String>,
+    /// Instances the listing does not show yet, known from hangar's own
+    /// launch answers (the runtime's inventory lays those over).
+    pub own: Vec<String>,
+    /// Launches stay out of the listing until [`Sim::catch_up`].
+    pub lagging: bool,
     pub running: HashMap<String, Task>,
     finished: Vec<Finished>,
     failures: Vec<ActionFailure>,
@@ -274,7 +281,9 @@ impl Sim {
             now: t0(),
             memory: Memory::default(),
             cloud: Vec::new(),
-            unlisted: Vec::new(),
+            hidden: Vec::new(),
+            own: Vec::new(),
+            lagging: false,
             running: HashMap::new(),
             finished: Vec::new(),
             failures: Vec::new(),
@@ -312,10 +321,11 @@ impl Sim {
         obs.instances = self
             .cloud
             .iter()
-            .filter(|i| !self.unlisted.contains(&i.id))
+            .filter(|i| !self.hidden.contains(&i.id))
             .filter(|i| i.state != InstanceState::Terminated)
             .cloned()
             .collect();
+        obs.unlisted = self.own.iter().cloned().collect();
         obs.running = self.running.clone();
         obs.finished = self.finished.clone();
         obs.failures = self.failures.clone();
@@ -395,6 +405,9 @@ impl Sim {
                 .on(&intent.release)
                 .launched(self.now);
             i.client_token = Some(intent.token.clone());
+            if self.lagging {
+                self.own.push(id);
+            }
             self.cloud.push(i);
         }
     }
@@ -455,6 +468,21 @@ impl Sim {
                 return;
             }
         }
+    }
+
+    /// The operator is killed and starts again: running tasks are gone,
+    /// and so is what it knew of its own launches — until the listing
+    /// catches up, they are not seen at all.
+    pub fn crash(&mut self) {
+        self.memory.serving = None;
+        self.running.clear();
+        self.hidden.append(&mut self.own);
+    }
+
+    /// The listing shows everything.
+    pub fn catch_up(&mut self) {
+        self.hidden.clear();
+        self.own.clear();
     }
 
     /// The last launch decided.

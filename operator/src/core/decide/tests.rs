@@ -500,13 +500,13 @@ fn a_launch_the_listing_does_not_show_yet_is_not_launched_again() {
     sim.pass();
     assert_eq!(sim.launched.len(), 2);
     // EC2's listing lags: the new instances are not in it for a while.
-    sim.unlisted = sim.cloud.iter().map(|i| i.id.clone()).collect();
+    sim.hidden = sim.cloud.iter().map(|i| i.id.clone()).collect();
     for _ in 0..3 {
         let d = sim.pass();
         assert!(launches(d).is_empty(), "{:?}", d.launches);
         assert_eq!(d.diff.counted, 2, "the intents count toward capacity");
     }
-    sim.unlisted.clear();
+    sim.catch_up();
     let d = sim.pass();
     assert_eq!(starts(d).len(), 2);
     assert!(
@@ -588,4 +588,60 @@ fn the_same_fleet_seen_again_later_gets_a_new_token() {
     );
     sim.settle(10);
     assert_eq!(sim.serving().len(), 3);
+}
+
+#[test]
+fn a_crash_before_the_listing_confirms_a_launch_retries_its_token_and_launches_nothing_twice() {
+    let mut sim = Sim::new(spec(""));
+    sim.lagging = true;
+    sim.pass();
+    let tokens: Vec<String> = sim
+        .memory
+        .launches
+        .pending
+        .iter()
+        .map(|i| i.token.clone())
+        .collect();
+    assert_eq!(tokens.len(), 2);
+    // Known from the launch answers only: counted, not confirmed.
+    let d = sim.pass();
+    assert!(launches(d).is_empty());
+    assert_eq!(
+        d.memory.launches.pending.len(),
+        2,
+        "only the listing confirms"
+    );
+    sim.crash();
+    let d = sim.pass();
+    let retried: Vec<&str> = d.launches.iter().map(|i| i.token.as_str()).collect();
+    assert_eq!(
+        retried,
+        tokens.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    sim.catch_up();
+    sim.settle(10);
+    assert_eq!(sim.launched.len(), 2, "EC2 recognised the retried tokens");
+    assert_eq!(sim.serving().len(), 2);
+    assert!(sim.memory.launches.pending.is_empty());
+}
+
+#[test]
+fn a_task_that_ends_in_a_retry_is_started_again_only_after_a_rest_that_grows() {
+    let mut sim = Sim::new(spec(""));
+    sim.spec.capacity.min = 1;
+    sim.spec.capacity.max = 1;
+    sim.pass();
+    sim.pass();
+    let node = sim.running.keys().next().cloned().expect("advance started");
+    let mut rests = Vec::new();
+    for _ in 0..3 {
+        sim.finish(&node, Outcome::Retry("target not found yet".into()));
+        let d = sim.pass();
+        assert!(starts(d).is_empty(), "not at once: {:?}", d.diff.actions);
+        let until = sim.memory.retry_after[&node];
+        rests.push((until - sim.now).num_seconds());
+        sim.now = until;
+        assert_eq!(starts(sim.pass()), [(node.clone(), "advance")]);
+    }
+    assert_eq!(rests, [2, 4, 8]);
 }

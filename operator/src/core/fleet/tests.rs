@@ -27,6 +27,7 @@ fn node(id: &str, phase: Phase, release: &str, minutes_old: i64) -> Node {
         task: None,
         failed: None,
         unhealthy_since: None,
+        resting: false,
     }
 }
 
@@ -395,6 +396,7 @@ fn arb_node() -> impl Strategy<Value = Node> {
             }),
             failed: None,
             unhealthy_since: None,
+            resting: false,
         })
 }
 
@@ -472,4 +474,24 @@ fn with_every_subnet_avoided_nothing_launches_and_status_says_why() {
         "{:?}",
         d.notes
     );
+}
+
+#[test]
+fn a_node_resting_after_a_retry_gets_no_new_task_until_it_has_rested() {
+    let mut resting = node("i-1", Phase::Provisioning, "v2", 1);
+    resting.resting = true;
+    let d = diff(
+        &[resting.clone(), node("i-2", Phase::Provisioning, "v2", 1)],
+        &target(2),
+    );
+    assert_eq!(started(&d), [("i-2".to_string(), "advance")]);
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.contains("i-1: advance retried shortly")),
+        "{:?}",
+        d.notes
+    );
+    // It still counts toward capacity: nothing is launched for it.
+    assert!(launches(&d).is_empty());
 }

@@ -63,7 +63,11 @@ impl Operator {
         now: DateTime<Utc>,
         mode: Mode,
     ) -> Result<Observation, ReconcileError> {
-        let (instances, running) = self.look(name, &spec.region, cloud).await?;
+        let (instances, unlisted) = self
+            .inventory
+            .cluster_listing(&spec.region, cloud.compute.as_ref(), name)
+            .await?;
+        let running = self.tasks.running(name);
         let ((finished, notes), failures) = match mode {
             Mode::Live => (
                 self.tasks.drain(name),
@@ -77,6 +81,7 @@ impl Operator {
             config_hash: String::new(),
             now,
             instances,
+            unlisted,
             running,
             finished,
             notes,
