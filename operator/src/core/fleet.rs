@@ -35,6 +35,13 @@ pub enum Task {
     Rollback { release: String },
     /// Deregister, drain, run drain hooks, terminate.
     Drain { reason: String },
+    /// Walk a new node up to `releasing` and stop there: provisioned,
+    /// ready for a release that may not be activated yet (its `once` hooks
+    /// have not run).
+    Prepare,
+    /// Ship `release` to the node without activating it and run its
+    /// `once` hooks there (the node keeps serving what it runs).
+    Once { release: String },
 }
 
 impl Task {
@@ -44,6 +51,8 @@ impl Task {
             Task::Update { .. } => "update",
             Task::Rollback { .. } => "rollback",
             Task::Drain { .. } => "drain",
+            Task::Prepare => "prepare",
+            Task::Once { .. } => "once",
         }
     }
 }
@@ -117,6 +126,10 @@ pub struct Target<'a> {
     pub self_healing: SelfHealing,
     /// False while launches back off after repeated node failures.
     pub launch_allowed: bool,
+    /// The target release may not be activated yet (its `once` hooks have
+    /// not run and there is no earlier release): new nodes stop at
+    /// `releasing`.
+    pub hold_at_releasing: bool,
     pub now: DateTime<Utc>,
 }
 
@@ -175,11 +188,24 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
     let chosen = out.capacity(&staying, t);
     out.emergency_rollback(&rollout, &chosen, t);
     out.rolling_update(&staying, &rollout, &chosen, t);
-    // Every other node that is not yet in service keeps walking.
+    // Every other node that is not yet in service keeps walking (up to
+    // `releasing` only, while the release is held).
+    let mut held = 0;
     for n in &staying {
-        if n.phase != Phase::InService && n.task.is_none() && !chosen.contains(n.id.as_str()) {
-            out.start(n, Task::Advance);
+        if n.phase == Phase::InService || n.task.is_some() || chosen.contains(n.id.as_str()) {
+            continue;
         }
+        match (t.hold_at_releasing, n.phase) {
+            (true, Phase::Launching | Phase::Provisioning) => out.start(n, Task::Prepare),
+            (true, Phase::Releasing) => held += 1,
+            _ => out.start(n, Task::Advance),
+        }
+    }
+    if held > 0 {
+        out.notes.push(format!(
+            "{held} node(s) ready at releasing, waiting for the once hooks of {}",
+            t.release
+        ));
     }
     out
 }

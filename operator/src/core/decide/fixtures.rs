@@ -429,6 +429,9 @@ impl Sim {
                     Task::Drain { .. } => moved
                         .phase(Phase::Terminating)
                         .state(InstanceState::Terminated),
+                    Task::Prepare => moved.phase(Phase::Releasing).configured(CONFIG),
+                    // Shipped, hooks run: the node serves what it served.
+                    Task::Once { .. } => moved,
                 };
             }
         }
