@@ -264,6 +264,10 @@ fn launch_tags(req: &LaunchRequest, owner: &str) -> Result<BTreeMap<String, Stri
         check_value(k, v)?;
         all.insert(k.to_string(), v.to_string());
     }
+    if !req.launch_settings.is_empty() {
+        check_value(tags::LAUNCH, &req.launch_settings)?;
+        all.insert(tags::LAUNCH.to_string(), req.launch_settings.clone());
+    }
     if all.len() > MAX_TAGS {
         return Err(invalid(&format!(
             "{} tags; AWS allows {MAX_TAGS} per resource",
@@ -403,6 +407,7 @@ mod tests {
             subnet: "subnet-1".into(),
             extra_tags: BTreeMap::from([("team".into(), "payments".into())]),
             client_token: "web-r1-1".into(),
+            launch_settings: "ls1".into(),
         }
     }
 
@@ -413,6 +418,7 @@ mod tests {
         assert_eq!(tags["hangar:owner"], "op-1");
         assert_eq!(tags["hangar:phase"], "launching");
         assert_eq!(tags["hangar:release"], "r1");
+        assert_eq!(tags["hangar:launch"], "ls1");
         assert_eq!(tags["team"], "payments");
         for reserved in ["hangar:owner", "Hangar:Phase", "aws:foo"] {
             let mut req = request();

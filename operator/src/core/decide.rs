@@ -17,7 +17,7 @@ use hangar_crds::ClusterSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::core::fleet::{self, Task};
-use crate::core::launches::LaunchIntent;
+use crate::core::launches::{self, LaunchIntent};
 use crate::core::memory::{DecisionRecord, Memory, ServingCount};
 use crate::core::observation::{ActionFailure, Observation, Outcome, Reads};
 use crate::core::planner;
@@ -141,6 +141,7 @@ pub fn decide_removed(obs: &Observation, memory: &Memory) -> Decision {
         .iter()
         .map(|i| fleet_node(i, &obs.running, &pass.memory, &HashMap::new(), obs.now))
         .collect();
+    let launch = launches::settings_hash(&spec.instances);
     let target = fleet::Target {
         desired: 0,
         release: &pass.memory.release.target,
@@ -154,6 +155,8 @@ pub fn decide_removed(obs: &Observation, memory: &Memory) -> Decision {
         self_healing: spec.self_healing,
         launch_allowed: false,
         hold_at_releasing: false,
+        launch: &launch,
+        max_lifetime: None,
         now: obs.now,
     };
     // Launches a deleted cluster intended are not made any more; if any
@@ -514,6 +517,7 @@ impl<'o> Pass<'o> {
     fn fleet_diff(&mut self) -> fleet::Diff {
         let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
         let m = &self.memory;
+        let launch = launches::settings_hash(&spec.instances);
         let nodes: Vec<fleet::Node> = obs
             .instances
             .iter()
@@ -539,6 +543,11 @@ impl<'o> Pass<'o> {
             self_healing: spec.self_healing,
             launch_allowed: m.launch_backoff_until.is_none_or(|t| t <= now),
             hold_at_releasing: self.once_gated() && m.release.target == spec.release.id,
+            launch: &launch,
+            max_lifetime: spec
+                .instances
+                .max_lifetime
+                .and_then(|d| chrono::Duration::from_std(d.get()).ok()),
             now,
         };
         let mut diff = fleet::diff(&nodes, &target);
@@ -766,6 +775,7 @@ fn fleet_node(
         failed: memory.failed_nodes.get(&i.id).cloned(),
         unhealthy_since: unhealthy.get(&i.id).copied(),
         resting: memory.retry_after.get(&i.id).is_some_and(|t| *t > now),
+        launch: i.tags.get(tags::LAUNCH).cloned(),
     }
 }
 

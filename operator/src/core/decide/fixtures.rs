@@ -405,6 +405,10 @@ impl Sim {
                 .on(&intent.release)
                 .launched(self.now);
             i.client_token = Some(intent.token.clone());
+            i.tags.insert(
+                tags::LAUNCH.into(),
+                crate::core::launches::settings_hash(&self.spec.instances),
+            );
             if self.lagging {
                 self.own.push(id);
             }

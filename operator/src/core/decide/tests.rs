@@ -823,3 +823,73 @@ fn a_first_release_with_once_hooks_holds_new_nodes_before_activation_until_they_
     sim.pass();
     assert_eq!(sim.serving().len(), 2);
 }
+
+// ---- instance refresh ----------------------------------------------------------
+
+/// Passes until nothing is left to do, finishing every task with `Done`,
+/// and checks after each pass that the fleet never served with fewer than
+/// `floor` nodes nor ran more than `ceiling` machines.
+fn refresh_within(sim: &mut Sim, floor: usize, ceiling: usize, passes: usize) {
+    for _ in 0..passes {
+        let quiet = sim.pass().diff.actions.is_empty();
+        let alive = sim
+            .cloud
+            .iter()
+            .filter(|i| i.state != InstanceState::Terminated)
+            .count();
+        assert!(
+            sim.serving().len() >= floor,
+            "{} serving",
+            sim.serving().len()
+        );
+        assert!(alive <= ceiling, "{alive} machines");
+        let names: Vec<&'static str> = sim.running.values().map(Task::name).collect();
+        for name in names {
+            sim.finish_all(name, Outcome::Done);
+        }
+        if quiet && sim.running.is_empty() {
+            return;
+        }
+    }
+    panic!("no end to the refresh after {passes} passes");
+}
+
+#[test]
+fn a_change_of_launch_settings_replaces_every_node_surge_first_never_below_desired() {
+    let mut sim = settled_fleet(with_min(3));
+    let old: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
+    sim.spec.instances.instance_type = Some("m7i.large".into());
+    let d = sim.pass();
+    assert_eq!(launches(d).len(), 1, "one surge node first: {:?}", d.diff);
+    assert!(starts(d).is_empty(), "nothing drained before it serves");
+    refresh_within(&mut sim, 3, 4, 60);
+    let now: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
+    assert_eq!(now.len(), 3);
+    assert!(now.iter().all(|id| !old.contains(id)), "{old:?} → {now:?}");
+    let hash = crate::core::launches::settings_hash(&sim.spec.instances);
+    assert!(sim
+        .serving()
+        .iter()
+        .all(|i| i.tags.get(tags::LAUNCH) == Some(&hash)));
+    assert_eq!(sim.launched.len(), 2 + 3, "cold start, then one per node");
+}
+
+#[test]
+fn nodes_older_than_max_lifetime_are_replaced_one_at_a_time_and_the_new_ones_stay() {
+    let mut s = with_min(3);
+    s.instances.max_lifetime = Some(hangar_crds::Duration::from_secs(24 * 3600));
+    let mut sim = settled_fleet(s);
+    let old: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
+    let launched = sim.launched.len();
+    sim.wait(20 * 3600);
+    let d = sim.pass();
+    assert!(d.diff.actions.is_empty(), "young enough: {:?}", d.diff);
+    assert_eq!(sim.launched.len(), launched);
+    sim.wait(5 * 3600);
+    refresh_within(&mut sim, 3, 4, 60);
+    let now: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
+    assert!(now.iter().all(|id| !old.contains(id)), "{old:?} → {now:?}");
+    // The new nodes are young: a pass later nothing moves.
+    sim.wait(60);
+    assert!(sim.pass().diff.actions.is_empty());
+}

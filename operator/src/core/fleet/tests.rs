@@ -28,6 +28,7 @@ fn node(id: &str, phase: Phase, release: &str, minutes_old: i64) -> Node {
         failed: None,
         unhealthy_since: None,
         resting: false,
+        launch: Some("ls1".into()),
     }
 }
 
@@ -55,6 +56,8 @@ fn target(desired: u32) -> Target<'static> {
         self_healing: SelfHealing::default(),
         launch_allowed: true,
         hold_at_releasing: false,
+        launch: "ls1",
+        max_lifetime: None,
         now: now(),
     }
 }
@@ -398,6 +401,7 @@ fn arb_node() -> impl Strategy<Value = Node> {
             failed: None,
             unhealthy_since: None,
             resting: false,
+            launch: None,
         })
 }
 

@@ -119,6 +119,7 @@ impl Operator {
             subnet: intent.subnet.clone(),
             extra_tags: instances.tags.clone(),
             client_token: intent.token.clone(),
+            launch_settings: crate::core::launches::settings_hash(instances),
         };
         let subnet = &intent.subnet;
         match cloud.compute.launch(&req).await {
