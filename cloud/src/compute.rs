@@ -58,6 +58,19 @@ pub trait Compute: Send + Sync {
     /// provisioned with (`hangar:config`).
     async fn set_config(&self, id: &str, config: &str) -> Result<(), CloudError>;
 
+    /// The version number `version` (`$Latest`, `$Default` or a number)
+    /// of launch template `template` (id `lt-…` or name) names now, so a
+    /// new template version is noticed without a spec change. A number is
+    /// itself; implementations may cache the answer briefly.
+    async fn resolve_template_version(
+        &self,
+        template: &str,
+        version: &str,
+    ) -> Result<String, CloudError> {
+        let _ = template;
+        Ok(version.to_string())
+    }
+
     /// Terminates owned instances; refuses the whole call with
     /// [`CloudError::NotOwned`] if any id is not this owner's.
     async fn terminate(&self, ids: &[String]) -> Result<(), CloudError>;

@@ -1747,3 +1747,53 @@ where
     }
     out
 }
+
+/// `$Latest` and `$Default` name version numbers that change without a
+/// spec change (a new template version with a patched AMI): hangar reads
+/// them, at most once a minute per template, by id or by name.
+#[tokio::test]
+async fn latest_and_default_template_versions_are_resolved_to_their_numbers() {
+    let w = World::new().await;
+    let cloud = w.cloud(OWNER);
+    for template in [&w.template_id, &w.template_name] {
+        for which in ["$Latest", "$Default"] {
+            let v = cloud.resolve_template_version(template, which).await;
+            assert_eq!(v.expect("resolved"), "1", "{template} {which}");
+        }
+    }
+    w.ec2
+        .create_launch_template_version()
+        .launch_template_id(&w.template_id)
+        .source_version("1")
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id("ami-12c6146b")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("a second version");
+    let again = cloud
+        .resolve_template_version(&w.template_id, "$Latest")
+        .await;
+    assert_eq!(
+        again.expect("cached"),
+        "1",
+        "read again only after a minute"
+    );
+    let fresh = w.cloud(OWNER);
+    let latest = fresh
+        .resolve_template_version(&w.template_id, "$Latest")
+        .await;
+    assert_eq!(latest.expect("resolved"), "2");
+    let default = fresh
+        .resolve_template_version(&w.template_id, "$Default")
+        .await;
+    assert_eq!(default.expect("resolved"), "1", "the default did not move");
+    let pinned = fresh.resolve_template_version(&w.template_id, "7").await;
+    assert_eq!(pinned.expect("a number is itself"), "7");
+    let missing = fresh
+        .resolve_template_version("lt-0000000000000000f", "$Latest")
+        .await;
+    assert!(missing.is_err(), "{missing:?}");
+}

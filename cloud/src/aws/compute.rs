@@ -24,6 +24,9 @@ const LIST_PAGE: i32 = 1000;
 const TERMINATE_BATCH: usize = 1000;
 /// Every state but `terminated`.
 const LIVE_STATES: [&str; 5] = ["pending", "running", "shutting-down", "stopping", "stopped"];
+/// How long a resolved `$Latest`/`$Default` is trusted: a new template
+/// version is noticed within this, at one Describe per template.
+const TEMPLATE_VERSION_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 /// AWS's tag limits.
 const MAX_TAGS: usize = 50;
 const MAX_KEY: usize = 128;
@@ -111,6 +114,55 @@ impl Compute for AwsCloud {
             "launched instances"
         );
         Ok(launched)
+    }
+
+    async fn resolve_template_version(
+        &self,
+        template: &str,
+        version: &str,
+    ) -> Result<String, CloudError> {
+        if version.bytes().all(|b| b.is_ascii_digit()) && !version.is_empty() {
+            return Ok(version.to_string());
+        }
+        let key = (template.to_string(), version.to_string());
+        if let Some((at, v)) = self
+            .inner
+            .template_versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            if at.elapsed() < TEMPLATE_VERSION_TTL {
+                return Ok(v.clone());
+            }
+        }
+        self.inner.limiter.request(Budget::Ec2Describe).await;
+        let ask = self.inner.ec2.describe_launch_templates();
+        let ask = if template.starts_with("lt-") {
+            ask.launch_template_ids(template)
+        } else {
+            ask.launch_template_names(template)
+        };
+        let out = ask
+            .send()
+            .await
+            .map_err(|e| from_sdk("ec2", || format!("launch template {template}"), e))?;
+        let found = out.launch_templates().first().and_then(|t| match version {
+            "$Latest" => t.latest_version_number(),
+            _ => t.default_version_number(),
+        });
+        let Some(number) = found else {
+            return Err(invalid(&format!(
+                "launch template {template}: no {version} version"
+            )));
+        };
+        let number = number.to_string();
+        self.inner
+            .template_versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (std::time::Instant::now(), number.clone()));
+        Ok(number)
     }
 
     async fn list(&self, cluster: Option<&str>) -> Result<Vec<Instance>, CloudError> {

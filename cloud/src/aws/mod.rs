@@ -218,6 +218,7 @@ impl AwsCloudBuilder {
                 prometheus,
                 load_balancer_of: Mutex::new(HashMap::new()),
                 owned: Mutex::new(HashMap::new()),
+                template_versions: Mutex::new(HashMap::new()),
                 metric_batcher: Arc::default(),
             }),
         })
@@ -246,6 +247,8 @@ struct Inner {
     load_balancer_of: Mutex<HashMap<String, String>>,
     /// Instances seen ours, and when (see `ownership::OWNED_TTL`).
     owned: Mutex<HashMap<String, std::time::Instant>>,
+    /// (template, `$Latest`/`$Default`) → (when asked, version number).
+    template_versions: Mutex<HashMap<(String, String), (std::time::Instant, String)>>,
     /// ALB metric reads of this region, sharing `GetMetricData` calls.
     metric_batcher: Arc<crate::metric_batch::MetricBatcher>,
 }

@@ -141,7 +141,6 @@ pub fn decide_removed(obs: &Observation, memory: &Memory) -> Decision {
         .iter()
         .map(|i| fleet_node(i, &obs.running, &pass.memory, &HashMap::new(), obs.now))
         .collect();
-    let launch = launches::settings_hash(&spec.instances);
     let target = fleet::Target {
         desired: 0,
         release: &pass.memory.release.target,
@@ -155,7 +154,7 @@ pub fn decide_removed(obs: &Observation, memory: &Memory) -> Decision {
         self_healing: spec.self_healing,
         launch_allowed: false,
         hold_at_releasing: false,
-        launch: &launch,
+        launch: None,
         max_lifetime: None,
         now: obs.now,
     };
@@ -517,7 +516,10 @@ impl<'o> Pass<'o> {
     fn fleet_diff(&mut self) -> fleet::Diff {
         let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
         let m = &self.memory;
-        let launch = launches::settings_hash(&spec.instances);
+        let launch = obs
+            .launch_version
+            .as_deref()
+            .map(|v| launches::settings_hash(&spec.instances, v));
         let nodes: Vec<fleet::Node> = obs
             .instances
             .iter()
@@ -543,7 +545,7 @@ impl<'o> Pass<'o> {
             self_healing: spec.self_healing,
             launch_allowed: m.launch_backoff_until.is_none_or(|t| t <= now),
             hold_at_releasing: self.once_gated() && m.release.target == spec.release.id,
-            launch: &launch,
+            launch: launch.as_deref(),
             max_lifetime: spec
                 .instances
                 .max_lifetime

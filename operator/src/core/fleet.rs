@@ -103,8 +103,10 @@ impl Node {
     /// node a little earlier than the last tenth of it, by its id, so a
     /// fleet launched together is replaced over time).
     fn stale(&self, t: &Target<'_>) -> Option<&'static str> {
-        if self.launch.as_deref().is_some_and(|l| l != t.launch) {
-            return Some("launch settings changed");
+        if let (Some(have), Some(want)) = (self.launch.as_deref(), t.launch) {
+            if have != want {
+                return Some("launch settings changed");
+            }
         }
         let (Some(life), Some(at)) = (t.max_lifetime, self.launched_at) else {
             return None;
@@ -150,8 +152,8 @@ pub struct Target<'a> {
     /// `releasing`.
     pub hold_at_releasing: bool,
     /// The spec's launch settings hash; nodes launched with another are
-    /// replaced (instance refresh).
-    pub launch: &'a str,
+    /// replaced (instance refresh). `None`: unknown this pass.
+    pub launch: Option<&'a str>,
     /// `instances.maxLifetime`.
     pub max_lifetime: Option<chrono::Duration>,
     pub now: DateTime<Utc>,

@@ -334,12 +334,14 @@ fn token(cluster: &str, subnet: &str, count: u32, now: DateTime<Utc>, seq: u64) 
 /// `RunInstances` would do differently for it today (template, version,
 /// instance type, user tags). A node whose hash differs is replaced;
 /// subnets are not in it (adding one must not replace the fleet).
-pub fn settings_hash(instances: &hangar_crds::Instances) -> String {
+/// `version` is the template version number `launchTemplateVersion`
+/// names now (`$Latest` and `$Default` resolved).
+pub fn settings_hash(instances: &hangar_crds::Instances, version: &str) -> String {
     let mut h = Sha256::new();
     h.update(b"launch-settings-v1\0");
     for part in [
         instances.launch_template.as_str(),
-        instances.launch_template_version.as_str(),
+        version,
         instances.instance_type.as_deref().unwrap_or(""),
     ] {
         h.update(part.as_bytes());

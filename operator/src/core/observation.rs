@@ -42,6 +42,10 @@ pub struct Observation {
     pub unhealthy: HashMap<String, DateTime<Utc>>,
     /// What the last pass's actions reported back.
     pub failures: Vec<ActionFailure>,
+    /// The launch template version the spec's `launchTemplateVersion`
+    /// names now (`$Latest`/`$Default` resolved); `None` when it could not
+    /// be read this pass — then no node is judged on its launch settings.
+    pub launch_version: Option<String>,
 }
 
 /// An action of an earlier pass that failed.

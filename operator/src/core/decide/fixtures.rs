@@ -140,6 +140,7 @@ impl Observation {
             errors: None,
             unhealthy: HashMap::new(),
             failures: Vec::new(),
+            launch_version: Some("1".into()),
         }
     }
 
@@ -272,6 +273,9 @@ pub struct Sim {
     pub decisions: Vec<Decision>,
     /// Every launch that reached the cloud, as `(subnet, count)`.
     pub launched: Vec<(String, u32)>,
+    /// The version the spec's launch template version names now
+    /// (`None`: it could not be read).
+    pub template_version: Option<String>,
 }
 
 impl Sim {
@@ -294,6 +298,7 @@ impl Sim {
             next_id: 1,
             decisions: Vec::new(),
             launched: Vec::new(),
+            template_version: Some("1".into()),
         }
     }
 
@@ -330,6 +335,7 @@ impl Sim {
         obs.finished = self.finished.clone();
         obs.failures = self.failures.clone();
         obs.unhealthy = self.unhealthy.clone();
+        obs.launch_version = self.template_version.clone();
         let reads = super::reads(&obs, &self.memory);
         if reads.traffic {
             if let Some(rate) = self.traffic {
@@ -405,10 +411,12 @@ impl Sim {
                 .on(&intent.release)
                 .launched(self.now);
             i.client_token = Some(intent.token.clone());
-            i.tags.insert(
-                tags::LAUNCH.into(),
-                crate::core::launches::settings_hash(&self.spec.instances),
-            );
+            if let Some(v) = &self.template_version {
+                i.tags.insert(
+                    tags::LAUNCH.into(),
+                    crate::core::launches::settings_hash(&self.spec.instances, v),
+                );
+            }
             if self.lagging {
                 self.own.push(id);
             }

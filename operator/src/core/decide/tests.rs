@@ -866,7 +866,7 @@ fn a_change_of_launch_settings_replaces_every_node_surge_first_never_below_desir
     let now: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
     assert_eq!(now.len(), 3);
     assert!(now.iter().all(|id| !old.contains(id)), "{old:?} → {now:?}");
-    let hash = crate::core::launches::settings_hash(&sim.spec.instances);
+    let hash = crate::core::launches::settings_hash(&sim.spec.instances, "1");
     assert!(sim
         .serving()
         .iter()
@@ -919,4 +919,22 @@ fn a_launched_node_that_dies_before_the_listing_shows_it_is_replaced_within_a_mi
     sim.wait(60);
     sim.pass();
     assert_eq!(sim.launched.len(), 4, "replaced, not waiting for minutes");
+}
+
+#[test]
+fn a_new_latest_template_version_replaces_the_fleet_without_a_spec_change() {
+    let mut sim = settled_fleet(with_min(2));
+    // The version cannot be read for a pass: nothing is judged on it.
+    sim.template_version = None;
+    assert!(sim.pass().diff.actions.is_empty());
+    // `$Latest` now names version 2 (a patched AMI).
+    sim.template_version = Some("2".into());
+    let d = sim.pass();
+    assert_eq!(launches(d).len(), 1, "{:?}", d.diff);
+    refresh_within(&mut sim, 2, 3, 60);
+    let hash = crate::core::launches::settings_hash(&sim.spec.instances, "2");
+    assert!(sim
+        .serving()
+        .iter()
+        .all(|i| i.tags.get(tags::LAUNCH) == Some(&hash)));
 }

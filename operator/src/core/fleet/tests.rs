@@ -56,7 +56,7 @@ fn target(desired: u32) -> Target<'static> {
         self_healing: SelfHealing::default(),
         launch_allowed: true,
         hold_at_releasing: false,
-        launch: "ls1",
+        launch: Some("ls1"),
         max_lifetime: None,
         now: now(),
     }

@@ -114,12 +114,21 @@ impl Operator {
             release: intent.release.clone(),
             count: intent.count,
             launch_template: instances.launch_template.clone(),
-            launch_template_version: instances.launch_template_version.clone(),
+            // The number `$Latest`/`$Default` named when deciding: what the
+            // node is stamped with is what it was launched from.
+            launch_template_version: obs
+                .launch_version
+                .clone()
+                .unwrap_or_else(|| instances.launch_template_version.clone()),
             instance_type: instances.instance_type.clone(),
             subnet: intent.subnet.clone(),
             extra_tags: instances.tags.clone(),
             client_token: intent.token.clone(),
-            launch_settings: crate::core::launches::settings_hash(instances),
+            launch_settings: obs
+                .launch_version
+                .as_deref()
+                .map(|v| crate::core::launches::settings_hash(instances, v))
+                .unwrap_or_default(),
         };
         let subnet = &intent.subnet;
         match cloud.compute.launch(&req).await {

@@ -39,6 +39,18 @@ impl Operator {
             .observe_fleet(entry.name(), spec, cloud, now, mode)
             .await?;
         obs.config_hash = entry.config_hash.clone();
+        let inst = &obs.spec.instances;
+        obs.launch_version = match cloud
+            .compute
+            .resolve_template_version(&inst.launch_template, &inst.launch_template_version)
+            .await
+        {
+            Ok(v) => Some(v),
+            Err(error) => {
+                tracing::warn!(cluster = %entry.name(), %error, "launch template version unknown this pass");
+                None
+            }
+        };
         obs.unhealthy = self.probes.unhealthy(entry.name());
         self.read_metrics(&mut obs, cloud, memory).await;
         Ok(obs)
@@ -89,6 +101,7 @@ impl Operator {
             errors: None,
             unhealthy: HashMap::new(),
             failures,
+            launch_version: None,
         })
     }
 
