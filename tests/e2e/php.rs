@@ -41,11 +41,17 @@ fn php_spec(s: &Scenario, runbook: &str, v1: &Artifact, nodes: u32) -> ClusterSp
         .with_capacity(nodes, nodes)
         .set(
             "spec.provision.runbook",
-            hangar_local::repo_root().join("runbooks").join(runbook).as_path(),
+            hangar_local::repo_root()
+                .join("runbooks")
+                .join(runbook)
+                .as_path(),
         )
         .with_release(v1)
         .set("spec.release.sharedPaths", Yaml::list(["storage"]))
-        .set("spec.release.hooks.afterActivate", Yaml::list([RELOAD_HOOK]))
+        .set(
+            "spec.release.hooks.afterActivate",
+            Yaml::list([RELOAD_HOOK]),
+        )
 }
 
 /// Uploads release `v1` of the PHP fixture, writes `spec`, starts hangar
@@ -54,9 +60,12 @@ fn serving_v1(s: &mut Scenario, spec: &ClusterSpec, nodes: u32, deadline: Durati
     s.write_spec(spec);
     let began = Instant::now();
     s.start_operator();
-    s.wait_status("web", &format!("{nodes} in service on v1"), deadline, |st| {
-        settled_on(st, nodes, "v1")
-    });
+    s.wait_status(
+        "web",
+        &format!("{nodes} in service on v1"),
+        deadline,
+        |st| settled_on(st, nodes, "v1"),
+    );
     began.elapsed()
 }
 
@@ -74,7 +83,9 @@ fn on_node(s: &Scenario, id: &str, cmd: &str) -> String {
 }
 
 fn node_ip(s: &Scenario, id: &str) -> Ipv4Addr {
-    s.cloud.node_ip(id).unwrap_or_else(|| panic!("{id} has no node"))
+    s.cloud
+        .node_ip(id)
+        .unwrap_or_else(|| panic!("{id} has no node"))
 }
 
 /// One `GET path` straight to a node's port 80 (not through the LB):
@@ -85,11 +96,7 @@ fn http_get(ip: Ipv4Addr, path: &str) -> (u16, BTreeMap<String, String>, String)
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: app\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: app\r\n\r\n").unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -193,10 +200,7 @@ fn listen_backlog(s: &Scenario, id: &str) -> u32 {
 #[test]
 fn cold_start_installs_the_php_stack_from_the_archive_and_pushes_pool_changes() {
     let mut s = Scenario::debian(ImageVariant::Base);
-    let v1 = s
-        .cloud
-        .upload_php_release("v1", PhpKind::Good)
-        .expect("v1");
+    let v1 = s.cloud.upload_php_release("v1", PhpKind::Good).expect("v1");
     let spec = php_spec(&s, "nginx-php-fpm.yaml", &v1, 2)
         .set("spec.provision.vars.fpm_max_children", "7")
         .set("spec.provision.vars.fpm_max_spare_servers", "5");
@@ -280,7 +284,10 @@ fn cold_start_installs_the_php_stack_from_the_archive_and_pushes_pool_changes() 
     let cold = t.elapsed();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("modules 200"), "{body}");
-    assert_eq!(headers.get("x-releases-seen").map(String::as_str), Some("v1"));
+    assert_eq!(
+        headers.get("x-releases-seen").map(String::as_str),
+        Some("v1")
+    );
     let after_cold = counters(&http_get(ip, "/opcache").2);
     let t = Instant::now();
     assert_eq!(http_get(ip, "/").0, 200);
@@ -323,14 +330,17 @@ fn cold_start_installs_the_php_stack_from_the_archive_and_pushes_pool_changes() 
         Duration::from_secs(180),
         |st| {
             settled_on(st, 2, "v1")
-                && ids.iter().all(|id| !provisions_since(st, id, since).is_empty())
+                && ids
+                    .iter()
+                    .all(|id| !provisions_since(st, id, since).is_empty())
         },
     );
     assert!(config_tags(&s).iter().all(|c| !old.contains(c)));
     for id in &ids {
         for a in provisions_since(&st, id, since) {
             assert!(
-                a.message.contains("nothing changed: node already provisioned"),
+                a.message
+                    .contains("nothing changed: node already provisioned"),
                 "{id}: the re-run changed something: {}",
                 a.message
             );
@@ -340,8 +350,10 @@ fn cold_start_installs_the_php_stack_from_the_archive_and_pushes_pool_changes() 
     // 2. A bigger pool, under traffic.
     let old = config_tags(&s);
     let since = chrono::Utc::now();
-    let reloads: BTreeMap<String, usize> =
-        ids.iter().map(|id| (id.clone(), fpm_reloads(&s, id))).collect();
+    let reloads: BTreeMap<String, usize> = ids
+        .iter()
+        .map(|id| (id.clone(), fpm_reloads(&s, id)))
+        .collect();
     let seq = s.cloud.lb().next_seq();
     let load = s.cloud.start_load(20.0, None).expect("load");
     let began = Instant::now();
@@ -352,7 +364,9 @@ fn cold_start_installs_the_php_stack_from_the_archive_and_pushes_pool_changes() 
         Duration::from_secs(180),
         |st| {
             settled_on(st, 2, "v1")
-                && ids.iter().all(|id| !provisions_since(st, id, since).is_empty())
+                && ids
+                    .iter()
+                    .all(|id| !provisions_since(st, id, since).is_empty())
         },
     );
     let pushed = began.elapsed();
@@ -368,7 +382,10 @@ fn cold_start_installs_the_php_stack_from_the_archive_and_pushes_pool_changes() 
     for id in &ids {
         let pool = on_node(&s, id, &format!("cat {POOL}"));
         assert!(pool.contains("pm.max_children = 9"), "{id}: {pool}");
-        assert!(fpm_reloads(&s, id) > reloads[id], "{id}: FPM reloaded the pool");
+        assert!(
+            fpm_reloads(&s, id) > reloads[id],
+            "{id}: FPM reloaded the pool"
+        );
         let provisioned = provisions_since(&st, id, since);
         assert!(
             provisioned.iter().any(|a| a.message.contains("changed,")),
@@ -380,7 +397,12 @@ fn cold_start_installs_the_php_stack_from_the_archive_and_pushes_pool_changes() 
         2,
         "pushed in place, nothing launched"
     );
-    assert!(s.status("web").unwrap().nodes.iter().all(|n| n.release.as_deref() == Some("v1")));
+    assert!(s
+        .status("web")
+        .unwrap()
+        .nodes
+        .iter()
+        .all(|n| n.release.as_deref() == Some("v1")));
 
     s.watcher.assert_invariants();
     let report = s.watcher.report();
@@ -396,10 +418,7 @@ fn cold_start_installs_the_php_stack_from_the_archive_and_pushes_pool_changes() 
 #[test]
 fn a_rolling_php_release_under_load_fails_no_request_and_mixes_no_files() {
     let mut s = Scenario::debian(ImageVariant::Php);
-    let v1 = s
-        .cloud
-        .upload_php_release("v1", PhpKind::Good)
-        .expect("v1");
+    let v1 = s.cloud.upload_php_release("v1", PhpKind::Good).expect("v1");
     let spec = php_spec(&s, "nginx-php-fpm.yaml", &v1, 3);
     let took = serving_v1(&mut s, &spec, 3, Duration::from_secs(180));
     eprintln!("3 php nodes in service: {took:?}");
@@ -407,16 +426,16 @@ fn a_rolling_php_release_under_load_fails_no_request_and_mixes_no_files() {
 
     // Uploads under v1, one per node (each node has its own shared/).
     for id in &ids {
-        let (status, _, body) = http_get(node_ip(&s, id), &format!("/write?key=n-{id}&value=hello"));
+        let (status, _, body) =
+            http_get(node_ip(&s, id), &format!("/write?key=n-{id}&value=hello"));
         assert_eq!(status, 200, "{id}: {body}");
     }
-    let reloads: BTreeMap<String, usize> =
-        ids.iter().map(|id| (id.clone(), fpm_reloads(&s, id))).collect();
+    let reloads: BTreeMap<String, usize> = ids
+        .iter()
+        .map(|id| (id.clone(), fpm_reloads(&s, id)))
+        .collect();
 
-    let v2 = s
-        .cloud
-        .upload_php_release("v2", PhpKind::Good)
-        .expect("v2");
+    let v2 = s.cloud.upload_php_release("v2", PhpKind::Good).expect("v2");
     let seq = s.cloud.lb().next_seq();
     let load = s.cloud.start_load(30.0, None).expect("load");
     let began = Instant::now();
@@ -433,7 +452,10 @@ fn a_rolling_php_release_under_load_fails_no_request_and_mixes_no_files() {
         "zero failed requests: {report:?}\n{}",
         lb_failures(&s, seq)
     );
-    assert_eq!(report.mixed, 0, "a response ran two releases' files: {report:?}");
+    assert_eq!(
+        report.mixed, 0,
+        "a response ran two releases' files: {report:?}"
+    );
     assert_eq!(
         report.by_releases_seen.keys().collect::<Vec<_>>(),
         ["v1", "v2"],
@@ -601,15 +623,15 @@ fn workers(s: &Scenario, id: &str, n: u32) -> Vec<(u32, String)> {
 #[test]
 fn laravel_workers_restart_on_release_and_a_drained_node_finishes_its_job() {
     let mut s = Scenario::debian(ImageVariant::Php);
-    let v1 = s
-        .cloud
-        .upload_php_release("v1", PhpKind::Good)
-        .expect("v1");
+    let v1 = s.cloud.upload_php_release("v1", PhpKind::Good).expect("v1");
     let spec = php_spec(&s, "laravel.yaml", &v1, 2)
         .set("spec.provision.vars.queue_workers", "3")
         .set("spec.provision.vars.worker_command", "php bin/worker.php")
         .set("spec.provision.vars.worker_stop_timeout", "45s")
-        .set("spec.provision.vars.scheduler_command", "php bin/schedule.php")
+        .set(
+            "spec.provision.vars.scheduler_command",
+            "php bin/schedule.php",
+        )
         .set(
             "spec.release.hooks.afterActivate",
             Yaml::list([RELOAD_HOOK, "sudo systemctl restart app-workers.target"]),
@@ -650,12 +672,11 @@ fn laravel_workers_restart_on_release_and_a_drained_node_finishes_its_job() {
     }
 
     // A release restarts every worker onto the new code.
-    let old: BTreeMap<String, Vec<(u32, String)>> =
-        ids.iter().map(|id| (id.clone(), workers(&s, id, 3))).collect();
-    let v2 = s
-        .cloud
-        .upload_php_release("v2", PhpKind::Good)
-        .expect("v2");
+    let old: BTreeMap<String, Vec<(u32, String)>> = ids
+        .iter()
+        .map(|id| (id.clone(), workers(&s, id, 3)))
+        .collect();
+    let v2 = s.cloud.upload_php_release("v2", PhpKind::Good).expect("v2");
     let spec = spec.with_release(&v2);
     s.write_spec(&spec);
     s.wait_status("web", "both nodes on v2", Duration::from_secs(180), |st| {
@@ -730,9 +751,11 @@ fn laravel_workers_restart_on_release_and_a_drained_node_finishes_its_job() {
         st.activities
     );
     // The survivor's workers were never asked to stop.
-    let done = eventually(Duration::from_secs(30), "the survivor's job reported", || {
-        callbacks.job(&format!("job-{survivor}"))
-    })
+    let done = eventually(
+        Duration::from_secs(30),
+        "the survivor's job reported",
+        || callbacks.job(&format!("job-{survivor}")),
+    )
     .unwrap();
     assert_eq!(done.get("stop_requested").map(String::as_str), Some("0"));
 
@@ -755,7 +778,12 @@ fn laravel_workers_restart_on_release_and_a_drained_node_finishes_its_job() {
     .unwrap();
     assert!(log.contains("release=v"), "{log}");
     assert_eq!(
-        on_node(&s, survivor, "stat -c %U /srv/app/shared/storage/logs/schedule.log").trim(),
+        on_node(
+            &s,
+            survivor,
+            "stat -c %U /srv/app/shared/storage/logs/schedule.log"
+        )
+        .trim(),
         "www-data"
     );
     s.watcher.assert_invariants();

@@ -281,7 +281,9 @@ fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
         .unwrap();
     assert!(tuned.status.success(), "{}", out(&tuned));
     assert_eq!(
-        m.exec_ok("cat /proc/sys/net/core/somaxconn").unwrap().trim(),
+        m.exec_ok("cat /proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim(),
         "12345"
     );
     assert_eq!(
@@ -289,7 +291,11 @@ fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
         host_somaxconn,
         "the node changed the host's somaxconn"
     );
-    for refused in ["net.ipv4.ip_forward=1", "vm.swappiness=1", "fs.file-max=100000"] {
+    for refused in [
+        "net.ipv4.ip_forward=1",
+        "vm.swappiness=1",
+        "fs.file-max=100000",
+    ] {
         let o = cloud
             .ssh(&a, DEPLOY_USER, &format!("sudo -n sysctl -w {refused}"))
             .unwrap();

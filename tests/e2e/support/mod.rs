@@ -14,8 +14,8 @@ use hangar_cloud::aws::AwsCloud;
 use hangar_cloud::{Compute, Instance, InstanceState};
 use hangar_local::faults::FaultProxy;
 use hangar_local::harness::{LocalCloud, LocalCloudOptions};
-use hangar_local::{ImageVariant, NodeKind};
 use hangar_local::spec::ClusterSpec;
+use hangar_local::{ImageVariant, NodeKind};
 
 use operator::{free_port, log_tail, OperatorProcess};
 use watcher::Watcher;

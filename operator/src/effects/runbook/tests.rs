@@ -236,7 +236,12 @@ fn the_laravel_runbook_wants_exactly_queue_workers_workers() {
         .iter()
         .find(|s| s.name == "queue workers running")
         .unwrap();
-    assert!(running.guards.unless.as_deref().unwrap().contains("= \"3 0\""));
+    assert!(running
+        .guards
+        .unless
+        .as_deref()
+        .unwrap()
+        .contains("= \"3 0\""));
     assert!(!target(&plan("0")).contains("app-worker@"));
 }
 
