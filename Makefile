@@ -6,9 +6,11 @@
 demo:
 	./infra/local/demo
 
-# Installs the prerequisites (once) and runs every test.
+# Installs the prerequisites and builds the Debian node images (once; a
+# no-op when cached, so no test's deadline pays for a build), then runs
+# every test.
 test:
-	./infra/local/setup
+	./infra/local/setup --images
 	cargo test --workspace
 
 # Formatting, clippy, and cargo deny (advisories, bans, licenses, sources;

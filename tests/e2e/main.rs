@@ -12,5 +12,6 @@ mod crash;
 mod faults;
 mod isolation;
 mod lifecycle;
+mod php;
 mod releases;
 mod scaling;

@@ -734,7 +734,19 @@ impl LocalCloud {
         rps: f64,
         duration: Option<Duration>,
     ) -> Result<LoadGenerator, LoadError> {
-        let mut options = LoadOptions::new(format!("{}/", self.lb_url()), rps);
+        self.start_load_path(rps, "/", duration)
+    }
+
+    /// [`start_load`](Self::start_load) asking for `path` (with its query,
+    /// e.g. `/slow?ms=300`) instead of `/`.
+    pub fn start_load_path(
+        &self,
+        rps: f64,
+        path: &str,
+        duration: Option<Duration>,
+    ) -> Result<LoadGenerator, LoadError> {
+        let url = format!("{}/{}", self.lb_url(), path.trim_start_matches('/'));
+        let mut options = LoadOptions::new(url, rps);
         options.duration = duration;
         let handle = self
             .runtime

@@ -28,6 +28,15 @@ pub enum LoadError {
     BadRate(f64),
 }
 
+/// The PHP fixture's header listing the distinct release ids of the files
+/// that served a request (`infra/local/fixtures/php-app`).
+pub const RELEASES_SEEN_HEADER: &str = "x-releases-seen";
+
+/// Whether an `X-Releases-Seen` value names more than one release.
+pub fn is_mixed(seen: &str) -> bool {
+    seen.split(',').filter(|r| !r.trim().is_empty()).count() > 1
+}
+
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Every request is `GET url`.
@@ -74,6 +83,13 @@ pub struct LoadReport {
     pub by_target: BTreeMap<String, u64>,
     /// Answers by release (`X-Release`).
     pub by_release: BTreeMap<String, u64>,
+    /// Answers by `X-Releases-Seen`: the releases whose files served the
+    /// request (the PHP fixture; `v1,v2` would be a response mixing two).
+    #[serde(default)]
+    pub by_releases_seen: BTreeMap<String, u64>,
+    /// Answers whose `X-Releases-Seen` names more than one release.
+    #[serde(default)]
+    pub mixed: u64,
     pub in_flight: u64,
     pub elapsed: Duration,
     pub latency_p50: Duration,
@@ -246,15 +262,16 @@ async fn drive(
                 };
                 let target = header(TARGET_HEADER);
                 let release = header("x-release");
+                let seen = header(RELEASES_SEEN_HEADER);
                 let _ = resp.into_body().collect().await;
-                Ok::<_, hyper_util::client::legacy::Error>((status, target, release))
+                Ok::<_, hyper_util::client::legacy::Error>((status, target, release, seen))
             })
             .await;
             let latency = t0.elapsed();
             {
                 let mut t = lock(&tally);
                 match result {
-                    Ok(Ok((status, target, release))) => {
+                    Ok(Ok((status, target, release, seen))) => {
                         *t.report.by_status.entry(status).or_default() += 1;
                         if status < 400 {
                             t.report.ok += 1;
@@ -266,6 +283,12 @@ async fn drive(
                         }
                         if let Some(release) = release {
                             *t.report.by_release.entry(release).or_default() += 1;
+                        }
+                        if let Some(seen) = seen {
+                            if is_mixed(&seen) {
+                                t.report.mixed += 1;
+                            }
+                            *t.report.by_releases_seen.entry(seen).or_default() += 1;
                         }
                         t.latencies.push(latency);
                     }
@@ -282,4 +305,17 @@ async fn drive(
     while tasks.join_next().await.is_some() {}
     let report = lock(&tally).snapshot(started, 0);
     let _ = done.send(report);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_mixed;
+
+    #[test]
+    fn one_release_is_not_a_mix_two_are() {
+        assert!(!is_mixed("v1"));
+        assert!(!is_mixed("v1,"));
+        assert!(is_mixed("v1,v2"));
+        assert!(is_mixed("v1, v2"));
+    }
 }

@@ -2,12 +2,14 @@
 //! a real PHP application for `debian` nodes behind nginx + PHP-FPM, built
 //! in memory like [`crate::artifact`]'s static releases.
 //!
-//! A release has `RELEASE`, `public/index.php`, `app/bootstrap.php` and
+//! A release has `RELEASE`, `public/index.php`, `app/bootstrap.php`,
 //! [`MODULES`] modules (`app/modules/mNNN.php`) that every page includes,
-//! each stamped with the release id: the response's `X-Releases-Seen`
-//! lists the distinct ids of the files that ran, so a request served from
-//! a mix of two releases is visible. Deployed with `sharedPaths:
-//! [storage]`, `/write` and `/read` go through `<appRoot>/shared/storage`.
+//! and the CLI entry points `bin/worker.php` (a queue worker) and
+//! `bin/schedule.php` (the per-minute scheduler), each stamped with the
+//! release id: the response's `X-Releases-Seen` lists the distinct ids of
+//! the files that ran, so a request served from a mix of two releases is
+//! visible. Deployed with `sharedPaths: [storage]`, `/write`, `/read` and
+//! the job queue go through `<appRoot>/shared/storage`.
 
 use std::io::Write;
 
@@ -30,6 +32,8 @@ pub const MTIME: u64 = 1_704_067_200; // 2024-01-01T00:00:00Z
 const INDEX: &str = include_str!("../fixtures/php-app/public/index.php");
 const BOOTSTRAP: &str = include_str!("../fixtures/php-app/app/bootstrap.php");
 const MODULE: &str = include_str!("../fixtures/php-app/app/module.php.tpl");
+const WORKER: &str = include_str!("../fixtures/php-app/bin/worker.php");
+const SCHEDULE: &str = include_str!("../fixtures/php-app/bin/schedule.php");
 
 /// What a PHP release does once active.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +68,8 @@ pub fn files(id: &str, kind: PhpKind) -> Result<Vec<(String, String)>, ArtifactE
         ("RELEASE".to_string(), format!("{id}\n")),
         ("public/index.php".to_string(), stamp(INDEX)),
         ("app/bootstrap.php".to_string(), stamp(BOOTSTRAP)),
+        ("bin/worker.php".to_string(), stamp(WORKER)),
+        ("bin/schedule.php".to_string(), stamp(SCHEDULE)),
     ];
     for i in 0..MODULES {
         let body = stamp(MODULE)
@@ -92,7 +98,7 @@ pub fn build(id: &str, kind: PhpKind) -> Result<(Vec<u8>, String), ArtifactError
     let files = files(id, kind)?;
     let gz = GzEncoder::new(Vec::new(), Compression::default());
     let mut tar = tar::Builder::new(gz);
-    for dir in ["public/", "app/", "app/modules/"] {
+    for dir in ["public/", "app/", "app/modules/", "bin/"] {
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Directory);
         header.set_mode(0o755);
@@ -161,7 +167,7 @@ mod tests {
         assert_eq!(sha, hex::encode(Sha256::digest(&bytes)));
         let files = entries(&bytes);
         let php: Vec<_> = files.iter().filter(|(p, _)| p.ends_with(".php")).collect();
-        assert_eq!(php.len(), MODULES + 2);
+        assert_eq!(php.len(), MODULES + 4);
         for (path, body) in &php {
             assert!(body.contains("'v1'"), "{path} does not carry its release");
             assert!(!body.contains("{{"), "{path} has a placeholder left");

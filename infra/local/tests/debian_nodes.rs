@@ -6,6 +6,10 @@
 //! and tears it down on drop. Waits are conditions polled until a
 //! deadline; nothing sleeps blindly. The images are built on first use
 //! (`infra/local/images/build`, ~1.5 min once per recipe) and then cached.
+//!
+//! The PHP stack on these machines — the stock runbooks applied by hangar's
+//! own runbook engine, releases, hooks, workers — is tested end to end in
+//! `tests/e2e/php.rs`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -14,7 +18,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hangar_local::debian::machine::DEPLOY_USER;
-use hangar_local::php_app::PhpKind;
 use hangar_local::{eventually, ImageVariant, LocalCloud, LocalCloudOptions, NodeKind};
 
 /// Boot to SSH is ~2 s alone; two cores booting several machines while
@@ -265,6 +268,39 @@ fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
         m.exec_ok("ip -6 addr").unwrap().trim().is_empty(),
         "IPv6 addresses on a node"
     );
+    // Its network namespace's own sysctls are its to tune (a runbook raises
+    // the accept-queue caps), not the host's; forwarding stays refused, and
+    // the rest of /proc/sys is the host kernel's, read-only.
+    let host_somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap();
+    let tuned = cloud
+        .ssh(
+            &a,
+            DEPLOY_USER,
+            "sudo -n sysctl -w net.core.somaxconn=12345 net.ipv4.tcp_max_syn_backlog=12345",
+        )
+        .unwrap();
+    assert!(tuned.status.success(), "{}", out(&tuned));
+    assert_eq!(
+        m.exec_ok("cat /proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim(),
+        "12345"
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap(),
+        host_somaxconn,
+        "the node changed the host's somaxconn"
+    );
+    for refused in [
+        "net.ipv4.ip_forward=1",
+        "vm.swappiness=1",
+        "fs.file-max=100000",
+    ] {
+        let o = cloud
+            .ssh(&a, DEPLOY_USER, &format!("sudo -n sysctl -w {refused}"))
+            .unwrap();
+        assert!(!o.status.success(), "{refused} was allowed: {}", out(&o));
+    }
 
     // A server on port 80 of node A (a systemd unit, as a runbook starts
     // one) is reachable from the host at A's IP, and only there.
@@ -518,324 +554,6 @@ fn dropping_the_cloud_leaves_nothing_behind() {
         state_dir.display()
     );
     assert!(!Path::new("/sys/class/net").join(vpc.bridge_name()).exists());
-}
-
-/// A step of `runbooks/nginx-php-fpm.yaml`, as hangar's runbook engine
-/// would run it over SSH (operator/src/runbook): guards first, then the
-/// command or the file, `sudo -n` for `become` since the user is `deploy`.
-fn apply_runbook(
-    cloud: &LocalCloud,
-    id: &str,
-    runbook: &Path,
-    app_root: &str,
-) -> Vec<(String, &'static str)> {
-    let text = std::fs::read_to_string(runbook).unwrap();
-    let doc: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
-    let vars: BTreeMap<String, String> = doc["vars"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-        .collect();
-    // The variables hangar's runbook engine renders with (runbook/mod.rs).
-    let ctx = minijinja::context! {
-        vars => vars,
-        node => minijinja::context! {
-            instance_id => id.to_string(),
-            private_ip => cloud.node_ip(id).unwrap().to_string(),
-        },
-        release => minijinja::context! {
-            app_root => app_root.to_string(),
-            health_path => "/health",
-            health_port => 80,
-        },
-    };
-    let mut env = minijinja::Environment::new();
-    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-    let render = |s: &str| env.render_str(s, ctx.clone()).unwrap();
-    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
-    let wrap = |script: &str, become_root: bool| {
-        if become_root {
-            format!("sudo -n -- sh -c {}", quote(script))
-        } else {
-            format!("sh -c {}", quote(script))
-        }
-    };
-    let mut report = Vec::new();
-    for step in doc["steps"].as_array().unwrap() {
-        let name = step["name"].as_str().unwrap().to_string();
-        let become_root = step["become"].as_bool().unwrap_or(false);
-        let mut guard = String::new();
-        if let Some(u) = step["unless"].as_str() {
-            guard.push_str(&format!(
-                "( {}\n) >/dev/null 2>&1 </dev/null && {{ echo skip; exit 0; }}\n",
-                render(u)
-            ));
-        }
-        if let Some(o) = step["onlyIf"].as_str() {
-            guard.push_str(&format!(
-                "( {}\n) >/dev/null 2>&1 </dev/null || {{ echo skip; exit 0; }}\n",
-                render(o)
-            ));
-        }
-        if let Some(c) = step["creates"].as_str() {
-            guard.push_str(&format!(
-                "[ -e {} ] && {{ echo skip; exit 0; }}\n",
-                quote(&render(c))
-            ));
-        }
-        if let Some(file) = step.get("file").filter(|f| !f.is_null()) {
-            let path = render(file["path"].as_str().unwrap());
-            let content = render(file["template"].as_str().unwrap());
-            let mode = file["mode"].as_str().unwrap_or("0644");
-            let owner = format!(
-                "{}:{}",
-                file["owner"].as_str().unwrap_or("root"),
-                file["group"].as_str().unwrap_or("root")
-            );
-            // Unchanged content, mode and owner: nothing to do (hangar compares the same).
-            let check = format!(
-                "[ -f {p} ] && [ \"$(stat -c '%a %U:%G' {p}) $(sha256sum < {p} | cut -d' ' -f1)\" = {want} ] && echo same",
-                p = quote(&path),
-                want = quote(&format!(
-                    "{:o} {owner} {}",
-                    u32::from_str_radix(mode, 8).unwrap(),
-                    hex_sha256(content.as_bytes())
-                )),
-            );
-            let same = cloud
-                .ssh(id, DEPLOY_USER, &wrap(&check, become_root))
-                .unwrap();
-            if String::from_utf8_lossy(&same.stdout).contains("same") {
-                report.push((name, "unchanged"));
-                continue;
-            }
-            let write = format!(
-                "set -e\nmkdir -p \"$(dirname {p})\"\numask 077\ncat > {p}.hangar-tmp\nchmod {mode} {p}.hangar-tmp\nchown {owner} {p}.hangar-tmp\nmv -f {p}.hangar-tmp {p}\n",
-                p = quote(&path)
-            );
-            let o = cloud
-                .ssh_with_input(
-                    id,
-                    DEPLOY_USER,
-                    &wrap(&write, become_root),
-                    content.as_bytes(),
-                )
-                .unwrap();
-            assert!(o.status.success(), "step `{name}` failed: {}", out(&o));
-            report.push((name, "changed"));
-            continue;
-        }
-        let script = render(step["run"].as_str().unwrap());
-        if !guard.is_empty() {
-            let g = cloud
-                .ssh(id, DEPLOY_USER, &wrap(&guard, become_root))
-                .unwrap();
-            if String::from_utf8_lossy(&g.stdout).contains("skip") {
-                report.push((name, "unchanged"));
-                continue;
-            }
-        }
-        let o = cloud
-            .ssh(id, DEPLOY_USER, &wrap(&script, become_root))
-            .unwrap();
-        assert!(o.status.success(), "step `{name}` failed: {}", out(&o));
-        report.push((name, "changed"));
-    }
-    report
-}
-
-fn hex_sha256(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
-}
-
-/// Ships a release by hand the way hangar does (extract into
-/// `releases/<id>`, link `sharedPaths`, swap `current` atomically).
-fn place_release(cloud: &LocalCloud, id: &str, app_root: &str, release: &str, kind: PhpKind) {
-    let (tarball, _) = hangar_local::php_app::build(release, kind).unwrap();
-    let script = format!(
-        "set -e; r={app_root}; d=$r/releases/{release}; rm -rf $d.tmp; mkdir -p $d.tmp; tar -xz -C $d.tmp; \
-         if [ ! -e $r/shared/storage ]; then mkdir -p $r/shared/storage; fi; \
-         rm -rf $d.tmp/storage; ln -s $r/shared/storage $d.tmp/storage; \
-         rm -rf $d; mv $d.tmp $d; ln -sfn $d $r/.current.tmp; mv -T $r/.current.tmp $r/current"
-    );
-    let o = cloud
-        .ssh_with_input(id, DEPLOY_USER, &script, &tarball)
-        .unwrap();
-    assert!(o.status.success(), "placing {release}: {}", out(&o));
-}
-
-/// The php image with the stock runbook applied (by its own commands, over
-/// SSH as `deploy`) serves the PHP fixture through the LB; a release swap
-/// takes effect on the next request with no mixed response; the shared
-/// storage outlives the swap; a re-run of the runbook changes nothing.
-#[test]
-fn nginx_php_fpm_serves_the_fixture_through_the_lb() {
-    let cloud = debian_cloud(ImageVariant::Php);
-    let (id, ip) = launch_ready(&cloud, 1).remove(0);
-    let runbook = hangar_local::repo_root().join("runbooks/nginx-php-fpm.yaml");
-    let app_root = "/srv/app";
-    let began = Instant::now();
-    let first = apply_runbook(&cloud, &id, &runbook, app_root);
-    eprintln!("runbook on the php image: {:?}: {first:?}", began.elapsed());
-    // The packages are in the image already: the slow step is a no-op.
-    assert!(
-        first.contains(&("packages".to_string(), "unchanged")),
-        "{first:?}"
-    );
-    let m = cloud.machine(&id).unwrap();
-    assert_eq!(
-        m.exec_ok("systemctl is-active nginx php8.2-fpm")
-            .unwrap()
-            .split_whitespace()
-            .collect::<Vec<_>>(),
-        ["active", "active"]
-    );
-    assert_eq!(
-        m.exec_ok("systemctl is-enabled nginx php8.2-fpm")
-            .unwrap()
-            .split_whitespace()
-            .collect::<Vec<_>>(),
-        ["enabled", "enabled"]
-    );
-    // The pool is the runbook's, sized from its vars, on the socket the site uses.
-    let pool = m.exec_ok("cat /etc/php/8.2/fpm/pool.d/app.conf").unwrap();
-    assert!(pool.contains("pm.max_children = 16"), "{pool}");
-    assert!(m
-        .exec_ok("test -S /run/php/php8.2-fpm-app.sock && echo yes")
-        .unwrap()
-        .contains("yes"));
-    assert!(
-        m.exec("test -e /etc/php/8.2/fpm/pool.d/www.conf")
-            .unwrap()
-            .status
-            .code()
-            == Some(1)
-    );
-
-    // The app's writable shared storage belongs to PHP's user.
-    place_release(&cloud, &id, app_root, "v1", PhpKind::Good);
-    m.exec_ok(&format!(
-        "chown www-data:www-data {app_root}/shared/storage"
-    ))
-    .unwrap();
-
-    // Straight at the node, then through the LB.
-    let (status, headers, body) =
-        eventually(Duration::from_secs(20), "the app on the node", || {
-            http_get(SocketAddr::from((ip, 80)), "/").filter(|r| r.0 == 200)
-        })
-        .unwrap();
-    assert_eq!(status, 200);
-    assert!(
-        body.contains("release v1") && body.contains("modules 200"),
-        "{body}"
-    );
-    assert_eq!(
-        headers.get("x-releases-seen").map(String::as_str),
-        Some("v1")
-    );
-    cloud.register(&[&id]).unwrap();
-    eventually(
-        Duration::from_secs(30),
-        "the node healthy behind the LB",
-        || (cloud.lb().routable().len() == 1).then_some(()),
-    )
-    .unwrap();
-    let lb = cloud.lb().local_addr();
-    let (status, headers, body) = http_get(lb, "/").unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(headers.get("x-release").map(String::as_str), Some("v1"));
-    assert_eq!(
-        headers.get("x-hangar-target").map(String::as_str),
-        Some(id.as_str())
-    );
-    let (status, _, body) = http_get(lb, "/write?key=greeting&value=hello").unwrap();
-    assert_eq!(status, 200, "{body}");
-
-    // OPcache caches the modules: a second request compiles nothing new.
-    let _ = http_get(lb, "/").unwrap();
-    let (_, _, op) = http_get(lb, "/opcache").unwrap();
-    assert!(op.contains("enabled=1"), "{op}");
-
-    // Swap to v2: the next request runs v2 only, the note survives. Its
-    // first request compiles v2's ~200 files (OPcache misses), the second
-    // finds them cached (hits): the compile cost a rollout pays per release.
-    let counters = |text: &str| -> BTreeMap<String, u64> {
-        text.lines()
-            .filter_map(|l| l.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
-            .collect()
-    };
-    place_release(&cloud, &id, app_root, "v2", PhpKind::Good);
-    let before = counters(&http_get(lb, "/opcache").unwrap().2);
-    let t = Instant::now();
-    let (status, headers, body) = http_get(lb, "/").unwrap();
-    let cold = t.elapsed();
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        headers.get("x-release").map(String::as_str),
-        Some("v2"),
-        "{body}"
-    );
-    assert_eq!(
-        headers.get("x-releases-seen").map(String::as_str),
-        Some("v2"),
-        "a mixed response"
-    );
-    let after_cold = counters(&http_get(lb, "/opcache").unwrap().2);
-    let t = Instant::now();
-    let (status, headers, _) = http_get(lb, "/").unwrap();
-    let warm = t.elapsed();
-    assert_eq!(status, 200);
-    assert_eq!(
-        headers.get("x-releases-seen").map(String::as_str),
-        Some("v2")
-    );
-    let after_warm = counters(&http_get(lb, "/opcache").unwrap().2);
-    let misses = |c: &BTreeMap<String, u64>| c.get("misses").copied().unwrap_or(0);
-    let hits = |c: &BTreeMap<String, u64>| c.get("hits").copied().unwrap_or(0);
-    eprintln!(
-        "v2 first request {cold:?} ({} OPcache misses), second {warm:?} ({} hits, {} misses)",
-        misses(&after_cold) - misses(&before),
-        hits(&after_warm) - hits(&after_cold),
-        misses(&after_warm) - misses(&after_cold),
-    );
-    assert!(
-        misses(&after_cold) - misses(&before) >= 200,
-        "{before:?} -> {after_cold:?}"
-    );
-    assert_eq!(
-        misses(&after_warm),
-        misses(&after_cold),
-        "a warm request compiled files"
-    );
-    assert!(
-        hits(&after_warm) - hits(&after_cold) >= 200,
-        "{after_cold:?} -> {after_warm:?}"
-    );
-    let (status, _, note) = http_get(lb, "/read?key=greeting").unwrap();
-    assert_eq!(status, 200);
-    assert!(
-        note.contains("hello") && note.contains("written-by=v1"),
-        "{note}"
-    );
-
-    // A fatal release answers 500 but passes its health check.
-    place_release(&cloud, &id, app_root, "v3", PhpKind::Fatal);
-    let (status, _, _) = http_get(SocketAddr::from((ip, 80)), "/").unwrap();
-    assert_eq!(status, 500);
-    let (status, _, _) = http_get(SocketAddr::from((ip, 80)), "/health").unwrap();
-    assert_eq!(status, 200);
-    place_release(&cloud, &id, app_root, "v4", PhpKind::FailingHealth);
-    let (status, _, _) = http_get(SocketAddr::from((ip, 80)), "/health").unwrap();
-    assert_eq!(status, 500);
-
-    // The runbook is idempotent on a provisioned node.
-    let again = apply_runbook(&cloud, &id, &runbook, app_root);
-    let changed: Vec<_> = again.iter().filter(|(_, r)| *r == "changed").collect();
-    assert!(changed.is_empty(), "a re-run changed {changed:?}");
 }
 
 /// Env var that turns [`crash_helper`] on: the slot it starts its cloud on.

@@ -15,6 +15,7 @@ use hangar_cloud::{Compute, Instance, InstanceState};
 use hangar_local::faults::FaultProxy;
 use hangar_local::harness::{LocalCloud, LocalCloudOptions};
 use hangar_local::spec::ClusterSpec;
+use hangar_local::{ImageVariant, NodeKind};
 
 use operator::{free_port, log_tail, OperatorProcess};
 use watcher::Watcher;
@@ -50,10 +51,26 @@ impl Scenario {
     /// A fresh cloud with fast timings (health checks every 200 ms, metrics
     /// every second, 3 s deregistration delay).
     pub fn start() -> Scenario {
+        Scenario::start_with(NodeKind::Lite)
+    }
+
+    /// [`start`](Self::start) with `debian` machines booted from `image`
+    /// (systemd, apt, hangar logging in as `deploy`). The image is built by
+    /// `infra/local/setup --images`; a missing one is built here, before
+    /// any deadline starts.
+    pub fn debian(image: ImageVariant) -> Scenario {
+        // What the LB saw (targets turning unhealthy, draining) goes to the
+        // test's output, shown when it fails.
+        hangar_local::init_test_logging();
+        Scenario::start_with(NodeKind::Debian { image })
+    }
+
+    fn start_with(nodes: NodeKind) -> Scenario {
         // A scenario that panicked poisons the lock; the next one still runs.
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let cloud = LocalCloud::start(LocalCloudOptions {
             deregistration_delay: Duration::from_secs(3),
+            nodes,
             ..LocalCloudOptions::default()
         })
         .expect("local cloud starts (run infra/local/setup first)");

@@ -117,8 +117,11 @@ fn watch(lb: Lb, reader: AwsCloud, report: Arc<Mutex<Report>>, stop: Arc<AtomicB
         .enable_all()
         .build()
         .expect("watcher runtime");
+    // No idle keep-alive connection left on a node: hangar's drain counts
+    // open connections, and nginx would keep the watcher's for 65 s.
     let http = reqwest::Client::builder()
         .no_proxy()
+        .pool_max_idle_per_host(0)
         .build()
         .expect("http client");
     let mut known_targets: BTreeSet<String> = BTreeSet::new();

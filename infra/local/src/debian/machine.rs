@@ -14,7 +14,8 @@
 //! "user-data" into it (hostname, `/etc/hosts`, the deploy user's
 //! `authorized_keys`, the apt proxy), creates the node's network namespace
 //! and boots `systemd-nspawn --boot --register=no --keep-unit
-//! --network-namespace-path=…`; it returns once sshd answers on the
+//! --network-namespace-path=…` (with `/proc/sys/net` writable: the node's
+//! own network sysctls); it returns once sshd answers on the
 //! instance's IP. The image has no SSH host keys: the machine generates its
 //! own at first boot and keeps them on its disk.
 //!
@@ -551,6 +552,13 @@ fn spawn(config: &MachineConfig, net: &NodeNet, root: &Path) -> Result<Machine> 
         ])
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        // /proc/sys/net writable, as it is with nspawn's own private
+        // network (with `--network-namespace-path` nspawn 252 leaves it
+        // read-only): the node's per-namespace sysctls (somaxconn,
+        // tcp_max_syn_backlog) are its own to tune, as on a VM. The rest of
+        // /proc/sys is the host kernel's and stays read-only, and without
+        // CAP_NET_ADMIN the ones that could route (ip_forward) are refused.
+        .env("SYSTEMD_NSPAWN_API_VFS_WRITABLE", "network")
         .stdin(Stdio::null())
         .stdout(console)
         .stderr(console_err);

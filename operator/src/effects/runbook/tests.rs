@@ -160,7 +160,7 @@ fn scripts_quote_paths_and_wrap_become() {
 #[test]
 fn the_stock_runbooks_parse_and_plan() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks");
-    for name in ["static-http.yaml", "nginx-php-fpm.yaml"] {
+    for name in ["static-http.yaml", "nginx-php-fpm.yaml", "laravel.yaml"] {
         let rb = Runbook::load(&root.join(name)).unwrap_or_else(|e| panic!("{e}"));
         let vars = BTreeMap::from([
             ("php_version".to_string(), "8.2".to_string()),
@@ -174,6 +174,75 @@ fn the_stock_runbooks_parse_and_plan() {
         let plan = rb.plan(&vars, &facts()).unwrap_or_else(|e| panic!("{e}"));
         assert!(!plan.steps.is_empty());
     }
+}
+
+/// `laravel.yaml` is the nginx-php-fpm node plus workers and the
+/// scheduler, kept self-contained (a spec names one runbook): its first
+/// steps must stay exactly nginx-php-fpm's, and its vars start from the
+/// same defaults, so a fix to one that misses the other fails here.
+#[test]
+fn the_laravel_runbook_begins_with_every_nginx_php_fpm_step_unchanged() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks");
+    let web = Runbook::load(&root.join("nginx-php-fpm.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let laravel = Runbook::load(&root.join("laravel.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(laravel.steps.len() > web.steps.len());
+    for (i, (w, l)) in web.steps.iter().zip(&laravel.steps).enumerate() {
+        assert_eq!(
+            w,
+            l,
+            "step #{} `{}` differs between nginx-php-fpm.yaml and laravel.yaml",
+            i + 1,
+            w.name
+        );
+    }
+    for (k, v) in &web.vars {
+        assert_eq!(laravel.vars.get(k), Some(v), "var {k}");
+    }
+}
+
+/// The queue worker count renders into the target's `Wants=` and the
+/// guard that checks exactly that many run.
+#[test]
+fn the_laravel_runbook_wants_exactly_queue_workers_workers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks");
+    let rb = Runbook::load(&root.join("laravel.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let plan = |n: &str| {
+        rb.plan(
+            &BTreeMap::from([("queue_workers".to_string(), n.to_string())]),
+            &facts(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let target = |p: &Plan| -> String {
+        p.steps
+            .iter()
+            .find_map(|s| match &s.action {
+                Action::File(f) if f.path.ends_with("app-workers.target") => {
+                    Some(String::from_utf8_lossy(&f.content).into_owned())
+                }
+                _ => None,
+            })
+            .expect("the target")
+    };
+    let three = plan("3");
+    assert!(
+        target(&three)
+            .contains("Wants=app-worker@1.service app-worker@2.service app-worker@3.service \n"),
+        "{}",
+        target(&three)
+    );
+    let running = three
+        .steps
+        .iter()
+        .find(|s| s.name == "queue workers running")
+        .unwrap();
+    assert!(running
+        .guards
+        .unless
+        .as_deref()
+        .unwrap()
+        .contains("= \"3 0\""));
+    assert!(!target(&plan("0")).contains("app-worker@"));
 }
 
 #[test]

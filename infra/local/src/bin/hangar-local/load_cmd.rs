@@ -144,6 +144,15 @@ fn print_summary(r: &LoadReport) {
             .join(", ");
         println!("  by release: {t}");
     }
+    if !r.by_releases_seen.is_empty() {
+        let t = r
+            .by_releases_seen
+            .iter()
+            .map(|(t, n)| format!("{t}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!("  files from: {t} ({} mixing releases)", r.mixed);
+    }
     println!(
         "  latency:    p50 {}ms, p99 {}ms, max {}ms",
         r.latency_p50.as_millis(),

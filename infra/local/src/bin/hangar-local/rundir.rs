@@ -155,6 +155,13 @@ pub struct Stack {
     /// `lite` or `debian` (with its image); absent in older stack files.
     #[serde(default)]
     pub nodes: hangar_local::NodeKind,
+    /// The app of release v1 and the spec: `static` or `php`.
+    #[serde(default = "static_app")]
+    pub app: String,
+}
+
+fn static_app() -> String {
+    "static".into()
 }
 
 /// `status.json`: the daemon's PID and its services' snapshot.

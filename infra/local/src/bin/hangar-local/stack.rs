@@ -61,6 +61,11 @@ pub struct UpArgs {
     /// The image of `debian` nodes: `base`, or `php` (nginx + PHP-FPM 8.2).
     #[arg(long, default_value = "base")]
     image: hangar_local::ImageVariant,
+    /// What release v1 and the generated spec are: `static` (files served
+    /// by `runbooks/static-http.yaml`) or `php` (the PHP fixture behind
+    /// nginx + PHP-FPM, `runbooks/nginx-php-fpm.yaml`; needs `--nodes debian`).
+    #[arg(long, default_value = "static", value_parser = ["static", "php"])]
+    app: String,
 }
 
 impl UpArgs {
@@ -75,6 +80,9 @@ impl UpArgs {
 pub fn up(root: &Path, args: UpArgs) -> Result<ExitCode> {
     let began = Instant::now();
     let run = RunDir::new(root)?;
+    if args.app == "php" && !args.node_kind().is_debian() {
+        bail!("--app php runs nginx and PHP-FPM under systemd: it needs --nodes debian (add --image php to skip installing them)");
+    }
     preflight()?;
     let slot = Slot::new(args.slot)?;
     if let hangar_local::NodeKind::Debian { image } = args.node_kind() {
@@ -185,10 +193,23 @@ fn seed_and_serve(
     } else {
         SeedOptions::new(slot)
     };
+    let php = args.app == "php";
     let seeded = runtime
         .block_on(async {
             let clients = Clients::connect(endpoint, &options.region).await;
-            seed::seed(&clients, &options).await
+            let mut seeded = seed::seed(&clients, &options).await?;
+            if php {
+                // Release v1 is the PHP fixture instead (same key, replaced).
+                seeded.release = hangar_local::php_app::upload(
+                    &clients.s3,
+                    &seeded.bucket,
+                    seed::RELEASE_PREFIX,
+                    &seeded.release.id,
+                    hangar_local::php_app::PhpKind::Good,
+                )
+                .await?;
+            }
+            anyhow::Ok(seeded)
         })
         .context("seeding the emulated account")?;
     let mut stack = Stack {
@@ -224,6 +245,7 @@ fn seed_and_serve(
             ..Semantics::default()
         },
         nodes,
+        app: args.app.clone(),
     };
     run.write_stack(&stack)?;
     let pid = spawn_serve(run, lease)?;
@@ -405,6 +427,12 @@ fn write_env(run: &RunDir, stack: &Stack) -> Result<()> {
 
 fn write_spec(run: &RunDir, stack: &Stack) -> Result<()> {
     let root = hangar_local::repo_root();
+    let php = stack.app == "php";
+    let runbook = if php {
+        "runbooks/nginx-php-fpm.yaml"
+    } else {
+        "runbooks/static-http.yaml"
+    };
     let spec = ClusterSpec::local_default(&SpecInputs {
         name: stack.seeded.launch_template_name.clone(),
         region: stack.region.clone(),
@@ -412,7 +440,7 @@ fn write_spec(run: &RunDir, stack: &Stack) -> Result<()> {
         subnet_ids: stack.seeded.subnet_ids.clone(),
         target_group_arn: stack.seeded.target_group_arn.clone(),
         private_key: stack.key.clone(),
-        runbook: root.join("runbooks/static-http.yaml"),
+        runbook: root.join(runbook),
         release: stack.seeded.release.clone(),
         schema: root.join("crds/schema/cluster.json"),
         origin: "`infra/local/cloud up`".into(),
@@ -423,6 +451,21 @@ fn write_spec(run: &RunDir, stack: &Stack) -> Result<()> {
     // Debian machines accept the cloud's key for `deploy` (sudo), not root.
     let spec = if stack.nodes.is_debian() {
         spec.set("spec.ssh.user", hangar_local::debian::machine::DEPLOY_USER)
+    } else {
+        spec
+    };
+    // The PHP fixture keeps its storage across releases; FPM reloads after
+    // each activation (the deploy user may run exactly that, see the runbook).
+    let spec = if php {
+        spec.comment("The PHP fixture (infra/local/fixtures/php-app) on nginx + PHP-FPM.")
+            .set(
+                "spec.release.sharedPaths",
+                hangar_local::spec::Yaml::list(["storage"]),
+            )
+            .set(
+                "spec.release.hooks.afterActivate",
+                hangar_local::spec::Yaml::list(["sudo systemctl reload php8.2-fpm"]),
+            )
     } else {
         spec
     };
