@@ -14,3 +14,4 @@ mod isolation;
 mod lifecycle;
 mod releases;
 mod scaling;
+mod walkthrough;
