@@ -12,6 +12,7 @@ mod crash;
 mod faults;
 mod isolation;
 mod lifecycle;
+mod page;
 mod releases;
 mod scaling;
 mod walkthrough;

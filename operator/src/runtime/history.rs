@@ -101,14 +101,18 @@ impl Series {
         }
     }
 
-    /// The window in force at `t`.
+    /// The window in force at `t` (none before the first one known).
     pub fn window_at(&self, t: u32) -> Option<(u16, u16)> {
         self.windows
             .iter()
             .rev()
             .find(|w| w.t <= t)
-            .or_else(|| self.windows.front())
             .map(|w| (w.min, w.max))
+    }
+
+    /// The oldest point's time.
+    pub fn since(&self) -> Option<u32> {
+        self.points.front().map(|p| p.t)
     }
 
     /// Bytes this series holds on the heap (for the benchmark's accounting).

@@ -95,8 +95,13 @@ pub fn render(cluster: &str, series: &Series, from: u32, to: u32) -> String {
     }
     for i in 0..=4u32 {
         let t = from + (to - from) / 4 * i;
+        let format = if to - from < 3600 {
+            "%H:%M:%S"
+        } else {
+            "%H:%M"
+        };
         let label = chrono::DateTime::from_timestamp(i64::from(t), 0)
-            .map(|d| d.format("%H:%M").to_string())
+            .map(|d| d.format(format).to_string())
             .unwrap_or_default();
         let _ = write!(
             svg,

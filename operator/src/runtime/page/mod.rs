@@ -23,6 +23,8 @@ use crate::runtime::status::{ClusterStatus, ConditionType};
 pub const FULL_UP_TO: usize = 5;
 /// The chart's default span.
 pub const DEFAULT_HOURS: u32 = 6;
+/// The chart's shortest span.
+const MIN_SPAN_SECS: u32 = 60;
 
 /// HTML-escapes text and attribute values.
 pub fn esc(s: &str) -> String {
@@ -218,12 +220,21 @@ fn cluster_section(s: &ClusterStatus, series: &Series, hours: u32, now: DateTime
             esc(&d.reason)
         );
     }
-    // The chart.
+    // The chart: the last `hours`, or since the oldest point when that is
+    // later (a fresh operator's first minutes fill the chart), at least 1 min.
     let to = u32::try_from(now.timestamp()).unwrap_or(u32::MAX);
-    let from = to.saturating_sub(hours * 3600);
+    let from = to
+        .saturating_sub(hours * 3600)
+        .max(series.since().unwrap_or(0))
+        .min(to.saturating_sub(MIN_SPAN_SECS));
+    let span = if to - from >= 3600 {
+        format!("{:.1} h", f64::from(to - from) / 3600.0)
+    } else {
+        format!("{} min", (to - from).div_ceil(60))
+    };
     let _ = write!(
         out,
-        r#"<h3>last {hours} h <span class="muted">({} points; <a href="/clusters/{name}?hours=24">24 h</a>)</span></h3><div class="legend"><span><i style="background:#0969da"></i>desired</span><span><i style="background:#1a7f37"></i>in service</span><span><i style="background:#ddf4ff;height:10px"></i>window</span><span><i style="background:#bf8700"></i>traffic (requests/min, right axis)</span></div>"#,
+        r#"<h3>last {span} <span class="muted">({} points; <a href="/clusters/{name}?hours=24">24 h</a>)</span></h3><div class="legend"><span><i style="background:#0969da"></i>desired</span><span><i style="background:#1a7f37"></i>in service</span><span><i style="background:#ddf4ff;height:10px"></i>window</span><span><i style="background:#bf8700"></i>traffic (requests/min, right axis)</span></div>"#,
         series.points.iter().filter(|p| p.t >= from).count()
     );
     out.push_str(&chart::render(&s.name, series, from, to));
