@@ -115,7 +115,7 @@ pub fn render(cluster: &str, series: &Series, from: u32, to: u32) -> String {
         let mut out = String::new();
         let mut prev: Option<f64> = None;
         for p in &points {
-            let (px, py) = (x(p.t), y_nodes(value(*p)));
+            let (px, py) = (x(p.t), y_nodes(value(p)));
             if let Some(prev_y) = prev {
                 let _ = write!(out, "{px:.1},{prev_y:.1} ");
             }
