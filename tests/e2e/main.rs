@@ -12,6 +12,8 @@ mod crash;
 mod faults;
 mod isolation;
 mod lifecycle;
+mod page;
 mod php;
 mod releases;
 mod scaling;
+mod walkthrough;

@@ -20,6 +20,7 @@ mod limiter;
 mod load_balancer;
 mod metrics;
 mod ownership;
+pub mod stacks;
 
 pub use api_calls::{ApiCalls, CallStats, OperationStats};
 pub use limiter::{BucketSpec, BucketStats, Budgets, TokenBucket};

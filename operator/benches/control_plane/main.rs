@@ -411,6 +411,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         None
     };
     let peak_all = status_bytes("VmHWM").unwrap_or(0);
+    let history = history_day(&op, &board);
 
     // The report.
     let every = args.wait.as_secs_f64().max(1.0);
@@ -502,10 +503,21 @@ async fn run(args: Args) -> Result<(), BoxError> {
         100.0 * rate(&resync.calls, "cloudwatch:GetMetricData") / CLOUDWATCH_GMD_QUOTA,
     );
     if let Some(p) = &probes {
-        println!(
-            "health probes: {} requests answered; round of every node: {:.1} ms CPU, {:.1} ms wall ({} failed probes)",
-            p.answered, p.cpu_ms, p.wall_ms, p.failing
-        );
+        for (label, r) in [
+            ("first round (connects)", &p.first),
+            ("next round (kept alive)", &p.kept),
+            ("old probe (reqwest, new connection each)", &p.fresh_reqwest),
+        ] {
+            println!(
+                "health probes, {label}: {} answered, {:.1} ms CPU ({:.1} µs a probe), {:.1} ms wall, {} failed",
+                r.answered,
+                r.cpu_ms,
+                r.cpu_ms * 1e3 / r.answered.max(1) as f64,
+                r.wall_ms,
+                r.failing
+            );
+        }
+        println!("  connections kept between rounds: {}", p.idle_connections);
     }
     if let Some(s) = &sustained {
         println!(
@@ -526,6 +538,16 @@ async fn run(args: Args) -> Result<(), BoxError> {
             mib(peak_all)
         );
     }
+    println!(
+        "status-page history, 24 h at a 15 s evaluationInterval: {} points, {:.1} MiB held ({:.1} KiB a cluster); RSS {:.1} → {:.1} MiB (+{:.1} MiB); recording a point: {:.2} µs CPU",
+        history.points,
+        history.heap_bytes as f64 / (1 << 20) as f64,
+        history.heap_bytes as f64 / 1024.0 / args.clusters.max(1) as f64,
+        history.rss_before_mib,
+        history.rss_after_mib,
+        history.rss_after_mib - history.rss_before_mib,
+        history.record_us,
+    );
     let result = serde_json::json!({
         "clusters": args.clusters,
         "per_cluster": args.per_cluster,
@@ -557,10 +579,54 @@ async fn run(args: Args) -> Result<(), BoxError> {
         "memory_checkpoints": mem.0,
         "probes_report": probes,
         "sustained": sustained,
+        "history_day": history,
     });
     println!("RESULT {result}");
     drop(health);
     Ok(())
+}
+
+#[derive(Debug, serde::Serialize)]
+struct HistoryReport {
+    points: usize,
+    heap_bytes: usize,
+    rss_before_mib: f64,
+    rss_after_mib: f64,
+    record_us: f64,
+}
+
+/// The status page's history at its bound: every cluster with a full day
+/// of one point per 15 s evaluation (5,760), each point distinct (the
+/// traffic varies), recorded through the board's history store.
+fn history_day(op: &Operator, board: &Board) -> HistoryReport {
+    use hangar::runtime::history::Point;
+    let rss_before = status_bytes("VmRSS").unwrap_or(0);
+    let keys = op.keys();
+    let start = 1_800_000_000u32;
+    let per_cluster = 24 * 3600 / 15;
+    let cpu0 = cpu_time();
+    for (c, key) in keys.iter().enumerate() {
+        for i in 0..per_cluster {
+            board.history().record(
+                key,
+                Point {
+                    t: start + i * 15,
+                    desired: 10,
+                    in_service: 10,
+                    rpm: 9000.0 + ((i as usize * 7 + c) % 1000) as f32,
+                },
+            );
+        }
+    }
+    let cpu = cpu_time() - cpu0;
+    let (points, heap_bytes) = board.history().size();
+    HistoryReport {
+        points,
+        heap_bytes,
+        rss_before_mib: mib(rss_before),
+        rss_after_mib: mib(status_bytes("VmRSS").unwrap_or(0)),
+        record_us: cpu.as_secs_f64() * 1e6 / points.max(1) as f64,
+    }
 }
 
 /// RSS now and peak so far, at named points of the run.
@@ -586,29 +652,37 @@ fn verdict(violations: &[String]) -> String {
 }
 
 #[derive(Debug, serde::Serialize)]
-struct ProbeReport {
+struct ProbeRound {
     answered: u64,
     cpu_ms: f64,
     wall_ms: f64,
     failing: u64,
 }
 
-/// A pass that starts a probe round for every cluster, measured until the
-/// health server has answered one probe per node (the server runs in a
-/// child process, so its CPU is not counted).
-async fn measure_probes(
-    op: &Arc<Operator>,
-    cloud: &MemoryCloud,
+/// The operator's probe rounds (its kept-alive connections: the first
+/// round connects, the next reuses) beside the probe it replaced (a new
+/// connection through `reqwest` per probe), against the same nodes.
+#[derive(Debug, serde::Serialize)]
+struct ProbeReport {
+    /// A reconcile pass starting every cluster's round, until every node answered.
+    first: ProbeRound,
+    /// The same one round interval later: connections kept.
+    kept: ProbeRound,
+    /// The previous probe, replayed: `health::probe_once` with a
+    /// non-pooling client, 16 at a time per cluster, every cluster at once.
+    fresh_reqwest: ProbeRound,
+    idle_connections: usize,
+}
+
+/// Waits until the health server has answered `nodes` more probes than
+/// `start`, then reports what that cost since `cpu0`/`t0`.
+async fn answered_round(
     health: &health_server::HealthServer,
+    start: u64,
     nodes: usize,
-    concurrency: usize,
-) -> Result<ProbeReport, BoxError> {
-    // Probe rounds are at least 5 s apart per cluster.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let start = health.answered().await?;
-    let cpu0 = cpu_time();
-    let t0 = Instant::now();
-    let _ = pass(op, cloud, concurrency).await;
+    cpu0: Duration,
+    t0: Instant,
+) -> Result<ProbeRound, BoxError> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut answered = 0;
     while Instant::now() < deadline {
@@ -619,15 +693,79 @@ async fn measure_probes(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu = cpu_time() - cpu0;
-    let wall = t0.elapsed();
-    Ok(ProbeReport {
+    Ok(ProbeRound {
         answered,
         cpu_ms: cpu.as_secs_f64() * 1e3,
-        wall_ms: wall.as_secs_f64() * 1e3,
+        wall_ms: t0.elapsed().as_secs_f64() * 1e3,
         // Every probe the server did not answer failed on hangar's side
         // (connect error, timeout).
         failing: (nodes as u64).saturating_sub(answered),
     })
+}
+
+/// A pass that starts a probe round for every cluster, measured until the
+/// health server has answered one probe per node (the server runs in a
+/// child process, so its CPU is not counted); twice, then the old probe.
+async fn measure_probes(
+    op: &Arc<Operator>,
+    cloud: &MemoryCloud,
+    health: &health_server::HealthServer,
+    nodes: usize,
+    concurrency: usize,
+) -> Result<ProbeReport, BoxError> {
+    let mut rounds = Vec::new();
+    for _ in 0..2 {
+        // Probe rounds are at least 5 s apart per cluster.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let start = health.answered().await?;
+        let cpu0 = cpu_time();
+        let t0 = Instant::now();
+        let _ = pass(op, cloud, concurrency).await;
+        rounds.push(answered_round(health, start, nodes, cpu0, t0).await?);
+    }
+    let idle_connections = op.probes().idle_connections();
+    // The old probe starts from no open connection, as it always did.
+    op.probes().close_idle_connections();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fresh_reqwest = fresh_probe_round(op, health, nodes).await?;
+    let kept = rounds.pop().ok_or("no second round")?;
+    let first = rounds.pop().ok_or("no first round")?;
+    Ok(ProbeReport {
+        first,
+        kept,
+        fresh_reqwest,
+        idle_connections,
+    })
+}
+
+/// The probe round as it was before kept-alive connections: for every
+/// cluster at once, its nodes 16 at a time, each probe a new connection
+/// through one shared non-pooling `reqwest` client.
+async fn fresh_probe_round(
+    op: &Arc<Operator>,
+    health: &health_server::HealthServer,
+    nodes: usize,
+) -> Result<ProbeRound, BoxError> {
+    use futures::StreamExt as _;
+    let client = hangar::effects::health::client()?;
+    let url = format!("http://127.0.0.1:{}/health", health.port);
+    let per_cluster = nodes / op.keys().len().max(1);
+    let start = health.answered().await?;
+    let cpu0 = cpu_time();
+    let t0 = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in op.keys() {
+        let (client, url) = (client.clone(), url.clone());
+        set.spawn(async move {
+            futures::stream::iter(0..per_cluster)
+                .map(|_| hangar::effects::health::probe_once(&client, &url, Duration::from_secs(5)))
+                .buffer_unordered(16)
+                .collect::<Vec<_>>()
+                .await
+        });
+    }
+    while set.join_next().await.is_some() {}
+    answered_round(health, start, per_cluster * op.keys().len(), cpu0, t0).await
 }
 
 #[derive(Debug, serde::Serialize)]

@@ -1,6 +1,7 @@
 //! Command-line interface. Exit codes: 0 success, 1 "the input has
 //! problems" (invalid specs), 2 hangar itself could not do its job.
 
+mod init;
 mod plan;
 mod run;
 mod status;
@@ -92,6 +93,9 @@ pub enum Command {
     },
     /// Print the Cluster JSON Schema.
     Schema,
+    /// Write a starter Cluster spec from the prerequisites stack's outputs
+    /// (infra/aws/hangar-prerequisites.yaml), checked by `validate`'s loader.
+    Init(init::InitArgs),
     /// Show what the planner decides for each cluster (offline: time and
     /// traffic are given on the command line).
     Plan(plan::PlanArgs),
@@ -109,6 +113,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", hangar_crds::schema::cluster_schema_json());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Init(args) => init::run(args),
         Command::Plan(args) => plan::run(args, &cli.global),
         Command::Run(args) => run::run(args, &cli.global),
         Command::Status(args) => status::run(args, &cli.global),

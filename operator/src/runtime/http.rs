@@ -1,5 +1,7 @@
 //! The operator's HTTP face: health, readiness, metrics and status.
 //!
+//! - `GET /`: the status page for people ([`crate::runtime::page`]).
+//! - `GET /clusters/{name}[?hours=N]`: one cluster's page.
 //! - `GET /healthz`: the process is alive.
 //! - `GET /readyz`: the lease is held, specs were loaded and the runner runs.
 //! - `GET /metrics`: Prometheus text format.
@@ -12,14 +14,16 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::runtime::history::HistoryStore;
+use crate::runtime::page;
 use crate::runtime::status::ClusterStatus;
 use crate::runtime::telemetry::Telemetry;
 
@@ -53,11 +57,14 @@ impl From<&hangar_crds::Problem> for ProblemView {
 /// Statuses are held shared with the reconciler ([`Board::publish_shared`])
 /// and stripped to their public view only when served: a second copy of
 /// every status was ~10 % of the operator's memory at 1,000 clusters.
+///
+/// Each status published also feeds the status page's chart history.
 #[derive(Default)]
 pub struct Board {
     clusters: RwLock<BTreeMap<String, Arc<ClusterStatus>>>,
     problems: RwLock<Vec<ProblemView>>,
     ready: AtomicBool,
+    history: HistoryStore,
 }
 
 impl Board {
@@ -67,6 +74,7 @@ impl Board {
 
     /// Publishes a status without copying it.
     pub fn publish_shared(&self, status: Arc<ClusterStatus>) {
+        self.history.observe(&status);
         let mut map = self.clusters.write().unwrap_or_else(|e| e.into_inner());
         match map.get_mut(status.name.as_str()) {
             Some(slot) => *slot = status,
@@ -76,7 +84,13 @@ impl Board {
         }
     }
 
+    /// The status page's chart data.
+    pub fn history(&self) -> &HistoryStore {
+        &self.history
+    }
+
     pub fn forget(&self, name: &str) {
+        self.history.forget(name);
         self.clusters
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -124,6 +138,8 @@ struct AppState {
 
 pub fn router(board: Arc<Board>, telemetry: Telemetry) -> Router {
     Router::new()
+        .route("/", get(index))
+        .route("/clusters/{name}", get(cluster_page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -131,6 +147,43 @@ pub fn router(board: Arc<Board>, telemetry: Telemetry) -> Router {
         .route("/api/v1/clusters/{name}", get(cluster))
         .route("/api/v1/problems", get(problems))
         .with_state(AppState { board, telemetry })
+}
+
+async fn index(State(s): State<AppState>) -> Html<String> {
+    let clusters = s.board.clusters();
+    Html(page::index(
+        &clusters,
+        &s.board.problems(),
+        &s.board.history,
+        chrono::Utc::now(),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    hours: Option<u32>,
+}
+
+async fn cluster_page(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    match s.board.cluster(&name) {
+        Some(c) => {
+            let series = s.board.history.get(&name).unwrap_or_default();
+            let hours = q.hours.unwrap_or(page::DEFAULT_HOURS);
+            Html(page::cluster(&c, &series, hours, chrono::Utc::now())).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            Html(format!(
+                "<!doctype html><p>no cluster named <code>{}</code></p>\n",
+                page::esc(&name)
+            )),
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -236,6 +289,12 @@ mod tests {
             get(&app, "/api/v1/clusters/nope").await.0,
             StatusCode::NOT_FOUND
         );
+
+        let (code, html) = get(&app, "/").await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(html.contains(r#"<tr data-cluster="web">"#), "{html}");
+        assert_eq!(get(&app, "/clusters/web?hours=24").await.0, StatusCode::OK);
+        assert_eq!(get(&app, "/clusters/nope").await.0, StatusCode::NOT_FOUND);
 
         telemetry.spec_problems.set(2);
         let (code, body) = get(&app, "/metrics").await;

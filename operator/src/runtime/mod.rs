@@ -4,9 +4,11 @@
 
 pub mod clouds;
 pub mod controller;
+pub mod history;
 pub mod http;
 pub mod inventory;
 pub mod lease;
+pub mod page;
 pub mod reconcile;
 mod run;
 pub mod settings;

@@ -3,6 +3,8 @@
 //! child process — plus an invariant watcher that looks at the cloud the
 //! whole time the scenario runs.
 
+pub mod browser;
+pub mod dashboard;
 pub mod operator;
 pub mod watcher;
 

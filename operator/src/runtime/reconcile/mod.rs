@@ -162,6 +162,11 @@ impl Operator {
         &self.tasks
     }
 
+    /// The self-healing probes (the control-plane benchmark reads them).
+    pub fn probes(&self) -> &Probes {
+        &self.probes
+    }
+
     /// Every cluster known from specs or from stored status.
     pub fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.specs().clusters.keys().cloned().collect();
