@@ -614,8 +614,11 @@ impl io::Write for HashSink<'_> {
 mod tests {
     use super::*;
 
+    /// One tar member: path, kind, mode, data, link target.
+    type Member<'a> = (&'a str, tar::EntryType, u32, &'a [u8], Option<&'a str>);
+
     /// A tar built member by member with the `tar` crate.
-    fn tar_of(members: &[(&str, tar::EntryType, u32, &[u8], Option<&str>)]) -> Vec<u8> {
+    fn tar_of(members: &[Member<'_>]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (path, kind, mode, data, link) in members {
             let mut h = tar::Header::new_gnu();
@@ -633,9 +636,7 @@ mod tests {
         b.into_inner().unwrap()
     }
 
-    fn list(
-        members: &[(&str, tar::EntryType, u32, &[u8], Option<&str>)],
-    ) -> Result<Manifest, String> {
+    fn list(members: &[Member<'_>]) -> Result<Manifest, String> {
         list_members(&tar_of(members)[..]).unwrap()
     }
 
