@@ -103,6 +103,7 @@ impl Compute for AwsCloud {
                 Some(with_hangar_fields(instance))
             })
             .collect();
+        self.trust_owned(launched.iter().map(|i| i.id.as_str()));
         tracing::info!(
             cluster = %req.cluster,
             subnet = %req.subnet,
@@ -196,6 +197,7 @@ impl Compute for AwsCloud {
                 .await
                 .map_err(|e| from_sdk("ec2", || format!("instance {}", chunk.join(", ")), e))?;
         }
+        self.forget_owned(&ids);
         tracing::info!(ids = ?ids, "terminated instances");
         Ok(())
     }
@@ -214,7 +216,7 @@ impl AwsCloud {
         {
             return Err(CloudError::NotFound {
                 what: format!("instance {id} (terminated)"),
-                code: None,
+                code: Some(crate::error::TERMINATED.into()),
             });
         }
         let ec2_tags = new_tags
@@ -261,6 +263,10 @@ fn launch_tags(req: &LaunchRequest, owner: &str) -> Result<BTreeMap<String, Stri
     ] {
         check_value(k, v)?;
         all.insert(k.to_string(), v.to_string());
+    }
+    if !req.launch_settings.is_empty() {
+        check_value(tags::LAUNCH, &req.launch_settings)?;
+        all.insert(tags::LAUNCH.to_string(), req.launch_settings.clone());
     }
     if all.len() > MAX_TAGS {
         return Err(invalid(&format!(
@@ -401,6 +407,7 @@ mod tests {
             subnet: "subnet-1".into(),
             extra_tags: BTreeMap::from([("team".into(), "payments".into())]),
             client_token: "web-r1-1".into(),
+            launch_settings: "ls1".into(),
         }
     }
 
@@ -411,6 +418,7 @@ mod tests {
         assert_eq!(tags["hangar:owner"], "op-1");
         assert_eq!(tags["hangar:phase"], "launching");
         assert_eq!(tags["hangar:release"], "r1");
+        assert_eq!(tags["hangar:launch"], "ls1");
         assert_eq!(tags["team"], "payments");
         for reserved in ["hangar:owner", "Hangar:Phase", "aws:foo"] {
             let mut req = request();

@@ -41,6 +41,12 @@ impl Operator {
     ) -> Acted {
         let name = entry.name();
         let mut failures = Vec::new();
+        if decision.persist_first {
+            // Launch intents (their tokens) and the node a once run was
+            // given to reach the disk before EC2 or the node hears of
+            // them: a crash in between finds them after the restart.
+            self.persist(status);
+        }
         for action in &decision.diff.actions {
             match action {
                 fleet::Action::Cancel { node, reason } => {
@@ -75,12 +81,6 @@ impl Operator {
                 // Launches are made from `decision.launches` below.
                 fleet::Action::Launch { .. } => {}
             }
-        }
-        if !decision.launches.is_empty() {
-            // The intents (and their tokens) reach the disk before EC2
-            // hears of them: a crash between the call and its answer
-            // retries the same token after the restart.
-            self.persist(status);
         }
         for intent in &decision.launches {
             if let Err(failure) = self.launch(name, cloud, obs, intent, status).await {
@@ -119,6 +119,7 @@ impl Operator {
             subnet: intent.subnet.clone(),
             extra_tags: instances.tags.clone(),
             client_token: intent.token.clone(),
+            launch_settings: crate::core::launches::settings_hash(instances),
         };
         let subnet = &intent.subnet;
         match cloud.compute.launch(&req).await {
