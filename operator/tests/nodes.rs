@@ -462,13 +462,15 @@ async fn a_connection_dropped_mid_upload_leaves_nothing_and_a_retry_is_clean() {
             r
         }
     });
-    // Mid-transfer: the staging tree has started to fill.
+    // Mid-transfer: the staging tree has started to fill, and the first
+    // half has been taken from the pipe (the rest is never written).
     eventually("the upload to start", Duration::from_secs(10), || {
         node.exec_inside("test -e /srv/app/releases/big.tmp/tree/public")
             .map(|o| o.status.success())
             .unwrap_or(false)
     })
     .await;
+    let f = writer.join().unwrap();
     let sessions: Vec<u32> = node
         .pids()
         .into_iter()
@@ -483,7 +485,6 @@ async fn a_connection_dropped_mid_upload_leaves_nothing_and_a_retry_is_clean() {
     for p in &sessions {
         kill_pid(*p);
     }
-    let f = writer.join().unwrap();
     drop(f);
     let result = tokio::time::timeout(Duration::from_secs(30), ship)
         .await
@@ -820,6 +821,747 @@ steps:
         assert!(!seen.contains(secret), "secret in errors/reports:\n{seen}");
         assert!(!logs.contains(secret), "secret in logs:\n{logs}");
     }
+}
+
+// ---------------------------------------------------------------------
+// Delta releases: only what changed travels; the tree is verified on the
+// node against the artifact's manifest before anything is activated.
+// ---------------------------------------------------------------------
+
+use hangar::effects::release::{delta, manifest, NodeView, ShipMethod};
+
+/// A release tree built on the host with real files (modes, mtimes,
+/// symlinks, hard links), packed with GNU tar like a CI job would.
+fn tree_tarball(fx: &Fixture, name: &str, build: impl FnOnce(&Path)) -> Artifact {
+    let src = fx.dir.path().join("trees").join(name);
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src).unwrap();
+    build(&src);
+    let out = fx.dir.path().join(format!("{name}.tar.gz"));
+    let status = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&out)
+        .arg("-C")
+        .arg(&src)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let sha = hex::encode(Sha256::digest(std::fs::read(&out).unwrap()));
+    Artifact::new(out, sha)
+}
+
+fn sh(cmd: &str) {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes a file stamped 2024-01-01, as a reproducible build would (the
+/// same file in two builds then has the same mtime).
+fn write(root: &Path, path: &str, content: &[u8]) {
+    let p = root.join(path);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, content).unwrap();
+    let stamp = std::time::UNIX_EPOCH + Duration::from_secs(1_704_067_200);
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .and_then(|f| f.set_modified(stamp))
+        .unwrap();
+}
+
+/// Deterministic filler: `n` bytes that differ per `seed`.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The tree `tar` made of r1 of the corpus: a vendor directory of 300
+/// files that never changes, and one of every kind of entry the next
+/// release changes.
+fn corpus_r1(root: &Path) {
+    for i in 0..300 {
+        write(
+            root,
+            &format!("vendor/pkg{}/File{i}.php", i % 12),
+            &noise(i, 2048),
+        );
+    }
+    write(root, "app/same.php", b"<?php // unchanged\n");
+    write(root, "app/edit.php", b"<?php echo 'v1';\n");
+    write(root, "app/same-size.php", b"<?php echo 'AAAA';\n");
+    write(root, "app/gone.php", b"<?php // deleted in r2\n");
+    write(root, "app/moved.php", b"<?php // moves to lib/ in r2\n");
+    write(root, "app/chmod.sh", b"#!/bin/sh\necho chmod\n");
+    write(root, "app/touched.txt", b"same bytes, new mtime\n");
+    write(root, "dir-to-file/inner.txt", b"inner\n");
+    write(root, "file-to-dir", b"a file first\n");
+    write(root, "file-to-link", b"a file first\n");
+    write(root, "name with spaces/é ü.txt", b"utf-8 and spaces\n");
+    let long = format!("deep/{}/{}.txt", "d".repeat(90), "f".repeat(60));
+    write(root, &long, b"a path longer than ustar's 100 bytes\n");
+    write(root, "storage/logs/seed.log", b"seeded by r1\n");
+    write(root, "public/health", b"ok\n");
+    write(root, "hard/a.bin", &noise(7, 4096));
+    std::fs::create_dir_all(root.join("empty-goes")).unwrap();
+    std::fs::create_dir_all(root.join("empty-stays")).unwrap();
+    std::os::unix::fs::symlink("app", root.join("link-moves")).unwrap();
+    std::os::unix::fs::symlink("app/same.php", root.join("link-to-file")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.join("absolute-link")).unwrap();
+    std::fs::hard_link(root.join("hard/a.bin"), root.join("hard/b.bin")).unwrap();
+    sh(&format!(
+        "cd '{}' && chmod 644 app/chmod.sh && chmod 600 app/same.php && chmod 4755 public/health \
+         && chmod 700 empty-stays && touch -h -d @1704067200 app/touched.txt",
+        root.display()
+    ));
+}
+
+/// r2: edits (one of the same size), an addition, a deletion, a move, a
+/// chmod, a touch, kinds swapped (dir↔file, file→symlink, symlink→file),
+/// a retargeted symlink, directories added, removed and re-moded, a hard
+/// link pair changed, and a change below a shared path.
+fn corpus_r2(root: &Path) {
+    corpus_r1(root);
+    write(root, "app/edit.php", b"<?php echo 'version two';\n");
+    write(root, "app/same-size.php", b"<?php echo 'BBBB';\n");
+    write(root, "app/new.php", b"<?php // new in r2\n");
+    sh(&format!(
+        "cd '{}' && rm app/gone.php && mkdir -p lib && mv app/moved.php lib/moved.php \
+         && chmod 755 app/chmod.sh && touch -h -d @1735689600 app/touched.txt \
+         && rm -r dir-to-file && echo now-a-file > dir-to-file \
+         && rm file-to-dir && mkdir file-to-dir && echo inside > file-to-dir/x \
+         && rm file-to-link && ln -s public/health file-to-link \
+         && rm link-to-file && echo was-a-link > link-to-file \
+         && rm link-moves && ln -s lib link-moves \
+         && rmdir empty-goes && mkdir -m 750 empty-new && chmod 750 app \
+         && rm hard/b.bin && printf changed >> hard/a.bin && ln hard/a.bin hard/b.bin \
+         && echo r2 wants this >> storage/logs/seed.log",
+        root.display()
+    ));
+}
+
+/// r3: back and forth from r2, a whole directory gone, another added.
+fn corpus_r3(root: &Path) {
+    corpus_r2(root);
+    write(root, "app/edit.php", b"<?php echo 'v1';\n");
+    write(root, "extra/big.bin", &noise(99, 64 * 1024));
+    sh(&format!(
+        "cd '{}' && rm -r 'name with spaces' && chmod 755 app && chmod 644 app/chmod.sh",
+        root.display()
+    ));
+}
+
+/// The r1 corpus with 3 MB more, 1 MB of which depends on `seed`.
+fn with_big(seed: u64) -> impl FnOnce(&Path) {
+    move |root: &Path| {
+        corpus_r1(root);
+        write(root, "big/stays.bin", &noise(1, 2 << 20));
+        write(root, "big/changes.bin", &noise(seed, 1 << 20));
+    }
+}
+
+/// Processes of the node whose command line contains `needle`.
+fn node_procs(node: &TestNode, needle: &str) -> Vec<u32> {
+    node.pids()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// What the node verifies, listed: equal listings are equal trees.
+fn listing(node: &TestNode, dir: &str) -> String {
+    node.exec_inside_ok(&delta::tree_listing_script(dir))
+        .unwrap_or_else(|e| panic!("listing {dir}: {e}"))
+}
+
+/// Ships `id` as a fresh node would get it: whole (no manifest to diff against).
+async fn ship_whole(
+    session: &hangar::effects::ssh::Session,
+    node: &TestNode,
+    id: &str,
+    a: &Artifact,
+) {
+    node.exec_inside_ok("rm -rf /srv/app/.hangar/manifests")
+        .unwrap();
+    let r = release::ship(session, &release_config(5), id, a)
+        .await
+        .unwrap();
+    assert_eq!(r.method, ShipMethod::Whole, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_ship_builds_the_same_tree_as_a_full_ship_for_every_kind_of_change() {
+    let fx = Fixture::new(2);
+    let pool = fx.pool();
+    let (delta_node, full_node) = (&fx.nodes[0], &fx.nodes[1]);
+    let on_delta = pool.session(&fx.target(0)).await.unwrap();
+    let on_full = pool.session(&fx.target(1)).await.unwrap();
+    let config = release_config(5);
+    let releases = [
+        ("r1", tree_tarball(&fx, "r1", corpus_r1)),
+        ("r2", tree_tarball(&fx, "r2", corpus_r2)),
+        ("r3", tree_tarball(&fx, "r3", corpus_r3)),
+    ];
+    for (n, (id, artifact)) in releases.iter().enumerate() {
+        let report = release::ship(&on_delta, &config, id, artifact)
+            .await
+            .unwrap();
+        release::activate(&on_delta, &config, id).await.unwrap();
+        ship_whole(&on_full, full_node, id, artifact).await;
+        release::activate(&on_full, &config, id).await.unwrap();
+        if n == 0 {
+            assert_eq!(report.method, ShipMethod::Whole, "{report:?}");
+            continue;
+        }
+        let ShipMethod::Delta {
+            base,
+            files_sent,
+            files_reused,
+            ..
+        } = &report.method
+        else {
+            panic!("{id} was not shipped as a delta: {report:?}");
+        };
+        assert_eq!(base, releases[n - 1].0);
+        assert!(*files_reused >= 300, "{report:?}");
+        assert!(*files_sent <= 12, "{report:?}");
+        assert!(
+            report.bytes < std::fs::metadata(&artifact.path).unwrap().len() / 4,
+            "{report:?}"
+        );
+        let dir = format!("{APP_ROOT}/releases/{id}");
+        let (got, want) = (listing(delta_node, &dir), listing(full_node, &dir));
+        assert!(got.lines().count() > 300, "{got}");
+        assert_eq!(got, want, "{id}: the delta tree differs from the full one");
+        // Unchanged files share the previous release's inode.
+        let prev = format!("{APP_ROOT}/releases/{}", releases[n - 1].0);
+        let inodes = delta_node
+            .exec_inside_ok(&format!(
+                "stat -c %i {prev}/vendor/pkg0/File0.php {dir}/vendor/pkg0/File0.php"
+            ))
+            .unwrap();
+        let inodes: Vec<&str> = inodes.lines().collect();
+        assert_eq!(inodes[0], inodes[1], "not linked: {inodes:?}");
+    }
+    // Shared paths behave as with a full ship: a link into shared/, whose
+    // content the first release seeded and no later one overwrote.
+    for node in [delta_node, full_node] {
+        assert_eq!(
+            node.exec_inside_ok(&format!(
+                "readlink {APP_ROOT}/releases/r3/storage/logs && cat {APP_ROOT}/current/storage/logs/seed.log"
+            ))
+            .unwrap(),
+            format!("{APP_ROOT}/shared/storage/logs\nseeded by r1\n")
+        );
+    }
+    let state = release::read_state(&on_delta, &config).await.unwrap();
+    assert!(state.staging.is_empty(), "{state:?}");
+    assert_eq!(state.active.as_deref(), Some("r3"));
+}
+
+/// Returns the manifest text a node keeps for `id`.
+fn kept_manifest(node: &TestNode, id: &str) -> String {
+    node.exec_inside_ok(&format!("cat {APP_ROOT}/.hangar/manifests/{id}"))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_release_changed_on_the_node_is_caught_and_the_new_one_ships_whole() {
+    let fx = Fixture::new(2);
+    let pool = fx.pool();
+    let (node, reference) = (&fx.nodes[0], &fx.nodes[1]);
+    let session = pool.session(&fx.target(0)).await.unwrap();
+    let on_ref = pool.session(&fx.target(1)).await.unwrap();
+    let config = release_config(5);
+    let r1 = tree_tarball(&fx, "r1", corpus_r1);
+    let r2 = tree_tarball(&fx, "r2", corpus_r2);
+    let r3 = tree_tarball(&fx, "r3", corpus_r3);
+    for (id, a) in [("r2", &r2), ("r3", &r3)] {
+        ship_whole(&on_ref, reference, id, a).await;
+    }
+    let want = |id: &str| listing(reference, &format!("{APP_ROOT}/releases/{id}"));
+
+    // 1. r1 is edited in place on the node: the byte is caught, r2 ships whole.
+    release::deploy(&session, &config, "r1", &r1).await.unwrap();
+    node.exec_inside_ok(&format!(
+        "printf x >> {APP_ROOT}/releases/r1/vendor/pkg3/File3.php"
+    ))
+    .unwrap();
+    let report = release::ship(&session, &config, "r2", &r2).await.unwrap();
+    assert_eq!(report.method, ShipMethod::Whole, "{report:?}");
+    let why = report.delta_skipped.clone().unwrap_or_default();
+    assert!(
+        why.contains("differs vendor/pkg3/File3.php"),
+        "the verification names the file: {why}"
+    );
+    assert_eq!(
+        listing(node, &format!("{APP_ROOT}/releases/r2")),
+        want("r2")
+    );
+    release::activate(&session, &config, "r2").await.unwrap();
+
+    // 2. A delta r3 shares inodes with r2; an in-place edit of the active
+    //    release then changes both, and the next delta must not trust it.
+    let report = release::ship(&session, &config, "r3", &r3).await.unwrap();
+    assert!(
+        matches!(report.method, ShipMethod::Delta { .. }),
+        "{report:?}"
+    );
+    release::activate(&session, &config, "r3").await.unwrap();
+    node.exec_inside_ok(&format!(
+        "printf y >> {APP_ROOT}/current/vendor/pkg5/File5.php"
+    ))
+    .unwrap();
+    assert!(
+        node.exec_inside_ok(&format!("cat {APP_ROOT}/releases/r2/vendor/pkg5/File5.php"))
+            .unwrap()
+            .ends_with('y'),
+        "an in-place edit of a linked file changes the previous release too"
+    );
+    node.exec_inside_ok(&format!("rm -rf {APP_ROOT}/releases/r2"))
+        .unwrap();
+    // r2 again (removed above), now diffed against the edited r3.
+    let report = release::ship(&session, &config, "r2", &r2).await.unwrap();
+    assert_eq!(report.method, ShipMethod::Whole, "{report:?}");
+    assert!(
+        report
+            .delta_skipped
+            .as_deref()
+            .unwrap_or("")
+            .contains("vendor/pkg5/File5.php"),
+        "{report:?}"
+    );
+    assert_eq!(
+        listing(node, &format!("{APP_ROOT}/releases/r2")),
+        want("r2")
+    );
+
+    // 3. A directory of the base swapped for a symlink to a copy of itself
+    //    (every file identical): never linked through, shipped whole.
+    release::activate(&session, &config, "r2").await.unwrap();
+    node.exec_inside_ok(&format!(
+        "cd {APP_ROOT}/releases/r2 && cp -a vendor /srv/elsewhere && rm -rf vendor && ln -s /srv/elsewhere vendor \
+         && rm -rf {APP_ROOT}/releases/r3"
+    ))
+    .unwrap();
+    let report = release::ship(&session, &config, "r3", &r3).await.unwrap();
+    assert_eq!(report.method, ShipMethod::Whole, "{report:?}");
+    assert!(
+        report
+            .delta_skipped
+            .as_deref()
+            .unwrap_or("")
+            .contains("symlink"),
+        "{report:?}"
+    );
+    assert_eq!(
+        listing(node, &format!("{APP_ROOT}/releases/r3")),
+        want("r3")
+    );
+
+    // 4. The manifest kept for the base is garbage: no delta, whole ship,
+    //    and the next release has a good manifest to diff against again.
+    release::activate(&session, &config, "r3").await.unwrap();
+    node.exec_inside_ok(&format!(
+        "rm -rf {APP_ROOT}/releases/r2 && echo garbage > {APP_ROOT}/.hangar/manifests/r3"
+    ))
+    .unwrap();
+    let report = release::ship(&session, &config, "r2", &r2).await.unwrap();
+    assert_eq!(report.method, ShipMethod::Whole, "{report:?}");
+    assert_eq!(
+        listing(node, &format!("{APP_ROOT}/releases/r2")),
+        want("r2")
+    );
+    assert!(kept_manifest(node, "r2").starts_with(manifest::HEADER));
+}
+
+/// The delta's payload for shipping `new` onto a node whose current
+/// release has the manifest `base_text` (what `release::ship` sends).
+fn payload_for(new: &Artifact, base_text: &str) -> (delta::Payload, String) {
+    let view = NodeView {
+        app_root: APP_ROOT.into(),
+        shared_paths: vec!["storage/logs".into()],
+        umask: None,
+    };
+    let new_m = manifest::derive(&new.path, &new.sha256)
+        .unwrap()
+        .for_node(&view);
+    let base_m = manifest::Manifest::parse(base_text).unwrap();
+    let plan = delta::Plan::between(&base_m, &new_m).unwrap();
+    let text = new_m.to_text();
+    let gz = delta::gzip(text.as_bytes(), 6).unwrap();
+    let payload = delta::build_payload(&new.path, &gz, plan).unwrap();
+    (payload, hex::encode(Sha256::digest(text.as_bytes())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_mid_delta_leaves_nothing_activated_and_a_retry_is_clean() {
+    let fx = Fixture::new(2);
+    let pool = fx.pool();
+    let node = &fx.nodes[0];
+    let session = pool.session(&fx.target(0)).await.unwrap();
+    let config = release_config(5);
+    // r2 changes 1 MB of incompressible data among 3 MB: the payload
+    // arrives in many packets, and the test feeds it in two halves.
+    let r1 = tree_tarball(&fx, "r1big", with_big(10));
+    let r2 = tree_tarball(&fx, "r2big", with_big(11));
+    release::deploy(&session, &config, "r1", &r1).await.unwrap();
+    let base_text = kept_manifest(node, "r1");
+    let (payload, new_sha) = payload_for(&r2, &base_text);
+    assert!(payload.stdin.len() > 1 << 20, "{}", payload.stdin.len());
+
+    // The delta script, fed from a FIFO: the first half of the payload,
+    // then the node's ssh session processes are killed.
+    let fifo = fx.dir.path().join("delta.fifo");
+    sh(&format!("mkfifo '{}'", fifo.display()));
+    let half = payload.stdin[..payload.stdin.len() / 2].to_vec();
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            f.write_all(&half).unwrap();
+            f
+        }
+    });
+    let script = delta::delta_script(
+        &config,
+        "r2",
+        &r2.sha256,
+        "r1",
+        &hex::encode(Sha256::digest(base_text.as_bytes())),
+        &new_sha,
+        "openssl",
+    );
+    let run = tokio::spawn(async move {
+        let mut f = tokio::fs::File::open(&fifo).await.unwrap();
+        let r = session
+            .exec(
+                &script,
+                hangar::effects::ssh::Stdin::Reader(&mut f),
+                Duration::from_secs(30),
+            )
+            .await;
+        drop(session);
+        r
+    });
+    // Mid-delta: the links are made, the changes are being extracted
+    // (`tar` waits for the second half).
+    eventually(
+        "the delta to reach its extraction",
+        Duration::from_secs(10),
+        || {
+            node.exec_inside("test -e /srv/app/releases/r2.tmp/tree/vendor/pkg0/File0.php")
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    for p in node
+        .pids()
+        .into_iter()
+        .filter(|&p| p != node.listener_pid())
+    {
+        if std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sshd") {
+            kill_pid(p);
+        }
+    }
+    drop(writer.join().unwrap());
+    let result = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the exec returns after the drop")
+        .unwrap();
+    assert!(
+        matches!(result, Err(SshError::Disconnected { .. }))
+            || result.as_ref().is_ok_and(|o| !o.success()),
+        "{result:?}"
+    );
+    // Whatever the orphaned script did, nothing was activated and no
+    // release directory appeared.
+    eventually(
+        "the orphaned script to end",
+        Duration::from_secs(20),
+        || node_procs(node, "hangar-delta").is_empty(),
+    )
+    .await;
+    assert!(!node
+        .exec_inside("test -e /srv/app/releases/r2")
+        .unwrap()
+        .status
+        .success());
+    assert_eq!(
+        node.exec_inside_ok("readlink /srv/app/current").unwrap(),
+        "/srv/app/releases/r1\n"
+    );
+
+    // The retry (a new connection, as after a restart) is a clean delta.
+    let session = pool.session(&fx.target(0)).await.unwrap();
+    let report = release::ship(&session, &config, "r2", &r2).await.unwrap();
+    assert!(
+        matches!(report.method, ShipMethod::Delta { .. }),
+        "{report:?}"
+    );
+    release::activate(&session, &config, "r2").await.unwrap();
+    let state = release::read_state(&session, &config).await.unwrap();
+    assert!(state.staging.is_empty(), "{state:?}");
+    let reference = &fx.nodes[1];
+    let on_ref = pool.session(&fx.target(1)).await.unwrap();
+    ship_whole(&on_ref, reference, "r2", &r2).await;
+    assert_eq!(
+        listing(node, "/srv/app/releases/r2"),
+        listing(reference, "/srv/app/releases/r2")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_back_after_a_delta_is_a_swap_to_the_untouched_previous_tree() {
+    let fx = Fixture::new(1);
+    let pool = fx.pool();
+    let node = &fx.nodes[0];
+    let session = pool.session(&fx.target(0)).await.unwrap();
+    let config = release_config(5);
+    let r1 = tree_tarball(&fx, "r1", corpus_r1);
+    let r2 = tree_tarball(&fx, "r2", corpus_r2);
+    release::deploy(&session, &config, "r1", &r1).await.unwrap();
+    let r1_tree = listing(node, "/srv/app/releases/r1");
+    let report = release::ship(&session, &config, "r2", &r2).await.unwrap();
+    assert!(
+        matches!(report.method, ShipMethod::Delta { .. }),
+        "{report:?}"
+    );
+    release::activate(&session, &config, "r2").await.unwrap();
+    let r2_tree = listing(node, "/srv/app/releases/r2");
+    let shipped_before = node.exec_inside_ok("cat /srv/app/.hangar/shipped").unwrap();
+
+    assert_eq!(release::rollback(&session, &config).await.unwrap(), "r1");
+    assert_eq!(
+        node.exec_inside_ok("readlink /srv/app/current").unwrap(),
+        "/srv/app/releases/r1\n"
+    );
+    // The links r2 took from r1 did not change r1, and nothing was shipped.
+    assert_eq!(listing(node, "/srv/app/releases/r1"), r1_tree);
+    assert_eq!(listing(node, "/srv/app/releases/r2"), r2_tree);
+    assert_eq!(
+        node.exec_inside_ok("cat /srv/app/.hangar/shipped").unwrap(),
+        shipped_before
+    );
+    // Forward again: r2 is still complete, so shipping it is a no-op.
+    let again = release::ship(&session, &config, "r2", &r2).await.unwrap();
+    assert_eq!(again.method, ShipMethod::AlreadyThere);
+    release::activate(&session, &config, "r2").await.unwrap();
+    assert_eq!(listing(node, "/srv/app/current/"), r2_tree);
+}
+
+/// Set for [`ship_child`]: what the child process ships, tab-separated
+/// (key, pin directory, address, port, release id, artifact, sha256).
+const SHIP_CHILD: &str = "HANGAR_TEST_SHIP_CHILD";
+
+/// Not a test of its own: the operator process that
+/// [`an_operator_killed_mid_delta_converges`] starts and kills with SIGKILL.
+#[test]
+#[ignore = "run as a child process by an_operator_killed_mid_delta_converges"]
+fn ship_child() {
+    let Ok(args) = std::env::var(SHIP_CHILD) else {
+        return;
+    };
+    let a: Vec<&str> = args.split('\t').collect();
+    let mut settings = SshSettings::new(
+        Credentials::from_key_file("root", Path::new(a[0])).unwrap(),
+        HostKeyVerifier::tofu(Path::new(a[1])),
+    );
+    settings.command_timeout = Duration::from_secs(60);
+    let target = Target::new("i-node0", a[2].parse().unwrap(), a[3].parse().unwrap());
+    let artifact = Artifact::new(a[5], a[6]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let pool = SshPool::new(settings, Redactor::default());
+        let session = pool.session(&target).await.unwrap();
+        let config = release_config(5);
+        release::ship(&session, &config, a[4], &artifact)
+            .await
+            .unwrap();
+        release::activate(&session, &config, a[4]).await.unwrap();
+    });
+}
+
+/// Kills the child by PID if the test panics first.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_mid_delta_converges() {
+    let fx = Fixture::new(2);
+    let pool = fx.pool();
+    let (node, reference) = (&fx.nodes[0], &fx.nodes[1]);
+    let session = pool.session(&fx.target(0)).await.unwrap();
+    let config = release_config(5);
+    let r1 = tree_tarball(&fx, "r1big", with_big(20));
+    let r2 = tree_tarball(&fx, "r2big", with_big(21));
+    release::deploy(&session, &config, "r1", &r1).await.unwrap();
+    let on_ref = pool.session(&fx.target(1)).await.unwrap();
+    for (id, a) in [("r1", &r1), ("r2", &r2)] {
+        ship_whole(&on_ref, reference, id, a).await;
+    }
+    let want_r1 = listing(reference, "/srv/app/releases/r1");
+    let want_r2 = listing(reference, "/srv/app/releases/r2");
+    let seed: u64 = std::env::var("HANGAR_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::process::id() as u64);
+    let mut x = seed | 1;
+    let args = [
+        fx.key.private_key.display().to_string(),
+        fx.state_dir().display().to_string(),
+        node.ip().to_string(),
+        node.port().to_string(),
+        "r2".into(),
+        r2.path.display().to_string(),
+        r2.sha256.clone(),
+    ]
+    .join("\t");
+    let child = |attempt: usize| {
+        Child(
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "ship_child",
+                    "--ignored",
+                    "--test-threads=1",
+                    "-q",
+                ])
+                .env(SHIP_CHILD, &args)
+                .stdout(std::process::Stdio::null())
+                .stderr(
+                    std::fs::File::create(fx.dir.path().join(format!("child{attempt}.log")))
+                        .unwrap(),
+                )
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let back_to_r1 = || async {
+        assert_eq!(release::rollback(&session, &config).await.unwrap(), "r1");
+        node.exec_inside_ok(
+            "rm -rf /srv/app/releases/r2 /srv/app/.hangar/artifacts/r2 /srv/app/.hangar/manifests/r2",
+        )
+        .unwrap();
+    };
+    // Undisturbed, the child takes `whole` from start to exit.
+    let started = Instant::now();
+    let mut c = child(0);
+    let status = c.0.wait().unwrap();
+    let whole = started.elapsed();
+    assert!(status.success(), "the child failed: see child0.log");
+    assert_eq!(listing(node, "/srv/app/current/"), want_r2);
+    back_to_r1().await;
+
+    let (mut mid_delta, mut finished) = (0, 0);
+    for attempt in 1..=8 {
+        let mut c = child(attempt);
+        // The first kill lands once the node is building the tree; the
+        // others at a random moment of the child's life.
+        if attempt == 1 {
+            eventually("the delta to start", Duration::from_secs(30), || {
+                node.exec_inside("test -d /srv/app/releases/r2.tmp")
+                    .map(|o| o.status.success())
+                    .unwrap_or(false)
+            })
+            .await;
+        } else {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ms = x % (whole.as_millis() as u64 * 11 / 10).max(1);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let staging = node
+            .exec_inside("test -d /srv/app/releases/r2.tmp")
+            .unwrap()
+            .status
+            .success();
+        let done = c.0.try_wait().unwrap().is_some_and(|s| s.success());
+        let _ = c.0.kill();
+        let _ = c.0.wait();
+        mid_delta += usize::from(staging && !done);
+        finished += usize::from(done);
+        // A node script may outlive its operator: let it end.
+        eventually(
+            "the orphaned script to end",
+            Duration::from_secs(60),
+            || node_procs(node, ".hangar/lock").is_empty(),
+        )
+        .await;
+        // Whatever `current` points to is a complete, exact release; a
+        // releases/r2 that exists is exact.
+        let current = node.exec_inside_ok("readlink /srv/app/current").unwrap();
+        let want = match current.trim() {
+            "/srv/app/releases/r1" => &want_r1,
+            "/srv/app/releases/r2" => &want_r2,
+            other => panic!("seed {seed}, attempt {attempt}: current → {other}"),
+        };
+        assert_eq!(
+            &listing(node, "/srv/app/current/"),
+            want,
+            "seed {seed}, attempt {attempt}"
+        );
+        if node
+            .exec_inside("test -d /srv/app/releases/r2")
+            .unwrap()
+            .status
+            .success()
+        {
+            assert_eq!(
+                listing(node, "/srv/app/releases/r2"),
+                want_r2,
+                "seed {seed}, attempt {attempt}"
+            );
+        }
+        if current.trim().ends_with("r2") {
+            // It got there: back to r1 so the next attempt is a delta again.
+            back_to_r1().await;
+        }
+    }
+    eprintln!(
+        "seed {seed}: undisturbed child {whole:?}; 8 kills, {mid_delta} while the node built the tree, {finished} after the child finished"
+    );
+    assert!(mid_delta >= 1, "seed {seed}: no kill landed mid-delta");
+    // A restarted operator converges: a clean delta, exact, nothing left over.
+    let fresh = fx.pool();
+    let session = fresh.session(&fx.target(0)).await.unwrap();
+    let report = release::ship(&session, &config, "r2", &r2).await.unwrap();
+    assert!(
+        matches!(report.method, ShipMethod::Delta { .. }),
+        "{report:?}"
+    );
+    release::activate(&session, &config, "r2").await.unwrap();
+    assert_eq!(listing(node, "/srv/app/current/"), want_r2);
+    assert_eq!(listing(node, "/srv/app/releases/r1"), want_r1);
+    let state = release::read_state(&session, &config).await.unwrap();
+    assert!(state.staging.is_empty(), "{state:?}");
 }
 
 /// `release.hooks.once` on a real node: the run survives the caller going

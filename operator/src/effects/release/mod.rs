@@ -10,6 +10,9 @@
 //! .hangar/state         active=<id> / previous=<id>, written after each swap
 //! .hangar/shipped       release ids in the order they were shipped (for pruning)
 //! .hangar/lock          flock: one release operation at a time per node
+//! .hangar/artifacts/<id>  sha256 of the artifact releases/<id> came from
+//! .hangar/manifests/<id>  what releases/<id> holds, file by file (the
+//!                         base of the next release's delta)
 //! ```
 //!
 //! [`ship`] streams the artifact over SSH into `releases/<id>.tmp`, hashing
@@ -24,16 +27,29 @@
 //! or previous release). [`rollback`] swaps back to the previous release.
 //! [`read_state`] tells a restarted operator what a node runs.
 //!
+//! A node that runs an earlier release gets a **delta** instead: only the
+//! files that changed travel, the rest is hard-linked from that release,
+//! and the node verifies the whole tree against the new release's
+//! [`manifest`] before the same rename ([`delta`]). What every node of a
+//! fan-out shares (manifests, payloads) is derived once ([`memo`]).
+//!
 //! The pure parts (validation, script building, parsing, prune decisions)
 //! live in [`plan`]; the effects here each cost one or two round trips.
 
+pub mod delta;
+pub mod manifest;
+pub mod memo;
 pub mod plan;
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::effects::ssh::{tail, Session, SshError, Stdin};
+use crate::effects::ssh::{tail, ExitStatus, Session, SshError, Stdin};
 
+pub use manifest::{Manifest, ManifestError, NodeView};
+pub use memo::NodeManifest;
 pub use plan::{prune_victims, NodeReleases, ReleaseConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +61,8 @@ pub enum ReleaseError {
     #[error("cannot read artifact {path}: {reason}")]
     Artifact { path: PathBuf, reason: String },
     #[error(
-        "{node}: release {id}: checksum mismatch on the node: expected sha256 {expected}, \
-         got {actual}; nothing was activated"
+        "{node}: release {id}: the artifact read as sha256 {actual}, not {expected}; \
+         nothing was activated"
     )]
     ChecksumMismatch {
         node: String,
@@ -231,8 +247,28 @@ pub struct ShipReport {
     pub id: String,
     /// False when `releases/<id>` was already complete (nothing sent).
     pub uploaded: bool,
+    /// What went to the node on stdin (artifact or delta payload, manifest).
     pub bytes: u64,
     pub elapsed: Duration,
+    pub method: ShipMethod,
+    /// Why a node with an earlier release still got the whole artifact.
+    pub delta_skipped: Option<String>,
+}
+
+/// How a release reached the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShipMethod {
+    /// `releases/<id>` was already complete from this artifact.
+    AlreadyThere,
+    /// The whole artifact was streamed.
+    Whole,
+    /// Only the changes were sent; the rest was linked from `base`.
+    Delta {
+        base: String,
+        files_sent: usize,
+        files_reused: usize,
+        bytes_reused: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -247,6 +283,13 @@ pub struct ActivateReport {
 
 /// Ships a release to the node: upload, verify, extract, link shared paths,
 /// rename into place. Idempotent: a complete `releases/<id>` is kept as is.
+///
+/// When the node runs an earlier release whose manifest it kept, only what
+/// changed is sent and the rest is linked from that release; the node
+/// verifies the whole tree against the new manifest before the rename
+/// ([`delta`]). Whenever a delta is impossible or fails its check, the
+/// artifact is shipped whole. Either way the node keeps the new manifest
+/// for the next release.
 pub async fn ship(
     session: &Session,
     config: &ReleaseConfig,
@@ -256,55 +299,341 @@ pub async fn ship(
     config.validate_id(id)?;
     plan::validate_sha256(&artifact.sha256)?;
     let started = Instant::now();
-    let node = session.node().to_string();
-    let probe = session
-        .run_checked(&plan::is_shipped_script(config, id, &artifact.sha256))
+    let out = session
+        .run_checked(&plan::probe_script(config, id, &artifact.sha256))
         .await?;
-    if probe.stdout_lossy().trim() == "present" {
+    let probe = plan::parse_probe(&out.stdout_lossy());
+    let view = NodeView {
+        app_root: config.app_root.clone(),
+        shared_paths: config.shared_paths.clone(),
+        umask: (probe.uid != Some(0)).then_some(probe.umask.unwrap_or(0o022)),
+    };
+    if probe.present {
+        if let (true, Some(hasher)) = (probe.unkept, probe.hasher.as_deref()) {
+            if let Ok(new) = node_manifest(artifact, &view).await {
+                keep_manifest(session, config, id, artifact, &new, hasher).await?;
+            }
+        }
         return Ok(ShipReport {
             id: id.to_string(),
             uploaded: false,
             bytes: 0,
             elapsed: started.elapsed(),
+            method: ShipMethod::AlreadyThere,
+            delta_skipped: None,
         });
     }
-    let mut file =
-        tokio::fs::File::open(&artifact.path)
-            .await
-            .map_err(|e| ReleaseError::Artifact {
+    let delta_skipped = match delta_blocker(&probe) {
+        Some(reason) => reason,
+        None => match node_manifest(artifact, &view).await {
+            Ok(new) => {
+                match ship_delta(session, config, id, artifact, &probe, &new, started).await? {
+                    Ok(report) => return Ok(report),
+                    Err(reason) => {
+                        tracing::warn!(node = %session.node(), release = id, %reason, "delta ship not possible; shipping the whole artifact");
+                        Some(reason)
+                    }
+                }
+            }
+            Err(e) => Some(e.to_string()),
+        },
+    };
+    let mut report = ship_whole(
+        session,
+        config,
+        id,
+        artifact,
+        &view,
+        probe.hasher.as_deref(),
+        started,
+    )
+    .await?;
+    report.delta_skipped = delta_skipped;
+    Ok(report)
+}
+
+/// Why a delta cannot even be tried on this node (`Some(None)`: nothing to
+/// diff against, which needs no explanation).
+fn delta_blocker(probe: &plan::Probe) -> Option<Option<String>> {
+    if probe.base.is_none() {
+        return Some(None);
+    }
+    if let Err(missing) = &probe.tools {
+        return Some(Some(format!("the node lacks a tool: {missing}")));
+    }
+    if probe.hasher.is_none() {
+        return Some(Some("the node has neither openssl nor sha256sum".into()));
+    }
+    if !probe.shared_missing.is_empty() {
+        return Some(Some(format!(
+            "shared paths {:?} do not exist yet (a full ship seeds them)",
+            probe.shared_missing
+        )));
+    }
+    None
+}
+
+/// Derives now (once per process) the manifest that nodes seen as `view`
+/// keep for `artifact`, so that shipping it, or later a delta against it,
+/// neither waits for the derivation nor reads it back from a node.
+pub async fn remember(artifact: &Artifact, view: &NodeView) -> Result<(), ManifestError> {
+    node_manifest(artifact, view).await.map(|_| ())
+}
+
+/// The artifact's manifest, derived once per process.
+async fn artifact_manifest(artifact: &Artifact) -> Result<Arc<Manifest>, ManifestError> {
+    memo::ARTIFACT_MANIFESTS
+        .get_or_try_init(&artifact.sha256, || async {
+            let (path, sha) = (artifact.path.clone(), artifact.sha256.clone());
+            let derived = tokio::task::spawn_blocking(move || manifest::derive(&path, &sha))
+                .await
+                .map_err(|e| ManifestError::Io {
+                    path: artifact.path.clone(),
+                    reason: e.to_string(),
+                })?;
+            match derived {
+                Ok(m) => Ok(Ok(Arc::new(m))),
+                // Remembered: the artifact will not change its mind.
+                Err(e @ ManifestError::Unsupported { .. }) => Ok(Err(e)),
+                Err(e) => Err(e),
+            }
+        })
+        .await?
+}
+
+/// The manifest a node seen as `view` keeps for the artifact.
+async fn node_manifest(
+    artifact: &Artifact,
+    view: &NodeView,
+) -> Result<Arc<NodeManifest>, ManifestError> {
+    let key = format!(
+        "{}|{}|{:?}|{:?}",
+        artifact.sha256, view.app_root, view.shared_paths, view.umask
+    );
+    memo::FOR_NODE
+        .get_or_try_init(&key, || async {
+            let m = artifact_manifest(artifact).await?.for_node(view);
+            let text = m.to_text();
+            let gz = delta::gzip(text.as_bytes(), 6).map_err(|e| ManifestError::Io {
                 path: artifact.path.clone(),
                 reason: e.to_string(),
             })?;
-    let bytes = file
-        .metadata()
+            let kept = Arc::new(NodeManifest {
+                sha256: plan::sha256_hex(text.as_bytes()),
+                manifest: m,
+                gz,
+            });
+            memo::NODE_MANIFESTS.insert(&kept.sha256, kept.clone());
+            Ok(kept)
+        })
         .await
-        .map(|m| m.len())
+}
+
+/// The manifest the node keeps for `base`: from memory when this process
+/// shipped or read it, else read from the node. `None` when it is
+/// unreadable or not what the probe said.
+async fn base_manifest(
+    session: &Session,
+    config: &ReleaseConfig,
+    base: &str,
+    sha: &str,
+) -> Result<Option<Arc<NodeManifest>>, ReleaseError> {
+    if let Some(m) = memo::NODE_MANIFESTS.get(sha) {
+        return Ok(Some(m));
+    }
+    let out = session
+        .run(&plan::read_manifest_script(config, base))
+        .await?;
+    if !out.success() || out.stdout_dropped > 0 {
+        return Ok(None);
+    }
+    let mut text = Vec::new();
+    let read = flate2::read::GzDecoder::new(&out.stdout[..])
+        .take(MAX_MANIFEST_BYTES)
+        .read_to_end(&mut text);
+    if read.is_err() || plan::sha256_hex(&text) != sha {
+        return Ok(None);
+    }
+    let Ok(manifest) = std::str::from_utf8(&text)
+        .map_err(|e| e.to_string())
+        .and_then(|t| Manifest::parse(t).map_err(|e| e.to_string()))
+    else {
+        return Ok(None);
+    };
+    let kept = Arc::new(NodeManifest {
+        manifest,
+        sha256: sha.to_string(),
+        gz: out.stdout,
+    });
+    memo::NODE_MANIFESTS.insert(sha, kept.clone());
+    Ok(Some(kept))
+}
+
+/// A manifest read from a node larger than this is not believed.
+const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+
+/// Tries a delta; `Ok(Err(reason))` when the node must get the whole artifact.
+async fn ship_delta(
+    session: &Session,
+    config: &ReleaseConfig,
+    id: &str,
+    artifact: &Artifact,
+    probe: &plan::Probe,
+    new: &Arc<NodeManifest>,
+    started: Instant,
+) -> Result<Result<ShipReport, String>, ReleaseError> {
+    let (Some((base_id, base_sha)), Some(hasher)) = (&probe.base, probe.hasher.as_deref()) else {
+        return Ok(Err("nothing to diff against".into()));
+    };
+    let Some(base) = base_manifest(session, config, base_id, base_sha).await? else {
+        return Ok(Err(format!(
+            "the manifest the node keeps for {base_id} is unreadable"
+        )));
+    };
+    let key = format!("{}|{}|{}", artifact.sha256, base.sha256, new.sha256);
+    let payload = memo::PAYLOADS
+        .get_or_try_init(&key, || async {
+            let plan = match delta::Plan::between(&base.manifest, &new.manifest) {
+                Ok(plan) => plan,
+                Err(reason) => return Ok(Err(reason)),
+            };
+            let (path, new) = (artifact.path.clone(), new.clone());
+            tokio::task::spawn_blocking(move || delta::build_payload(&path, &new.gz, plan))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map(|p| Ok(Arc::new(p)))
+        })
+        .await;
+    let payload = match payload {
+        Ok(Ok(p)) => p,
+        Ok(Err(reason)) => return Ok(Err(reason)),
+        Err(e) => return Ok(Err(format!("cannot build the delta: {e}"))),
+    };
+    let script = delta::delta_script(
+        config,
+        id,
+        &artifact.sha256,
+        base_id,
+        base_sha,
+        &new.sha256,
+        hasher,
+    );
+    let out = session
+        .exec(
+            &script,
+            Stdin::Bytes(&payload.stdin),
+            session.default_timeout(),
+        )
+        .await?;
+    let stdout = out.stdout_lossy();
+    match out.status {
+        ExitStatus::Code(0) => {}
+        ExitStatus::Code(plan::EXIT_LOCKED) => {
+            return Err(ReleaseError::Remote {
+                node: session.node().to_string(),
+                step: "shipping",
+                stderr: tail(&session.redactor().redact_bytes(&out.stderr), 1000),
+            })
+        }
+        ExitStatus::Code(delta::EXIT_NO_DELTA) => {
+            return Ok(Err(tail(&session.redactor().redact(&stdout), 2000)))
+        }
+        status => {
+            return Ok(Err(format!(
+                "{status}: {}",
+                tail(&session.redactor().redact_bytes(&out.stderr), 1000)
+            )))
+        }
+    }
+    let uploaded = stdout.lines().any(|l| l.trim() == "shipped");
+    memo::NODE_MANIFESTS.insert(&new.sha256, new.clone());
+    let plan = &payload.plan;
+    tracing::info!(
+        node = %session.node(), release = id, base = %base_id, bytes = payload.stdin.len(),
+        files_sent = plan.files_sent, files_reused = plan.files_reused(),
+        elapsed = ?started.elapsed(), "release shipped as a delta"
+    );
+    Ok(Ok(ShipReport {
+        id: id.to_string(),
+        uploaded,
+        bytes: if uploaded {
+            payload.stdin.len() as u64
+        } else {
+            0
+        },
+        elapsed: started.elapsed(),
+        method: ShipMethod::Delta {
+            base: base_id.clone(),
+            files_sent: plan.files_sent,
+            files_reused: plan.files_reused(),
+            bytes_reused: plan.bytes_reused,
+        },
+        delta_skipped: None,
+    }))
+}
+
+/// Keeps the manifest of a release just shipped whole on the node.
+async fn keep_manifest(
+    session: &Session,
+    config: &ReleaseConfig,
+    id: &str,
+    artifact: &Artifact,
+    new: &NodeManifest,
+    hasher: &str,
+) -> Result<(), ReleaseError> {
+    let script = plan::store_manifest_script(config, id, &artifact.sha256, &new.sha256, hasher);
+    let out = session
+        .exec(&script, Stdin::Bytes(&new.gz), session.default_timeout())
+        .await?;
+    if !out.success() {
+        // The release itself is fine; the next one ships whole.
+        tracing::warn!(
+            node = %session.node(), release = id, status = %out.status,
+            stderr = %tail(&session.redactor().redact_bytes(&out.stderr), 500),
+            "could not keep the release manifest on the node"
+        );
+    }
+    Ok(())
+}
+
+/// Streams the whole artifact, hashing every byte as it leaves; the node
+/// only extracts (`tar -xzf -`), and the staged tree is renamed into place
+/// (with the manifest the node keeps) once the hash matched.
+async fn ship_whole(
+    session: &Session,
+    config: &ReleaseConfig,
+    id: &str,
+    artifact: &Artifact,
+    view: &NodeView,
+    hasher: Option<&str>,
+    started: Instant,
+) -> Result<ShipReport, ReleaseError> {
+    let node = session.node().to_string();
+    let file = tokio::fs::File::open(&artifact.path)
+        .await
         .map_err(|e| ReleaseError::Artifact {
             path: artifact.path.clone(),
             reason: e.to_string(),
         })?;
-    let script = plan::ship_script(config, id, &artifact.sha256);
-    let out = session
-        .exec(&script, Stdin::Reader(&mut file), session.default_timeout())
-        .await?;
+    let mut reader = HashingReader::new(file);
+    let token = staging_token();
+    let script = plan::ship_script(config, id, &artifact.sha256, &token);
+    // The manifest is derived while the artifact streams.
+    let (out, manifest) = tokio::join!(
+        session.exec(
+            &script,
+            Stdin::Reader(&mut reader),
+            session.default_timeout()
+        ),
+        node_manifest(artifact, view)
+    );
+    let out = out?;
     let stdout = out.stdout_lossy();
     let stderr = tail(&session.redactor().redact_bytes(&out.stderr), 2000);
     match out.status {
-        crate::effects::ssh::ExitStatus::Code(0) => {}
-        crate::effects::ssh::ExitStatus::Code(plan::EXIT_CHECKSUM) => {
-            let actual = stdout
-                .lines()
-                .find_map(|l| l.strip_prefix("sha256="))
-                .unwrap_or("?")
-                .to_string();
-            return Err(ReleaseError::ChecksumMismatch {
-                node,
-                id: id.to_string(),
-                expected: artifact.sha256.clone(),
-                actual,
-            });
-        }
-        crate::effects::ssh::ExitStatus::Code(plan::EXIT_EXTRACT) => {
+        ExitStatus::Code(0) => {}
+        ExitStatus::Code(plan::EXIT_EXTRACT) => {
             return Err(ReleaseError::Extract {
                 node,
                 id: id.to_string(),
@@ -319,14 +648,124 @@ pub async fn ship(
             })
         }
     }
-    let uploaded = stdout.lines().any(|l| l.trim() == "shipped");
+    if stdout.lines().any(|l| l.trim() == "present") {
+        return Ok(ShipReport {
+            id: id.to_string(),
+            uploaded: false,
+            bytes: 0,
+            elapsed: started.elapsed(),
+            method: ShipMethod::AlreadyThere,
+            delta_skipped: None,
+        });
+    }
+    let (bytes, actual) = reader.finish().await.map_err(|e| ReleaseError::Artifact {
+        path: artifact.path.clone(),
+        reason: e.to_string(),
+    })?;
+    if actual != artifact.sha256 {
+        session
+            .run_checked(&plan::abort_script(config, id, &token))
+            .await?;
+        return Err(ReleaseError::ChecksumMismatch {
+            node,
+            id: id.to_string(),
+            expected: artifact.sha256.clone(),
+            actual,
+        });
+    }
+    let kept = match (&manifest, hasher) {
+        (Ok(m), Some(h)) => Some((m.clone(), h)),
+        (Err(e), _) => {
+            tracing::debug!(node = %node, release = id, error = %e, "no manifest: the next release ships whole too");
+            None
+        }
+        _ => None,
+    };
+    let script = plan::commit_script(
+        config,
+        id,
+        &artifact.sha256,
+        &token,
+        kept.as_ref().map(|(m, h)| (m.sha256.as_str(), *h)),
+    );
+    let gz: &[u8] = kept
+        .as_ref()
+        .map(|(m, _)| m.gz.as_slice())
+        .unwrap_or_default();
+    let out = session
+        .exec(&script, Stdin::Bytes(gz), session.default_timeout())
+        .await?;
+    let out = session.check(&script, out)?;
+    if let Some((m, _)) = &kept {
+        memo::NODE_MANIFESTS.insert(&m.sha256, m.clone());
+    }
+    let uploaded = out.stdout_lossy().lines().any(|l| l.trim() == "shipped");
     tracing::info!(node = %session.node(), release = id, bytes, elapsed = ?started.elapsed(), uploaded, "release shipped");
     Ok(ShipReport {
         id: id.to_string(),
         uploaded,
-        bytes: if uploaded { bytes } else { 0 },
+        bytes: bytes + gz.len() as u64,
         elapsed: started.elapsed(),
+        method: ShipMethod::Whole,
+        delta_skipped: None,
     })
+}
+
+/// Names a staging directory as this ship's (unique within the process,
+/// and across restarts by the clock).
+fn staging_token() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos:x}-{n}", std::process::id())
+}
+
+/// Hashes (sha256) and counts what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+    bytes: u64,
+}
+
+impl<R> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: sha2::Digest::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes read, and the sha256 (hex) of everything the reader holds:
+    /// what `tar` left unread at the end still counts.
+    async fn finish(mut self) -> std::io::Result<(u64, String)>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        let sent = self.bytes;
+        tokio::io::copy(&mut self, &mut tokio::io::sink()).await?;
+        Ok((sent, hex::encode(sha2::Digest::finalize(self.hasher))))
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HashingReader<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            let new = &buf.filled()[before..];
+            self.bytes += new.len() as u64;
+            sha2::Digest::update(&mut self.hasher, new);
+        }
+        polled
+    }
 }
 
 /// Activates a shipped release: beforeActivate hooks, atomic swap,
@@ -442,13 +881,11 @@ pub fn read_env_file(path: &Path) -> Result<Vec<u8>, ReleaseError> {
 async fn swap(session: &Session, config: &ReleaseConfig, id: &str) -> Result<(), ReleaseError> {
     let out = session.run(&plan::swap_script(config, id)).await?;
     match out.status {
-        crate::effects::ssh::ExitStatus::Code(0) => Ok(()),
-        crate::effects::ssh::ExitStatus::Code(plan::EXIT_NOT_SHIPPED) => {
-            Err(ReleaseError::NotShipped {
-                node: session.node().to_string(),
-                id: id.to_string(),
-            })
-        }
+        ExitStatus::Code(0) => Ok(()),
+        ExitStatus::Code(plan::EXIT_NOT_SHIPPED) => Err(ReleaseError::NotShipped {
+            node: session.node().to_string(),
+            id: id.to_string(),
+        }),
         status => Err(ReleaseError::Remote {
             node: session.node().to_string(),
             step: "swapping current",

@@ -7,7 +7,6 @@ use super::ReleaseError;
 use crate::effects::ssh::shell_quote;
 
 /// Exit codes the ship and swap scripts use to say what went wrong.
-pub const EXIT_CHECKSUM: u32 = 65;
 pub const EXIT_EXTRACT: u32 = 66;
 pub const EXIT_NOT_SHIPPED: u32 = 67;
 pub const EXIT_LOCKED: u32 = 75;
@@ -114,7 +113,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Takes the node's release lock (fd 9) for the rest of the script.
-fn lock_prelude(config: &ReleaseConfig) -> String {
+pub(super) fn lock_prelude(config: &ReleaseConfig) -> String {
     format!(
         "root={root}\nmkdir -p \"$root/releases\" \"$root/shared\" \"$root/.hangar\" || exit 70\n\
          exec 9>>\"$root/.hangar/lock\"\n\
@@ -125,50 +124,186 @@ fn lock_prelude(config: &ReleaseConfig) -> String {
 
 /// Prints `present` when `releases/<id>` is complete and came from the
 /// artifact with `sha256` (recorded in `.hangar/artifacts/<id>` when it was
-/// shipped): an id is a name, and a republished one is shipped again.
-pub fn is_shipped_script(config: &ReleaseConfig, id: &str, sha256: &str) -> String {
-    format!(
-        "if [ -d {root}/releases/{id} ] && [ \"$(cat {root}/.hangar/artifacts/{id} 2>/dev/null)\" = {want} ]; \
-         then echo present; else echo absent; fi",
+/// shipped: an id is a name, and a republished one is shipped again).
+/// Otherwise `absent`, then what a delta ship needs to know (see
+/// [`parse_probe`]): the release `current` points to and the sha256 of the
+/// manifest kept for it, the login's uid and umask, which sha256 tool and
+/// whether the GNU tools a delta uses are there, and which shared paths do
+/// not exist yet.
+pub fn probe_script(config: &ReleaseConfig, id: &str, sha256: &str) -> String {
+    let mut s = format!(
+        r#"root={root}
+if command -v openssl >/dev/null 2>&1; then h=openssl; elif command -v sha256sum >/dev/null 2>&1; then h=sha256sum; else h=; fi
+echo "hasher=$h"
+echo "uid=$(id -u)"
+echo "umask=$(umask)"
+if [ -d "$root/releases/"{id} ] && [ "$(cat "$root/.hangar/artifacts/"{id} 2>/dev/null)" = {want} ]; then
+  echo present
+  [ -f "$root/.hangar/manifests/"{id} ] || echo unkept
+  exit 0
+fi
+echo absent
+base=$(readlink "$root/current" 2>/dev/null || true)
+base=${{base##*/}}
+m="$root/.hangar/manifests/$base"
+[ -n "$base" ] && [ -n "$h" ] && [ -d "$root/releases/$base" ] && [ -f "$m" ] || exit 0
+echo "base=$base"
+if [ "$h" = openssl ]; then echo "base_manifest=$(openssl dgst -sha256 -r < "$m" | cut -c1-64)"
+else echo "base_manifest=$(sha256sum < "$m" | cut -c1-64)"; fi
+tools=ok
+find / -maxdepth 0 -printf '' 2>/dev/null || tools="no GNU find"
+cp --version 2>/dev/null | grep -q GNU || tools="no GNU cp"
+for t in awk xargs gzip head tr grep sort; do command -v $t >/dev/null 2>&1 || tools="no $t"; done
+echo "tools=$tools"
+"#,
         root = config.root_q(),
         id = shell_quote(id),
         want = shell_quote(&sha256.to_ascii_lowercase()),
-    )
+    );
+    for p in &config.shared_paths {
+        s.push_str(&format!(
+            "[ -e \"$root/shared/\"{p} ] || [ -L \"$root/shared/\"{p} ] || echo shared_missing={p}\n",
+            p = shell_quote(p)
+        ));
+    }
+    s.push_str("true\n");
+    s
 }
 
-/// Reads the tarball on stdin into `releases/<id>.tmp`, hashing it while
-/// `tar` extracts (a FIFO feeds the hasher: no second pass, no copy on
-/// disk), then verifies, links shared paths and renames into place.
-pub fn ship_script(config: &ReleaseConfig, id: &str, sha256: &str) -> String {
+/// What [`probe_script`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// The release is complete from this very artifact.
+    pub present: bool,
+    /// It is, but its manifest is not kept (shipped by an older hangar, or
+    /// a crash came between the ship and keeping it).
+    pub unkept: bool,
+    /// `openssl` or `sha256sum`.
+    pub hasher: Option<String>,
+    pub uid: Option<u32>,
+    pub umask: Option<u32>,
+    /// `Err(what is missing)` when the node lacks a tool a delta uses.
+    pub tools: Result<(), String>,
+    pub shared_missing: Vec<String>,
+    /// The release `current` points to, with the sha256 of its manifest.
+    pub base: Option<(String, String)>,
+}
+
+pub fn parse_probe(out: &str) -> Probe {
+    let mut p = Probe {
+        present: false,
+        unkept: false,
+        hasher: None,
+        uid: None,
+        umask: None,
+        tools: Err("not probed".into()),
+        shared_missing: Vec::new(),
+        base: None,
+    };
+    let mut base = None;
+    let mut base_manifest = None;
+    for line in out.lines() {
+        let line = line.trim_end();
+        match line {
+            "present" => p.present = true,
+            "unkept" => p.unkept = true,
+            _ => {}
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        match k {
+            "hasher" if !v.is_empty() => p.hasher = Some(v.to_string()),
+            "uid" => p.uid = v.parse().ok(),
+            "umask" => p.umask = u32::from_str_radix(v, 8).ok(),
+            "tools" => {
+                p.tools = if v == "ok" {
+                    Ok(())
+                } else {
+                    Err(v.to_string())
+                }
+            }
+            "shared_missing" => p.shared_missing.push(v.to_string()),
+            "base" if !v.is_empty() => base = Some(v.to_string()),
+            "base_manifest" if v.len() == 64 => base_manifest = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    p.base = base.zip(base_manifest);
+    p
+}
+
+/// The command a node hashes with (`hasher` as [`Probe::hasher`] names it).
+pub fn hash_command(hasher: &str) -> &'static str {
+    if hasher == "openssl" {
+        "openssl dgst -sha256 -r"
+    } else {
+        "sha256sum"
+    }
+}
+
+/// Keeps the manifest (gzip'd on stdin) of a release shipped whole as
+/// `.hangar/manifests/<id>`, if `releases/<id>` still came from that
+/// artifact; checks what arrived against `manifest_sha`.
+pub fn store_manifest_script(
+    config: &ReleaseConfig,
+    id: &str,
+    artifact_sha: &str,
+    manifest_sha: &str,
+    hasher: &str,
+) -> String {
     let mut s = String::from("set -u\n");
     s.push_str(&lock_prelude(config));
     s.push_str(&format!(
-        "id={id}\nwant={want}\nrel=\"$root/releases/$id\"\ntmp=\"$rel.tmp\"\n",
+        r#"id={id}
+want={want}
+hash={hash}
+m="$root/.hangar/manifests/$id"
+if ! [ -d "$root/releases/$id" ] || [ "$(cat "$root/.hangar/artifacts/$id" 2>/dev/null)" != "$want" ]; then
+  echo "release $id is not the one shipped from this artifact" >&2; exit {EXIT_NOT_SHIPPED}
+fi
+mkdir -p "$root/.hangar/manifests" && gzip -dc > "$m.tmp" \
+  && [ "$($hash < "$m.tmp" | cut -c1-64)" = {sha} ] && mv -f "$m.tmp" "$m" || {{ rm -f "$m.tmp"; exit 72; }}
+"#,
+        id = shell_quote(id),
+        want = shell_quote(&artifact_sha.to_ascii_lowercase()),
+        hash = shell_quote(hash_command(hasher)),
+        sha = shell_quote(manifest_sha),
+    ));
+    s
+}
+
+/// Prints (gzip'd) the manifest kept for release `id`.
+pub fn read_manifest_script(config: &ReleaseConfig, id: &str) -> String {
+    format!(
+        "gzip -c < {root}/.hangar/manifests/{id}",
+        root = config.root_q(),
+        id = shell_quote(id)
+    )
+}
+
+/// Extracts the tarball on stdin into `releases/<id>.tmp/tree` and links
+/// shared paths: the node's side of a whole ship is just `tar -xzf -`.
+/// Nothing here is activatable: the operator, which hashed every byte as it
+/// sent it (SSH's authenticated encryption delivers them unaltered and in
+/// order), renames it into place with [`commit_script`] only when the
+/// sha256 matched and this script exited 0 (`tar` read the whole stream).
+/// `token` marks the staging directory as this operator's.
+pub fn ship_script(config: &ReleaseConfig, id: &str, sha256: &str, token: &str) -> String {
+    let mut s = String::from("set -u\n");
+    s.push_str(&lock_prelude(config));
+    s.push_str(&format!(
+        "id={id}\nwant={want}\ntoken={token}\nrel=\"$root/releases/$id\"\ntmp=\"$rel.tmp\"\n",
         id = shell_quote(id),
         want = shell_quote(&sha256.to_ascii_lowercase()),
+        token = shell_quote(token),
     ));
     s.push_str(&format!(
         r#"art="$root/.hangar/artifacts/$id"
-if [ -d "$rel" ] && [ "$(cat "$art" 2>/dev/null)" = "$want" ]; then cat >/dev/null; echo present; exit 0; fi
+if [ -d "$rel" ] && [ "$(cat "$art" 2>/dev/null)" = "$want" ]; then echo present; exit 0; fi
 rm -rf "$tmp"
-mkdir -p "$tmp/tree" && mkfifo "$tmp/hash.fifo" || exit 70
-# OpenSSL's sha256 is several times faster than coreutils' where it exists.
-if command -v openssl >/dev/null 2>&1; then
-  openssl dgst -sha256 -r < "$tmp/hash.fifo" > "$tmp/sha256" &
-else
-  sha256sum < "$tmp/hash.fifo" > "$tmp/sha256" &
-fi
-hasher=$!
-tee "$tmp/hash.fifo" | tar -xzf - -C "$tmp/tree" 2>"$tmp/tar.err"
-untar=$?
-wait "$hasher"
-got=$(cut -c1-64 "$tmp/sha256" 2>/dev/null)
-if [ "$got" != "$want" ]; then
-  rm -rf "$tmp"
-  echo "sha256=$got"
-  exit {EXIT_CHECKSUM}
-fi
-if [ "$untar" -ne 0 ]; then
+mkdir -p "$tmp/tree" || exit 70
+if ! tar -xzf - -C "$tmp/tree" 2>"$tmp/tar.err"; then
   cat "$tmp/tar.err" >&2
   rm -rf "$tmp"
   exit {EXIT_EXTRACT}
@@ -176,25 +311,73 @@ fi
 "#
     ));
     s.push_str(&link_shared_script(config, "$tmp/tree"));
-    s.push_str(
-        r#"# A release of this id from another artifact is replaced (the node is
+    s.push_str("printf '%s\\n' \"$token\" > \"$tmp/token\" || exit 72\necho extracted\n");
+    s
+}
+
+/// Renames the tree [`ship_script`] staged (with `token`) to
+/// `releases/<id>`, records its artifact, keeps its manifest (gzip'd on
+/// stdin, checked against `manifest_sha`; none when empty) and the ship order.
+pub fn commit_script(
+    config: &ReleaseConfig,
+    id: &str,
+    sha256: &str,
+    token: &str,
+    manifest: Option<(&str, &str)>,
+) -> String {
+    let mut s = String::from("set -u\n");
+    s.push_str(&lock_prelude(config));
+    let (msha, hash) = manifest.unwrap_or(("", "sha256sum"));
+    s.push_str(&format!(
+        "id={id}\nwant={want}\ntoken={token}\nmsha={msha}\nhash={hash}\n",
+        id = shell_quote(id),
+        want = shell_quote(&sha256.to_ascii_lowercase()),
+        token = shell_quote(token),
+        msha = shell_quote(msha),
+        hash = shell_quote(hash_command(hash)),
+    ));
+    s.push_str(&format!(
+        r#"rel="$root/releases/$id"
+tmp="$rel.tmp"
+art="$root/.hangar/artifacts/$id"
+man="$root/.hangar/manifests"
+[ "$(cat "$tmp/token" 2>/dev/null)" = "$token" ] || {{ echo "releases/$id.tmp is not what this ship staged" >&2; exit {EXIT_NOT_SHIPPED}; }}
+# A release of this id from another artifact is replaced (the node is
 # out of service while it ships; the activation that follows runs hooks).
 if [ -e "$rel" ]; then mv -T "$rel" "$tmp/replaced" || exit 71; fi
+rm -f "$man/$id"
 mv -T "$tmp/tree" "$rel" || exit 71
 mkdir -p "$root/.hangar/artifacts" && printf '%s\n' "$want" > "$art.tmp" && mv -f "$art.tmp" "$art" || exit 72
+if [ -n "$msha" ]; then
+  mkdir -p "$man" && gzip -dc > "$man/$id.tmp" 2>/dev/null \
+    && [ "$($hash < "$man/$id.tmp" | cut -c1-64)" = "$msha" ] && mv -f "$man/$id.tmp" "$man/$id" || rm -f "$man/$id.tmp"
+fi
 rm -rf "$tmp"
-{ grep -vxF "$id" "$root/.hangar/shipped" 2>/dev/null; echo "$id"; } > "$root/.hangar/shipped.tmp" \
+{{ grep -vxF "$id" "$root/.hangar/shipped" 2>/dev/null; echo "$id"; }} > "$root/.hangar/shipped.tmp" \
   && mv -f "$root/.hangar/shipped.tmp" "$root/.hangar/shipped" || exit 72
 echo shipped
-"#,
-    );
+"#
+    ));
+    s
+}
+
+/// Removes what [`ship_script`] staged with `token` (the artifact did not
+/// hash to its sha256).
+pub fn abort_script(config: &ReleaseConfig, id: &str, token: &str) -> String {
+    let mut s = String::from("set -u\n");
+    s.push_str(&lock_prelude(config));
+    s.push_str(&format!(
+        "tmp=\"$root/releases/\"{id}.tmp\n[ \"$(cat \"$tmp/token\" 2>/dev/null)\" = {token} ] && rm -rf \"$tmp\"\ntrue\n",
+        id = shell_quote(id),
+        token = shell_quote(token),
+    ));
     s
 }
 
 /// Replaces each shared path in `tree` by a link into `shared/`. The first
 /// release seeds `shared/<path>` from its own copy (or an empty directory);
 /// later releases never overwrite what `shared/` holds.
-fn link_shared_script(config: &ReleaseConfig, tree: &str) -> String {
+pub(super) fn link_shared_script(config: &ReleaseConfig, tree: &str) -> String {
     let mut s = String::new();
     for p in &config.shared_paths {
         let p = shell_quote(p);
@@ -322,7 +505,7 @@ pub fn prune_script(config: &ReleaseConfig, victims: &[String]) -> String {
     s.push_str("cur=$(readlink \"$root/current\" 2>/dev/null || true)\n");
     for v in victims {
         s.push_str(&format!(
-            "v={v}\n[ \"$cur\" = \"$root/releases/$v\" ] || rm -rf \"$root/releases/$v\" \"$root/.hangar/artifacts/$v\"\n",
+            "v={v}\n[ \"$cur\" = \"$root/releases/$v\" ] || rm -rf \"$root/releases/$v\" \"$root/.hangar/artifacts/$v\" \"$root/.hangar/manifests/$v\"\n",
             v = shell_quote(v)
         ));
     }
@@ -534,13 +717,17 @@ mod tests {
     }
 
     #[test]
-    fn ship_script_verifies_before_renaming_and_quotes() {
-        let s = ship_script(&cfg(), "r1", &"A".repeat(64));
-        let verify = s.find("if [ \"$got\" != \"$want\" ]").unwrap();
-        let rename = s.find("mv -T \"$tmp/tree\" \"$rel\"").unwrap();
+    fn a_whole_ship_stages_and_only_the_commit_renames() {
+        let s = ship_script(&cfg(), "r1", &"A".repeat(64), "t0k3n");
+        let extract = s.find("tar -xzf - -C \"$tmp/tree\"").unwrap();
         let link = s.find("ln -s \"$root/shared/$p\"").unwrap();
-        assert!(verify < link && link < rename, "{s}");
+        assert!(extract < link, "{s}");
+        assert!(!s.contains("mv -T \"$tmp/tree\""), "{s}");
         assert!(s.contains(&format!("want={}", "a".repeat(64))));
         assert!(s.contains("flock -w"));
+        let c = commit_script(&cfg(), "r1", &"A".repeat(64), "t0k3n", None);
+        let token = c.find("\"$token\" ] ||").unwrap();
+        let rename = c.find("mv -T \"$tmp/tree\" \"$rel\"").unwrap();
+        assert!(token < rename, "{c}");
     }
 }
