@@ -14,4 +14,4 @@ pub mod specs;
 pub mod status;
 pub mod telemetry;
 
-pub use run::{run, RunError};
+pub use run::{run, run_with, Ha, RunError};

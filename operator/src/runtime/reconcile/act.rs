@@ -76,14 +76,20 @@ impl Operator {
                 fleet::Action::Launch { .. } => {}
             }
         }
+        let mut stored = true;
         if !decision.launches.is_empty() {
             // The intents (and their tokens) reach the disk before EC2
             // hears of them: a crash between the call and its answer
             // retries the same token after the restart.
-            self.persist(status);
+            stored = self.persist(status);
         }
         for intent in &decision.launches {
-            if let Err(failure) = self.launch(name, cloud, obs, intent, status).await {
+            // lease: an intent a successor could not read is not launched.
+            let launched = match stored {
+                true => self.launch(name, cloud, obs, intent, status).await,
+                false => Err(intent_not_stored(intent)),
+            };
+            if let Err(failure) = launched {
                 failures.push(failure);
             }
         }
@@ -226,5 +232,21 @@ impl Operator {
             node_task::run(ctx, instance, task_for_run, handle)
         });
         Ok(())
+    }
+}
+
+/// The launch was not made because its intent could not be stored (with a
+/// distributed lease: not in the shared store, so a successor would not
+/// know its token). Transient: the next pass calls again, same token.
+fn intent_not_stored(intent: &LaunchIntent) -> ActionFailure {
+    ActionFailure::Launch {
+        token: intent.token.clone(),
+        subnet: intent.subnet.clone(),
+        count: intent.count,
+        error: hangar_cloud::CloudError::NotLeader {
+            operation: "RunInstances".into(),
+            reason: "its launch intent could not be stored".into(),
+        },
+        at: Utc::now(),
     }
 }
