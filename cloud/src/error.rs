@@ -2,6 +2,11 @@
 
 use std::time::Duration;
 
+/// The code of a `NotFound` that means "EC2 reports it terminated" (hangar's
+/// own; EC2's `InvalidInstanceID.NotFound` right after a launch is its
+/// eventual consistency, not a terminated instance).
+pub const TERMINATED: &str = "hangar.InstanceTerminated";
+
 /// `Clone`: one failed call that carried many reads fails each of them.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum CloudError {
@@ -59,6 +64,11 @@ impl CloudError {
             }
             _ => None,
         }
+    }
+
+    /// EC2 reports the instance terminated.
+    pub fn is_terminated(&self) -> bool {
+        matches!(self, CloudError::NotFound { code: Some(c), .. } if c == TERMINATED)
     }
 
     /// Whether trying again later can help.

@@ -429,15 +429,13 @@ fn assert_not_found<T: std::fmt::Debug>(result: Result<T, CloudError>, code: Opt
 // ---------------------------------------------------------------------------
 
 /// The SDK crates are built with default features off (no legacy
-/// hyper 0.14 / rustls 0.21 stack): the configuration chain must still
-/// find its one HTTPS-capable client, and real requests go out on it.
+/// hyper 0.14 / rustls 0.21 stack): a client built from the standard
+/// configuration chain, with no HTTP client of hangar's own, must still
+/// find the one the `default-https-client` feature provides, and real
+/// requests go out on it.
 #[tokio::test]
 async fn with_default_features_off_the_sdk_has_its_http_client_and_calls_go_out() {
     let sdk = sdk_config(moto().endpoint()).await;
-    assert!(
-        sdk.http_client().is_some(),
-        "default-https-client is built in"
-    );
     let ec2 = aws_sdk_ec2::Client::new(&sdk);
     let regions = ec2
         .describe_regions()
@@ -677,9 +675,52 @@ async fn set_phase_and_set_config_touch_only_our_live_instances() {
     assert_eq!(w.describe(&ours[1].id).await.0, "terminated");
     assert_not_found(
         cloud.set_phase(&ours[1].id, Phase::Draining, None).await,
-        None,
+        Some(hangar_cloud::error::TERMINATED),
     );
     assert_eq!(cloud.api_calls().get("ec2", "CreateTags").calls, 3);
+}
+
+/// A node coming up gets several tag writes within seconds: the ownership
+/// check of the first (or the launch itself) covers the next ones, while a
+/// foreign instance is checked, and refused, every time.
+#[tokio::test]
+async fn tag_writes_on_an_instance_known_ours_do_not_describe_it_again() {
+    let w = World::new().await;
+    let cloud = w.cloud(OWNER);
+    let ours = cloud
+        .launch(&w.launch_request("web", 1, "tok-owned"))
+        .await
+        .unwrap();
+    let foreign = w.foreign_instance().await;
+    let describes = || {
+        cloud
+            .api_calls()
+            .snapshot()
+            .into_iter()
+            .find(|o| o.operation == "DescribeInstances")
+            .map_or(0, |o| o.stats.calls)
+    };
+    let before = describes();
+    for phase in [
+        Phase::Provisioning,
+        Phase::Releasing,
+        Phase::Verifying,
+        Phase::InService,
+    ] {
+        cloud.set_phase(&ours[0].id, phase, None).await.unwrap();
+    }
+    assert_eq!(describes(), before, "launched by us: trusted");
+    for _ in 0..2 {
+        assert_not_owned(
+            cloud.set_phase(&foreign, Phase::Draining, None).await,
+            &foreign,
+        );
+    }
+    assert_eq!(
+        describes(),
+        before + 2,
+        "a foreign instance is looked at each time"
+    );
 }
 
 #[tokio::test]

@@ -406,6 +406,36 @@ pub struct Release {
     /// Automatic fleet-wide rollback on a rising 5xx rate after activation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<Rollback>,
+    /// Requests a node answers after activation and before it joins the
+    /// target group, so its first real users do not pay for cold caches
+    /// (OPcache, JIT, connection pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<Warmup>,
+}
+
+/// Paths requested on a freshly activated node before it serves traffic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Warmup {
+    /// Paths asked on the node's health-check port, in order (`/`,
+    /// `/products`): each is requested until it answers 2xx/3xx, then
+    /// `requests - 1` more times.
+    pub paths: Vec<String>,
+    /// Answered requests per path.
+    #[serde(default = "default_warmup_requests")]
+    pub requests: u32,
+    /// Longest the warm-up may take; the node joins the target group then
+    /// anyway (it passed its health check), and status says so.
+    #[serde(default = "default_warmup_deadline")]
+    pub deadline: Duration,
+}
+
+fn default_warmup_requests() -> u32 {
+    3
+}
+
+fn default_warmup_deadline() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_app_root() -> String {
@@ -417,7 +447,7 @@ fn default_keep() -> u32 {
 }
 
 /// Shell commands run in the release directory; any non-zero exit aborts.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReleaseHooks {
     /// Before `current` moves (migrations, cache warm-up). A failure keeps
@@ -427,6 +457,30 @@ pub struct ReleaseHooks {
     /// After `current` moved (reload php-fpm, restart workers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_activate: Vec<String>,
+    /// Run on exactly one node per release, before any node activates it
+    /// (database migrations: `php artisan migrate --force`). Never on two
+    /// nodes at once, not again once it succeeded (also across an operator
+    /// restart); a failure halts the rollout with the old release serving.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub once: Vec<String>,
+    /// Longest the `once` hooks may run together.
+    #[serde(default = "default_once_timeout")]
+    pub once_timeout: Duration,
+}
+
+fn default_once_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+impl Default for ReleaseHooks {
+    fn default() -> Self {
+        ReleaseHooks {
+            before_activate: Vec::new(),
+            after_activate: Vec::new(),
+            once: Vec::new(),
+            once_timeout: default_once_timeout(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

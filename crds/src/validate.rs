@@ -403,6 +403,35 @@ pub fn validate(cluster: &Cluster, spec_dir: Option<&Path>) -> Vec<FieldError> {
         format!("{p}.healthCheck.deadline"),
         "must be at least the per-request timeout",
     );
+    if let Some(w) = &rel.warmup {
+        e.check(
+            !w.paths.is_empty(),
+            format!("{p}.warmup.paths"),
+            "must name at least one path",
+        );
+        for (i, path) in w.paths.iter().enumerate() {
+            e.check(
+                path.starts_with('/'),
+                format!("{p}.warmup.paths[{i}]"),
+                "must start with `/`",
+            );
+        }
+        e.check(
+            w.requests >= 1,
+            format!("{p}.warmup.requests"),
+            "must be at least 1",
+        );
+        e.check(
+            !w.deadline.is_zero(),
+            format!("{p}.warmup.deadline"),
+            "must be greater than 0s",
+        );
+    }
+    e.check(
+        rel.hooks.once.is_empty() || !rel.hooks.once_timeout.is_zero(),
+        format!("{p}.hooks.onceTimeout"),
+        "must be greater than 0s",
+    );
     e.check(
         rel.rollout.max_unavailable + rel.rollout.max_surge >= 1,
         format!("{p}.rollout"),

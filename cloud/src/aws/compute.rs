@@ -104,6 +104,7 @@ impl Compute for AwsCloud {
                 Some(with_hangar_fields(instance))
             })
             .collect();
+        self.trust_owned(launched.iter().map(|i| i.id.as_str()));
         tracing::info!(
             cluster = %req.cluster,
             subnet = %req.subnet,
@@ -202,6 +203,7 @@ impl Compute for AwsCloud {
                 .await
                 .map_err(|e| from_sdk("ec2", || format!("instance {}", chunk.join(", ")), e))?;
         }
+        self.forget_owned(&ids);
         tracing::info!(ids = ?ids, "terminated instances");
         Ok(())
     }
@@ -220,7 +222,7 @@ impl AwsCloud {
         {
             return Err(CloudError::NotFound {
                 what: format!("instance {id} (terminated)"),
-                code: None,
+                code: Some(crate::error::TERMINATED.into()),
             });
         }
         let ec2_tags = new_tags

@@ -235,6 +235,7 @@ impl AwsCloudBuilder {
                 https,
                 prometheus,
                 load_balancer_of: Mutex::new(HashMap::new()),
+                owned: Mutex::new(HashMap::new()),
                 metric_batcher: Arc::default(),
                 fence: self.fence,
             }),
@@ -262,6 +263,8 @@ struct Inner {
     /// Target group ARN → CloudWatch `LoadBalancer` dimension value. A
     /// target group's load balancer changes rarely enough to cache forever.
     load_balancer_of: Mutex<HashMap<String, String>>,
+    /// Instances seen ours, and when (see `ownership::OWNED_TTL`).
+    owned: Mutex<HashMap<String, std::time::Instant>>,
     /// ALB metric reads of this region, sharing `GetMetricData` calls.
     metric_batcher: Arc<crate::metric_batch::MetricBatcher>,
     fence: Arc<dyn Fence>,

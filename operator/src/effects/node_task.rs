@@ -174,10 +174,10 @@ impl NodeRun {
             .await
         {
             Ok(()) => {}
-            // The cloud saw it terminated. (`InvalidInstanceID.NotFound`,
-            // with a code, is EC2's eventual consistency for an instance
-            // launched a moment ago: a retry.)
-            Err(CloudError::NotFound { code: None, .. }) => {
+            // The cloud saw it terminated. (`InvalidInstanceID.NotFound` is
+            // EC2's eventual consistency for an instance launched a moment
+            // ago: a retry, below.)
+            Err(e) if e.is_terminated() => {
                 self.ctx.instances.terminated(&self.instance.id);
                 return Err(Fail::Gone);
             }
