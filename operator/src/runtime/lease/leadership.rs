@@ -61,7 +61,8 @@ pub struct Term {
 enum Mode {
     /// `flock`: leader for the whole life of the process.
     Single,
-    Distributed(Mutex<Lease>),
+    /// Boxed: the machine is large beside the unit variant.
+    Distributed(Box<Mutex<Lease>>),
 }
 
 struct Inner {
@@ -129,7 +130,7 @@ impl Leadership {
         Leadership {
             inner: Arc::new(Inner {
                 origin: Instant::now(),
-                mode: Mode::Distributed(Mutex::new(Lease::new(holder, timing))),
+                mode: Mode::Distributed(Box::new(Mutex::new(Lease::new(holder, timing)))),
                 term: Mutex::new(None),
                 view: watch::channel(view).0,
             }),
