@@ -27,6 +27,9 @@ pub struct LaunchRequest {
     /// new on EC2. Derived by the caller from what it observed, so a retry
     /// after a lost response reuses it.
     pub client_token: String,
+    /// Hash of the spec's launch settings; stamped as `hangar:launch` (when
+    /// not empty) so a later change of them is noticed on every node.
+    pub launch_settings: String,
 }
 
 #[async_trait]

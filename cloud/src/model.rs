@@ -18,6 +18,9 @@ pub mod tags {
     /// Hash of the provisioning config (runbook, vars, env file) the node
     /// was last provisioned with; a change re-provisions it.
     pub const CONFIG: &str = "hangar:config";
+    /// Hash of the launch settings (template, version, instance type, user
+    /// tags) the instance was launched with; a change replaces it.
+    pub const LAUNCH: &str = "hangar:launch";
     /// Set by people (value `true`) to exempt a node from scale-in.
     pub const PROTECTED: &str = "hangar:protected";
     /// The lease fence of the leader that launched the instance or last

@@ -321,6 +321,7 @@ impl World {
             subnet: self.subnet.clone(),
             extra_tags: BTreeMap::new(),
             client_token: token.into(),
+            launch_settings: String::new(),
         }
     }
 

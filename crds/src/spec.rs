@@ -113,6 +113,12 @@ pub struct Instances {
     /// Extra tags for every instance. Keys starting with `hangar:` are reserved.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// Nodes older than this are replaced (surge first, one batch at a
+    /// time, spread over the last tenth of the lifetime so a fleet
+    /// launched together is not replaced at once), like ASG's maximum
+    /// instance lifetime: no node lives on an unpatched kernel forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime: Option<Duration>,
 }
 
 fn default_launch_template_version() -> String {

@@ -129,6 +129,14 @@ pub fn validate(cluster: &Cluster, spec_dir: Option<&Path>) -> Vec<FieldError> {
         );
     }
 
+    if let Some(life) = inst.max_lifetime {
+        e.check(
+            life.get() >= std::time::Duration::from_secs(600),
+            "spec.instances.maxLifetime",
+            "must be at least 10m (a node must live long enough to be replaced)",
+        );
+    }
+
     // load balancer
     let arn = &spec.load_balancer.target_group_arn;
     e.check(

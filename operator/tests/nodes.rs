@@ -821,3 +821,129 @@ steps:
         assert!(!logs.contains(secret), "secret in logs:\n{logs}");
     }
 }
+
+/// `release.hooks.once` on a real node: the run survives the caller going
+/// away (a cancel, a lost connection, an operator crash), two callers at
+/// once share one run, a finished run is never started again, and a
+/// failure is kept with its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_hooks_run_once_per_release_whoever_asks_and_however_often() {
+    let fx = Fixture::new(1);
+    let pool = fx.pool();
+    assert!(provision(&fx, 0, &pool).await.succeeded());
+    let session = pool.session(&fx.target(0)).await.unwrap();
+    let config = release_config(5);
+    let node = &fx.nodes[0];
+    release::deploy(&session, &config, "v1", &fx.tarball("v1", true, false))
+        .await
+        .unwrap();
+    release::ship(&session, &config, "v2", &fx.tarball("v2", true, false))
+        .await
+        .unwrap();
+    let migrate = vec![
+        "test \"$RELEASE_ID\" = v2 && test \"$PWD\" = /srv/app/releases/v2".into(),
+        "echo start >> \"$SHARED_PATH/migrations\"; sleep 2; echo end >> \"$SHARED_PATH/migrations\""
+            .into(),
+    ];
+    let hour = Duration::from_secs(3600);
+    let runs = || {
+        node.exec_inside_ok("cat /srv/app/shared/migrations 2>/dev/null || true")
+            .unwrap()
+    };
+
+    // The caller goes away while the hooks run: they go on.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let leave_once_started = async {
+        let until = Instant::now() + Duration::from_secs(10);
+        while runs().is_empty() {
+            assert!(Instant::now() < until, "the once hooks never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cancel.cancel();
+    };
+    let (first, ()) = tokio::join!(
+        release::run_once(&session, &config, "v2", &migrate, hour, &cancel),
+        leave_once_started
+    );
+    assert!(matches!(first, Err(ReleaseError::Cancelled)), "{first:?}");
+    assert_eq!(runs(), "start\n", "still running after the caller left");
+
+    // Two operators ask at once (a restart racing a slow one): one run.
+    let never = tokio_util::sync::CancellationToken::new();
+    let a = release::run_once(&session, &config, "v2", &migrate, hour, &never);
+    let b = release::run_once(&session, &config, "v2", &migrate, hour, &never);
+    let (a, b) = tokio::join!(a, b);
+    for r in [a, b] {
+        assert!(matches!(r, Ok(release::OnceRun::Ran { .. })), "{r:?}");
+    }
+    assert_eq!(runs(), "start\nend\n");
+    let again = release::run_once(&session, &config, "v2", &migrate, hour, &never)
+        .await
+        .unwrap();
+    assert_eq!(again, release::OnceRun::AlreadyDone);
+    assert_eq!(runs(), "start\nend\n", "never run a second time");
+    // Shipped, hooks run, never activated: v1 still serves.
+    assert_eq!(http_get(node, "/").await.2, "v1");
+
+    // A failure is kept: asking again reports it and runs nothing.
+    release::ship(&session, &config, "v3", &fx.tarball("v3", true, false))
+        .await
+        .unwrap();
+    let failing = vec![
+        "echo ran >> \"$SHARED_PATH/failures\"".into(),
+        "echo 'SQLSTATE[42S01]: table exists' >&2; exit 3".into(),
+        "echo never >> \"$SHARED_PATH/failures\"".into(),
+    ];
+    for _ in 0..2 {
+        let err = release::run_once(&session, &config, "v3", &failing, hour, &never)
+            .await
+            .unwrap_err();
+        match &err {
+            ReleaseError::HookFailed { status, output, .. } => {
+                assert_eq!(status, "exit status 3", "{err}");
+                assert!(output.contains("table exists"), "{err}");
+            }
+            other => panic!("expected HookFailed, got {other}"),
+        }
+    }
+    assert_eq!(
+        node.exec_inside_ok("cat /srv/app/shared/failures").unwrap(),
+        "ran\n"
+    );
+
+    // A release that is not on the node cannot run its hooks.
+    let err = release::run_once(&session, &config, "v9", &migrate, hour, &never)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ReleaseError::NotShipped { .. }), "{err}");
+}
+
+/// `release.warmup` against a real HTTP server: every path answered the
+/// asked number of times; a path that never answers is named when the
+/// deadline passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_up_asks_each_path_until_answered_and_names_the_one_that_never_is() {
+    let fx = Fixture::new(1);
+    let pool = fx.pool();
+    assert!(provision(&fx, 0, &pool).await.succeeded());
+    let session = pool.session(&fx.target(0)).await.unwrap();
+    release::deploy(
+        &session,
+        &release_config(5),
+        "v1",
+        &fx.tarball("v1", true, false),
+    )
+    .await
+    .unwrap();
+    let ip = IpAddr::V4(fx.nodes[0].ip());
+    let second = Duration::from_secs(1);
+    let paths = vec!["/".to_string(), "/health".to_string()];
+    let warmed = hangar::effects::health::warm_up(ip, 80, &paths, 3, second, 10 * second)
+        .await
+        .unwrap();
+    assert_eq!(warmed.answered, 6);
+    let err = hangar::effects::health::warm_up(ip, 80, &["/missing".into()], 1, second, second)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("/missing"), "{err}");
+}

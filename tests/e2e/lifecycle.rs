@@ -122,3 +122,41 @@ fn hangar_plan_reads_the_cloud_and_never_changes_it() {
     }
     assert_eq!(s.instances("web").len(), 2, "nothing launched");
 }
+
+/// ASG's instance refresh: a spec naming another instance type replaces
+/// every machine — each new one serving before an old one is drained, at
+/// most desired + maxSurge machines at once, no request dropped.
+#[test]
+fn a_new_instance_type_replaces_every_node_surge_first_dropping_no_request() {
+    let mut s = Scenario::start();
+    let spec = s.spec().remove("spec.autoscaling").with_capacity(2, 2);
+    s.write_spec(&spec);
+    s.start_operator();
+    s.wait_status(
+        "web",
+        "2 in service on v1",
+        Duration::from_secs(120),
+        |st| settled_on(st, 2, "v1"),
+    );
+    let old: Vec<String> = s.instances("web").iter().map(|i| i.id.clone()).collect();
+    let load = s.cloud.start_load(20.0, None).expect("load");
+    s.write_spec(&spec.set("spec.instances.instanceType", "t3.small"));
+    s.wait_status(
+        "web",
+        "2 new machines in service",
+        Duration::from_secs(240),
+        |st| settled_on(st, 2, "v1") && st.nodes.iter().all(|n| !old.contains(&n.id)),
+    );
+    let report = load.stop();
+    assert_eq!(report.errors, 0, "{report:?}");
+    let launches: Vec<String> = s
+        .instances("web")
+        .iter()
+        .filter_map(|i| i.tags.get(hangar_cloud::tags::LAUNCH).cloned())
+        .collect();
+    assert_eq!(launches.len(), 2, "both stamped with the new settings");
+    let w = s.watcher.report();
+    assert_eq!(w.launched.len(), 4, "one new machine per old one");
+    assert!(w.max_alive <= 3, "desired 2 + maxSurge 1: {}", w.max_alive);
+    s.watcher.assert_invariants();
+}

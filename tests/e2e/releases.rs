@@ -1,9 +1,10 @@
 //! Rolling releases: zero dropped requests, halts and rollbacks.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hangar::runtime::status::ConditionType;
 use hangar_local::artifact::ReleaseKind;
+use hangar_local::spec::Yaml;
 
 use crate::support::{settled_on, Scenario};
 
@@ -172,5 +173,63 @@ fn a_provisioning_change_is_pushed_to_serving_nodes_in_a_rolling_way_without_a_r
         3,
         "pushed in place, nothing launched"
     );
+    s.watcher.assert_invariants();
+}
+
+/// Capistrano's `migration_role`, Deployer's `once()`: the migration runs
+/// on one node, before any node activates the release — and a crash of the
+/// operator while it runs neither starts a second run nor lets the release
+/// through early.
+#[test]
+fn once_hooks_run_on_one_node_before_any_node_activates_even_across_a_crash() {
+    let mut s = Scenario::start();
+    let spec = three_nodes_on_v1(&mut s);
+    // Not under /tmp: a lite node's /tmp is its own.
+    let shared = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("shared dir");
+    let log = shared.path().join("migrations.log");
+    let migrate = format!(
+        "echo \"start $RELEASE_ID\" >> {log}; sleep 4; echo \"end $RELEASE_ID\" >> {log}",
+        log = log.display()
+    );
+    let runs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let v2 = s.cloud.upload_release("v2", ReleaseKind::Good).expect("v2");
+    let load = s.cloud.start_load(20.0, None).expect("load");
+    s.write_spec(
+        &spec
+            .with_release(&v2)
+            .set("spec.release.hooks.once", Yaml::list([migrate.as_str()]))
+            .set("spec.release.warmup.paths", Yaml::list(["/", "/health"])),
+    );
+    let until = Instant::now() + Duration::from_secs(120);
+    while !runs().contains("start v2") {
+        assert!(Instant::now() < until, "the once hooks never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.crash_operator();
+    let on_v2 = |s: &Scenario| {
+        s.instances("web")
+            .iter()
+            .filter(|i| i.release.as_deref() == Some("v2"))
+            .count()
+    };
+    assert_eq!(on_v2(&s), 0, "nothing activates v2 before its migration");
+    s.start_operator();
+    let st = s.wait_status("web", "every node on v2", Duration::from_secs(180), |st| {
+        settled_on(st, 3, "v2")
+    });
+    assert_eq!(runs(), "start v2\nend v2\n", "exactly one run, to its end");
+    assert!(st.memory.release.once_done.contains(&"v2".to_string()));
+    let warmed = st
+        .activities
+        .iter()
+        .filter(|a| a.kind == "warmup" && a.message.starts_with("warmed up: 6 request(s)"))
+        .count();
+    assert!(
+        warmed >= 3,
+        "each node warmed before it rejoined: {:?}",
+        st.activities
+    );
+    let report = load.stop();
+    assert_eq!(report.errors, 0, "{report:?}");
     s.watcher.assert_invariants();
 }

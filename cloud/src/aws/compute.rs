@@ -277,6 +277,10 @@ fn launch_tags(
     if let Some(epoch) = epoch {
         all.insert(tags::EPOCH.to_string(), epoch.to_string());
     }
+    if !req.launch_settings.is_empty() {
+        check_value(tags::LAUNCH, &req.launch_settings)?;
+        all.insert(tags::LAUNCH.to_string(), req.launch_settings.clone());
+    }
     if all.len() > MAX_TAGS {
         return Err(invalid(&format!(
             "{} tags; AWS allows {MAX_TAGS} per resource",
@@ -416,6 +420,7 @@ mod tests {
             subnet: "subnet-1".into(),
             extra_tags: BTreeMap::from([("team".into(), "payments".into())]),
             client_token: "web-r1-1".into(),
+            launch_settings: "ls1".into(),
         }
     }
 
@@ -429,6 +434,7 @@ mod tests {
         assert_eq!(tags["hangar:owner"], "op-1");
         assert_eq!(tags["hangar:phase"], "launching");
         assert_eq!(tags["hangar:release"], "r1");
+        assert_eq!(tags["hangar:launch"], "ls1");
         assert_eq!(tags["team"], "payments");
         for reserved in ["hangar:owner", "Hangar:Phase", "aws:foo"] {
             let mut req = request();

@@ -17,7 +17,7 @@ use hangar_crds::ClusterSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::core::fleet::{self, Task};
-use crate::core::launches::LaunchIntent;
+use crate::core::launches::{self, LaunchIntent};
 use crate::core::memory::{DecisionRecord, Memory, ServingCount};
 use crate::core::observation::{ActionFailure, Observation, Outcome, Reads};
 use crate::core::planner;
@@ -74,6 +74,10 @@ pub struct Decision {
     /// retries of earlier ones, each with its own token. The runtime
     /// persists the memory holding them before it calls.
     pub launches: Vec<LaunchIntent>,
+    /// The memory must reach the disk before anything is acted on: it
+    /// holds launch intents (their tokens) or the node a `once` run was
+    /// given to.
+    pub persist_first: bool,
     /// Notes node tasks left (already logged by them), oldest first.
     pub task_notes: Vec<Activity>,
     /// What this decision did, oldest first.
@@ -104,7 +108,8 @@ pub fn decide(obs: &Observation, memory: &Memory) -> Decision {
     let serving: Vec<&Instance> = obs.instances.iter().filter(|i| serves(i)).collect();
     let evaluation_due = pass.plan_capacity(serving.len() as u32);
     pass.follow_release(&serving, evaluation_due);
-    let diff = pass.fleet_diff();
+    let mut diff = pass.fleet_diff();
+    pass.run_once_hooks(&mut diff);
     pass.finish(diff)
 }
 
@@ -136,6 +141,7 @@ pub fn decide_removed(obs: &Observation, memory: &Memory) -> Decision {
         .iter()
         .map(|i| fleet_node(i, &obs.running, &pass.memory, &HashMap::new(), obs.now))
         .collect();
+    let launch = launches::settings_hash(&spec.instances);
     let target = fleet::Target {
         desired: 0,
         release: &pass.memory.release.target,
@@ -148,6 +154,9 @@ pub fn decide_removed(obs: &Observation, memory: &Memory) -> Decision {
         scale_in: spec.scale_in_policy,
         self_healing: spec.self_healing,
         launch_allowed: false,
+        hold_at_releasing: false,
+        launch: &launch,
+        max_lifetime: None,
         now: obs.now,
     };
     // Launches a deleted cluster intended are not made any more; if any
@@ -190,6 +199,7 @@ pub fn reads(obs: &Observation, memory: &Memory) -> Reads {
             &rollout::Observed {
                 serving: &serving,
                 settled: settled(&obs.running),
+                once_hooks: !spec.release.hooks.once.is_empty(),
                 now: obs.now,
             },
         );
@@ -209,6 +219,8 @@ struct Pass<'o> {
     obs: &'o Observation,
     /// This process has not decided for the cluster before.
     first_pass: bool,
+    /// A `once` run was given to a node this pass.
+    once_started: bool,
     memory: Memory,
     task_notes: Vec<Activity>,
     activities: Vec<Activity>,
@@ -220,6 +232,7 @@ impl<'o> Pass<'o> {
         Pass {
             obs,
             first_pass: !memory.continuing(),
+            once_started: false,
             memory: memory.clone(),
             task_notes: Vec::new(),
             activities: Vec::new(),
@@ -277,6 +290,10 @@ impl<'o> Pass<'o> {
                 task: f.task.name(),
                 result: f.outcome.label(),
             });
+            if let Task::Once { release } = &f.task {
+                self.once_finished(&f.node, release, &f.outcome, f.at);
+                continue;
+            }
             let m = &mut self.memory;
             let outcome = give_up_after_retries(m, &f.node, &f.task, &f.outcome);
             match &outcome {
@@ -331,6 +348,40 @@ impl<'o> Pass<'o> {
                     }
                 }
             }
+        }
+    }
+
+    /// A `once` run ended (or stopped): done, failed (the rollout halts,
+    /// the old release keeps serving) or to be asked again on its node.
+    fn once_finished(&mut self, node: &str, release: &str, outcome: &Outcome, at: DateTime<Utc>) {
+        let m = &mut self.memory;
+        match outcome {
+            Outcome::Done => {
+                rollout::once_succeeded(&mut m.release, release);
+                m.node_errors.remove(node);
+                self.activities.push(Activity::new(
+                    at,
+                    "once",
+                    Some(node),
+                    format!("the once hooks of {release} succeeded"),
+                ));
+            }
+            Outcome::ReleaseFailed { reason, .. } | Outcome::NodeFailed(reason) => {
+                m.release.once_running = None;
+                m.node_errors.insert(node.to_string(), reason.clone());
+                let why = format!("once hooks: {reason}");
+                if let Some(ev) = rollout::fail(&mut m.release, release, &why) {
+                    self.rollout_events(vec![ev]);
+                }
+            }
+            Outcome::Retry(why) => {
+                m.node_errors.insert(node.to_string(), why.clone());
+                m.retry_after.insert(
+                    node.to_string(),
+                    at + chrono::Duration::from_std(RETRY_REST).unwrap_or_default(),
+                );
+            }
+            Outcome::Cancelled => {}
         }
     }
 
@@ -447,6 +498,7 @@ impl<'o> Pass<'o> {
             &rollout::Observed {
                 serving: &serving_releases,
                 settled: settled(&obs.running),
+                once_hooks: !spec.release.hooks.once.is_empty(),
                 now,
             },
         );
@@ -465,6 +517,7 @@ impl<'o> Pass<'o> {
     fn fleet_diff(&mut self) -> fleet::Diff {
         let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
         let m = &self.memory;
+        let launch = launches::settings_hash(&spec.instances);
         let nodes: Vec<fleet::Node> = obs
             .instances
             .iter()
@@ -489,6 +542,12 @@ impl<'o> Pass<'o> {
             scale_in: spec.scale_in_policy,
             self_healing: spec.self_healing,
             launch_allowed: m.launch_backoff_until.is_none_or(|t| t <= now),
+            hold_at_releasing: self.once_gated() && m.release.target == spec.release.id,
+            launch: &launch,
+            max_lifetime: spec
+                .instances
+                .max_lifetime
+                .and_then(|d| chrono::Duration::from_std(d.get()).ok()),
             now,
         };
         let mut diff = fleet::diff(&nodes, &target);
@@ -511,6 +570,91 @@ impl<'o> Pass<'o> {
             }
         }
         out
+    }
+
+    /// The desired release waits for its `once` hooks.
+    fn once_gated(&self) -> bool {
+        let spec = &self.obs.spec;
+        rollout::once_gated(
+            &self.memory.release,
+            &spec.release.id,
+            !spec.release.hooks.once.is_empty(),
+        )
+    }
+
+    /// Gives the desired release's `once` hooks to exactly one node, and
+    /// keeps them there: the run recorded in memory (persisted before the
+    /// task starts) names its node until it ends, so a restarted operator
+    /// asks that node again instead of starting a second run elsewhere.
+    fn run_once_hooks(&mut self, diff: &mut fleet::Diff) {
+        let (obs, now) = (self.obs, self.obs.now);
+        let desired = obs.spec.release.id.clone();
+        let gated = self.once_gated();
+        let release = &mut self.memory.release;
+        if release
+            .once_running
+            .as_ref()
+            .is_some_and(|r| r.release != desired || !gated)
+        {
+            release.once_running = None;
+        }
+        if !gated {
+            return;
+        }
+        let alive = |id: &str| {
+            obs.instances.iter().any(|i| {
+                i.id == id && matches!(i.state, InstanceState::Pending | InstanceState::Running)
+            })
+        };
+        if let Some(run) = &release.once_running {
+            if !alive(&run.node) {
+                // Gone with its node: nothing runs there any more.
+                let message = format!(
+                    "{} is gone: its once run of {desired} is given to another node",
+                    run.node
+                );
+                release.once_running = None;
+                self.record("once", None, message);
+                return;
+            }
+        }
+        let chosen = match &release.once_running {
+            Some(run) => Some(run.node.clone()),
+            None => once_candidate(obs, &self.memory),
+        };
+        let Some(node) = chosen else {
+            diff.notes.push(format!(
+                "the once hooks of {desired} wait for a provisioned node"
+            ));
+            return;
+        };
+        if obs.running.contains_key(&node)
+            || diff.actions.iter().any(|a| matches!(a, fleet::Action::Start { node: n, .. } | fleet::Action::Cancel { node: n, .. } if *n == node))
+        {
+            diff.notes.push(format!("the once hooks of {desired} run on {node}"));
+            return;
+        }
+        if self.memory.retry_after.get(&node).is_some_and(|t| *t > now) {
+            return;
+        }
+        let release = &mut self.memory.release;
+        if release.once_running.is_none() {
+            release.once_running = Some(rollout::OnceRun {
+                release: desired.clone(),
+                node: node.clone(),
+                since: now,
+            });
+            self.record(
+                "once",
+                Some(&node),
+                format!("running the once hooks of {desired}"),
+            );
+        }
+        self.once_started = true;
+        diff.actions.push(fleet::Action::Start {
+            node,
+            task: Task::Once { release: desired },
+        });
     }
 
     fn rollout_events(&mut self, events: Vec<rollout::Event>) {
@@ -550,16 +694,39 @@ impl<'o> Pass<'o> {
                 self.record("drain", Some(node), format!("draining: {reason}"));
             }
         }
+        let persist_first = !launches.is_empty() || self.once_started;
         Decision {
             memory: self.memory,
             diff,
             launches,
+            persist_first,
             task_notes: self.task_notes,
             activities: self.activities,
             counts: self.counts,
             forget: false,
         }
     }
+}
+
+/// The node to run `once` hooks on: provisioned, running, not leaving, no
+/// task — in service first (oldest), else one held at `releasing`.
+fn once_candidate(obs: &Observation, memory: &Memory) -> Option<String> {
+    let mut candidates: Vec<&Instance> = obs
+        .instances
+        .iter()
+        .filter(|i| i.state == InstanceState::Running)
+        .filter(|i| matches!(i.phase, Some(Phase::InService | Phase::Releasing)))
+        .filter(|i| !obs.running.contains_key(&i.id))
+        .filter(|i| !memory.failed_nodes.contains_key(&i.id))
+        .collect();
+    candidates.sort_by_key(|i| {
+        (
+            i.phase != Some(Phase::InService),
+            i.launched_at,
+            i.id.clone(),
+        )
+    });
+    candidates.first().map(|i| i.id.clone())
 }
 
 /// In service and running: what carries traffic.
@@ -608,6 +775,7 @@ fn fleet_node(
         failed: memory.failed_nodes.get(&i.id).cloned(),
         unhealthy_since: unhealthy.get(&i.id).copied(),
         resting: memory.retry_after.get(&i.id).is_some_and(|t| *t > now),
+        launch: i.tags.get(tags::LAUNCH).cloned(),
     }
 }
 

@@ -35,6 +35,13 @@ pub enum Task {
     Rollback { release: String },
     /// Deregister, drain, run drain hooks, terminate.
     Drain { reason: String },
+    /// Walk a new node up to `releasing` and stop there: provisioned,
+    /// ready for a release that may not be activated yet (its `once` hooks
+    /// have not run).
+    Prepare,
+    /// Ship `release` to the node without activating it and run its
+    /// `once` hooks there (the node keeps serving what it runs).
+    Once { release: String },
 }
 
 impl Task {
@@ -44,6 +51,8 @@ impl Task {
             Task::Update { .. } => "update",
             Task::Rollback { .. } => "rollback",
             Task::Drain { .. } => "drain",
+            Task::Prepare => "prepare",
+            Task::Once { .. } => "once",
         }
     }
 }
@@ -70,6 +79,10 @@ pub struct Node {
     pub unhealthy_since: Option<DateTime<Utc>>,
     /// Its last task ended in a retry a moment ago: no new task yet.
     pub resting: bool,
+    /// Hash of the launch settings it was launched with (`hangar:launch`);
+    /// `None` for instances launched before hangar stamped it (taken as
+    /// current: upgrading hangar must not replace a fleet).
+    pub launch: Option<String>,
 }
 
 impl Node {
@@ -83,6 +96,21 @@ impl Node {
     /// On the target release and config.
     fn is_current(&self, t: &Target<'_>) -> bool {
         self.release.as_deref() == Some(t.release) && self.config.as_deref() == Some(t.config)
+    }
+
+    /// Why this machine must be replaced by a new one, if it must: it was
+    /// launched with other settings, or it lived past its lifetime (each
+    /// node a little earlier than the last tenth of it, by its id, so a
+    /// fleet launched together is replaced over time).
+    fn stale(&self, t: &Target<'_>) -> Option<&'static str> {
+        if self.launch.as_deref().is_some_and(|l| l != t.launch) {
+            return Some("launch settings changed");
+        }
+        let (Some(life), Some(at)) = (t.max_lifetime, self.launched_at) else {
+            return None;
+        };
+        let spread = life / 10 * i32::from(id_byte(&self.id)) / 255;
+        (t.now - at >= life - spread).then_some("older than maxLifetime")
     }
 
     fn is_leaving(&self) -> bool {
@@ -117,6 +145,15 @@ pub struct Target<'a> {
     pub self_healing: SelfHealing,
     /// False while launches back off after repeated node failures.
     pub launch_allowed: bool,
+    /// The target release may not be activated yet (its `once` hooks have
+    /// not run and there is no earlier release): new nodes stop at
+    /// `releasing`.
+    pub hold_at_releasing: bool,
+    /// The spec's launch settings hash; nodes launched with another are
+    /// replaced (instance refresh).
+    pub launch: &'a str,
+    /// `instances.maxLifetime`.
+    pub max_lifetime: Option<chrono::Duration>,
     pub now: DateTime<Utc>,
 }
 
@@ -149,6 +186,9 @@ pub struct Diff {
     pub outdated: u32,
     /// Extra nodes allowed above `desired` for the rollout.
     pub surge: u32,
+    /// Nodes to be replaced by new machines (launch settings changed, or
+    /// older than `maxLifetime`), not yet leaving.
+    pub stale: u32,
     pub notes: Vec<String>,
 }
 
@@ -166,20 +206,41 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
     let live: Vec<&Node> = nodes.iter().filter(|n| !n.is_gone()).collect();
     let mut leaving = out.keep_leaving(&live);
     out.heal(&live, &mut leaving, t);
+    out.refresh(&live, &mut leaving, t);
     let staying: Vec<&Node> = live
         .iter()
         .copied()
         .filter(|n| !leaving.contains(n.id.as_str()))
         .collect();
     let rollout = out.rollout_accounting(nodes, &staying, t);
+    // A refresh surges by `maxSurge` (at least 1) machines above desired,
+    // counting those still on their way out: at most desired + maxSurge
+    // machines run at once.
+    let refresh_surge = (t.rollout.max_surge.max(1))
+        .saturating_sub(leaving.len() as u32)
+        .min(out.stale);
+    out.surge = out.surge.max(refresh_surge);
     let chosen = out.capacity(&staying, t);
     out.emergency_rollback(&rollout, &chosen, t);
     out.rolling_update(&staying, &rollout, &chosen, t);
-    // Every other node that is not yet in service keeps walking.
+    // Every other node that is not yet in service keeps walking (up to
+    // `releasing` only, while the release is held).
+    let mut held = 0;
     for n in &staying {
-        if n.phase != Phase::InService && n.task.is_none() && !chosen.contains(n.id.as_str()) {
-            out.start(n, Task::Advance);
+        if n.phase == Phase::InService || n.task.is_some() || chosen.contains(n.id.as_str()) {
+            continue;
         }
+        match (t.hold_at_releasing, n.phase) {
+            (true, Phase::Launching | Phase::Provisioning) => out.start(n, Task::Prepare),
+            (true, Phase::Releasing) => held += 1,
+            _ => out.start(n, Task::Advance),
+        }
+    }
+    if held > 0 {
+        out.notes.push(format!(
+            "{held} node(s) ready at releasing, waiting for the once hooks of {}",
+            t.release
+        ));
     }
     out
 }
@@ -270,6 +331,51 @@ impl Diff {
             heal_budget -= 1;
             leaving.insert(n.id.as_str());
             self.replace(n, "unhealthy".to_string());
+        }
+    }
+
+    /// Step 2b, instance refresh (ASG's, surge first): a stale machine not
+    /// yet serving is replaced at once; a serving one only while the
+    /// in-service count stays at `desired` or above without it — the surge
+    /// nodes launched for the refresh (see `diff`) come up first.
+    fn refresh<'n>(&mut self, live: &[&'n Node], leaving: &mut BTreeSet<&'n str>, t: &Target<'_>) {
+        let staying = |n: &&&'n Node| !leaving.contains(n.id.as_str());
+        let stale: Vec<(&'n Node, &'static str)> = live
+            .iter()
+            .filter(staying)
+            .filter(|n| !n.protected)
+            .filter_map(|n| n.stale(t).map(|why| (*n, why)))
+            .collect();
+        let mut in_service = live
+            .iter()
+            .filter(staying)
+            .filter(|n| n.phase == Phase::InService)
+            .count() as u32;
+        let mut serving_stale: Vec<(&'n Node, &'static str)> = Vec::new();
+        for (n, why) in stale {
+            if n.phase == Phase::InService {
+                serving_stale.push((n, why));
+            } else {
+                leaving.insert(n.id.as_str());
+                self.replace(n, format!("refresh: {why}"));
+            }
+        }
+        serving_stale.sort_by_key(|(n, _)| (n.launched_at, n.id.clone()));
+        self.stale = serving_stale.len() as u32;
+        for (n, why) in serving_stale {
+            if in_service <= t.desired {
+                break;
+            }
+            in_service -= 1;
+            self.stale -= 1;
+            leaving.insert(n.id.as_str());
+            self.replace(n, format!("refresh: {why}"));
+        }
+        if self.stale > 0 {
+            self.notes.push(format!(
+                "instance refresh: {} node(s) to replace, surge first",
+                self.stale
+            ));
         }
     }
 
@@ -492,6 +598,12 @@ impl Diff {
     }
 }
 
+/// A byte of the node's id, to spread per-node deadlines.
+fn id_byte(id: &str) -> u8 {
+    id.bytes()
+        .fold(0u8, |acc, b| acc.wrapping_mul(31).wrapping_add(b))
+}
+
 /// Scale-in order: not-yet-in-service nodes first (the ones that started
 /// last go first), then serving nodes on an outdated release, then serving
 /// nodes by policy; protected nodes never.
@@ -499,7 +611,7 @@ fn pick_victims<'n>(staying: &[&'n Node], count: usize, t: &Target<'_>) -> Vec<&
     let mut candidates: Vec<&Node> = staying.iter().copied().filter(|n| !n.protected).collect();
     candidates.sort_by_key(|n| {
         let serving = n.phase == Phase::InService;
-        let current = n.is_current(t);
+        let current = n.is_current(t) && n.stale(t).is_none();
         // Earlier phases are further from serving: cheapest to give up.
         let phase_rank = Phase::ALL.iter().position(|p| *p == n.phase).unwrap_or(0);
         let launched = n.launched_at.map(|at| at.timestamp_millis()).unwrap_or(0);

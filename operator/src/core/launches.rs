@@ -304,6 +304,30 @@ fn token(cluster: &str, subnet: &str, count: u32, now: DateTime<Utc>, seq: u64) 
     format!("hangar-{token}")
 }
 
+/// The hash stamped on an instance at launch (`hangar:launch`): what
+/// `RunInstances` would do differently for it today (template, version,
+/// instance type, user tags). A node whose hash differs is replaced;
+/// subnets are not in it (adding one must not replace the fleet).
+pub fn settings_hash(instances: &hangar_crds::Instances) -> String {
+    let mut h = Sha256::new();
+    h.update(b"launch-settings-v1\0");
+    for part in [
+        instances.launch_template.as_str(),
+        instances.launch_template_version.as_str(),
+        instances.instance_type.as_deref().unwrap_or(""),
+    ] {
+        h.update(part.as_bytes());
+        h.update(b"\0");
+    }
+    for (k, v) in &instances.tags {
+        h.update(k.as_bytes());
+        h.update(b"=");
+        h.update(v.as_bytes());
+        h.update(b"\0");
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;

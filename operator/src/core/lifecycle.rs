@@ -33,6 +33,13 @@ pub enum Step {
     CheckActive,
     /// The node's own health check passes (hangar asks it over HTTP).
     HealthCheck,
+    /// Ask the spec's warm-up paths until they answer (or the warm-up
+    /// deadline), so the first real requests find warm caches.
+    Warmup,
+    /// Run the release's `once` hooks on this node (started detached,
+    /// under a lock, its exit status kept on the node: asking again after a
+    /// crash finds the run going on or its result, never a second run).
+    RunOnce,
     /// Register in the target group and wait until the ALB calls it healthy.
     Register,
     /// Deregister, then wait for the ALB to finish draining and for the
@@ -49,10 +56,12 @@ pub enum Step {
 }
 
 /// What the executor needs to know about the node besides its phase.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
     /// Its `hangar:config` differs from the spec's provisioning config.
     pub config_outdated: bool,
+    /// The spec asks for a warm-up before a node joins the target group.
+    pub warmup: bool,
 }
 
 /// The steps `task` performs on a node currently in `phase`.
@@ -78,6 +87,22 @@ pub fn steps(task: &Task, phase: Phase, facts: NodeFacts) -> Vec<Step> {
                 release: true,
             },
         ],
+        Task::Prepare => {
+            let mut s = advance_from(phase, facts);
+            let stop = s.iter().position(|step| {
+                *step
+                    == SetPhase {
+                        phase: Phase::Releasing,
+                        release: false,
+                    }
+            });
+            match stop {
+                Some(i) => s.truncate(i + 1),
+                None => s.clear(),
+            }
+            s
+        }
+        Task::Once { .. } => vec![AwaitReachable, Ship, RunOnce],
         Task::Drain { .. } => match phase {
             Phase::Terminating => vec![Terminate],
             Phase::Draining => drain_tail(),
@@ -129,9 +154,17 @@ fn advance_from(phase: Phase, facts: NodeFacts) -> Vec<Step> {
         ]);
         s
     };
-    let verify = || vec![HealthCheck, Register, set(Phase::InService)];
+    let verify = || {
+        let mut s = vec![HealthCheck];
+        if facts.warmup {
+            s.push(Warmup);
+        }
+        s.extend([Register, set(Phase::InService)]);
+        s
+    };
     let provisioned = NodeFacts {
         config_outdated: false,
+        ..facts
     };
     match phase {
         Phase::Launching => [
@@ -162,6 +195,7 @@ mod tests {
 
     const FRESH: NodeFacts = NodeFacts {
         config_outdated: false,
+        warmup: false,
     };
 
     fn set(phase: Phase) -> Step {
@@ -196,6 +230,47 @@ mod tests {
     }
 
     #[test]
+    fn prepare_stops_at_releasing_and_once_never_touches_current_or_the_target_group() {
+        let s = steps(&Task::Prepare, Phase::Launching, FRESH);
+        assert_eq!(s.last(), Some(&set(Phase::Releasing)));
+        assert!(!s.contains(&Activate) && !s.contains(&Register));
+        assert!(steps(&Task::Prepare, Phase::Releasing, FRESH).is_empty());
+        let once = steps(
+            &Task::Once {
+                release: "v2".into(),
+            },
+            Phase::InService,
+            FRESH,
+        );
+        assert_eq!(once, [AwaitReachable, Ship, RunOnce]);
+    }
+
+    #[test]
+    fn with_a_warmup_a_node_is_warmed_after_its_health_check_and_before_it_registers() {
+        let facts = NodeFacts {
+            warmup: true,
+            ..FRESH
+        };
+        for (task, phase) in [
+            (Task::Advance, Phase::Launching),
+            (Task::Advance, Phase::Verifying),
+            (
+                Task::Update {
+                    release: "v2".into(),
+                },
+                Phase::InService,
+            ),
+        ] {
+            let s = steps(&task, phase, facts);
+            let at = |step: &Step| s.iter().position(|x| x == step).expect("present");
+            assert!(
+                at(&HealthCheck) < at(&Warmup) && at(&Warmup) < at(&Register),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
     fn resuming_a_verifying_node_first_reads_what_it_really_runs() {
         let s = steps(&Task::Advance, Phase::Verifying, FRESH);
         assert_eq!(
@@ -220,6 +295,7 @@ mod tests {
                         phase,
                         NodeFacts {
                             config_outdated: outdated,
+                            warmup: false,
                         },
                     );
                     if let Some(reg) = s.iter().position(|x| *x == Register) {
@@ -279,6 +355,7 @@ mod tests {
             Phase::InService,
             NodeFacts {
                 config_outdated: true,
+                warmup: false,
             },
         );
         assert_eq!(

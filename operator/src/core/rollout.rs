@@ -39,7 +39,26 @@ pub struct ReleaseStatus {
     pub known: BTreeMap<String, KnownRelease>,
     /// Nodes on the target release.
     pub on_target: u32,
+    /// Releases whose `once` hooks succeeded: never run again.
+    #[serde(default)]
+    pub once_done: Vec<String>,
+    /// Where the `once` hooks of the desired release run: that node, and
+    /// only that node, until they end — also after an operator restart,
+    /// when the run may still be going on there.
+    #[serde(default)]
+    pub once_running: Option<OnceRun>,
 }
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OnceRun {
+    pub release: String,
+    pub node: String,
+    pub since: DateTime<Utc>,
+}
+
+/// Releases whose once hooks are remembered as done.
+const ONCE_DONE_KEPT: usize = 20;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -81,6 +100,8 @@ pub struct Observed<'a> {
     pub serving: &'a [Option<&'a str>],
     /// No node is mid-update and none is outdated on config.
     pub settled: bool,
+    /// The desired release has `once` hooks.
+    pub once_hooks: bool,
     pub now: DateTime<Utc>,
 }
 
@@ -107,7 +128,11 @@ pub fn observe(
     // A release that failed is not retried until the spec names another;
     // naming it again later (a fixed build reusing the id) is on the user.
     let failed = state.failed.iter().any(|r| r == desired);
-    state.target = if failed {
+    // Until its once hooks ran, no node activates a release: the fleet
+    // stays on the last good one (a first release holds its nodes before
+    // activation instead, see `once_gated`).
+    let gated = once_gated(state, desired, seen.once_hooks);
+    state.target = if failed || gated {
         state
             .last_good
             .clone()
@@ -133,7 +158,11 @@ pub fn observe(
         .count() as u32;
     state.on_target = on_target;
     state.outdated = seen.serving.len() as u32 - on_target;
-    if !failed
+    // Only the desired release itself is activated or proven: a fleet held
+    // on the last good one (failed, or waiting for once hooks) proves
+    // nothing about it.
+    let on_desired = !failed && state.target == desired;
+    if on_desired
         && on_target > 0
         && state.activated_at.is_none()
         && state.last_good.as_deref() != Some(desired)
@@ -141,7 +170,7 @@ pub fn observe(
         state.activated_at = Some(seen.now);
     }
 
-    let complete = !failed && state.outdated == 0 && on_target > 0 && seen.settled;
+    let complete = on_desired && state.outdated == 0 && on_target > 0 && seen.settled;
     if complete && state.last_good.as_deref() != Some(desired) {
         let window_over = match (rollback, state.activated_at) {
             (Some(rb), Some(at)) => {
@@ -264,6 +293,24 @@ pub fn remember(state: &mut ReleaseStatus, spec: &ClusterSpec, now: DateTime<Utc
     }
 }
 
+/// The desired release has `once` hooks that have not succeeded yet (and
+/// it has not failed).
+pub fn once_gated(state: &ReleaseStatus, desired: &str, once_hooks: bool) -> bool {
+    once_hooks
+        && !state.once_done.iter().any(|r| r == desired)
+        && !state.failed.iter().any(|r| r == desired)
+}
+
+/// The once hooks of `release` succeeded.
+pub fn once_succeeded(state: &mut ReleaseStatus, release: &str) {
+    state.once_running = None;
+    if !state.once_done.iter().any(|r| r == release) {
+        state.once_done.push(release.to_string());
+    }
+    let excess = state.once_done.len().saturating_sub(ONCE_DONE_KEPT);
+    state.once_done.drain(..excess);
+}
+
 /// Updates of serving nodes are paused: the desired release failed and no
 /// emergency rollback is running.
 pub fn halted(state: &ReleaseStatus) -> bool {
@@ -309,6 +356,7 @@ mod tests {
         Observed {
             serving,
             settled: true,
+            once_hooks: false,
             now,
         }
     }

@@ -7,7 +7,7 @@
 //! The last failure (refused, timed out, HTTP 503 …) is reported.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// Where and how to probe.
@@ -122,6 +122,59 @@ pub async fn probe_once(
             }
         }
     }
+}
+
+/// What a warm-up did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Warmed {
+    /// Requests answered 2xx/3xx.
+    pub answered: u32,
+    pub elapsed: Duration,
+}
+
+/// Asks each of `paths` on `ip:port` until it answers 2xx/3xx, then
+/// `requests - 1` more times, all within `deadline` (then it is an error
+/// naming the path that did not answer).
+pub async fn warm_up(
+    ip: IpAddr,
+    port: u16,
+    paths: &[String],
+    requests: u32,
+    timeout: Duration,
+    deadline: Duration,
+) -> Result<Warmed, HealthError> {
+    let client = client()?;
+    let started = Instant::now();
+    let mut answered = 0;
+    for path in paths {
+        let url = format!("http://{}{path}", SocketAddr::new(ip, port));
+        let mut ok = 0;
+        let mut last = None;
+        while ok < requests.max(1) {
+            if started.elapsed() >= deadline {
+                return Err(HealthError::Unhealthy {
+                    url,
+                    attempts: ok,
+                    waited: started.elapsed(),
+                    last: last.unwrap_or(ProbeFailure::TimedOut(deadline)),
+                });
+            }
+            match probe_once(&client, &url, timeout).await {
+                Ok(_) => {
+                    ok += 1;
+                    answered += 1;
+                }
+                Err(e) => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    Ok(Warmed {
+        answered,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// Probes until a 2xx or 3xx answer or the deadline.

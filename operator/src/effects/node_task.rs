@@ -95,11 +95,14 @@ pub async fn run(ctx: NodeContext, instance: Instance, task: Task, handle: TaskH
             .config_hash
             .as_deref()
             .is_some_and(|c| instance.tags.get(tags::CONFIG).map(String::as_str) != Some(c)),
+        warmup: ctx.spec.release.warmup.is_some(),
     };
     let phase = instance.phase.unwrap_or(Phase::Launching);
     let steps = lifecycle::steps(&task, phase, facts);
     let release = match &task {
-        Task::Update { release } | Task::Rollback { release } => release.clone(),
+        Task::Update { release } | Task::Rollback { release } | Task::Once { release } => {
+            release.clone()
+        }
         _ => ctx.release.clone(),
     };
     let mut run = NodeRun {
@@ -154,6 +157,8 @@ impl NodeRun {
             Step::Reactivate => self.reactivate().await,
             Step::CheckActive => self.check_active().await,
             Step::HealthCheck => self.health_check().await,
+            Step::Warmup => self.warmup().await,
+            Step::RunOnce => self.run_once().await,
             Step::Register => self.register().await,
             Step::Deregister => self.drain().await,
             Step::DrainHooks => self.drain_hooks().await,
@@ -566,6 +571,67 @@ impl NodeRun {
             Err(e) if self.release_unproven() => Err(Fail::Release(e.to_string())),
             Err(e) => Err(Fail::Node(e.to_string())),
         }
+    }
+
+    /// See [`Step::Warmup`]. Best effort: the node passed its health
+    /// check, so a warm-up that runs out of time never keeps it out of
+    /// service; it says so.
+    async fn warmup(&mut self) -> Result<(), Fail> {
+        let Some(w) = self.spec().release.warmup.clone() else {
+            return Ok(());
+        };
+        let ip = self
+            .address()
+            .ok_or_else(|| Fail::Retry("no address".into()))?;
+        let port = self.spec().release.health_check.port;
+        let timeout = self.spec().release.health_check.timeout.get();
+        self.session = None;
+        let result = tokio::select! {
+            _ = self.handle.cancel.cancelled() => return Err(Fail::Cancelled),
+            r = health::warm_up(ip, port, &w.paths, w.requests, timeout, w.deadline.get()) => r,
+        };
+        let message = match result {
+            Ok(w) => format!(
+                "warmed up: {} request(s) in {:.1}s",
+                w.answered,
+                w.elapsed.as_secs_f64()
+            ),
+            Err(e) => format!("warm-up incomplete, registering anyway: {e}"),
+        };
+        self.handle.note("warmup", message);
+        Ok(())
+    }
+
+    /// See [`Step::RunOnce`]: the release was shipped by the step before.
+    async fn run_once(&mut self) -> Result<(), Fail> {
+        let session = self.session().await?;
+        let config = self.release_config()?;
+        let hooks = &self.spec().release.hooks;
+        let (commands, timeout) = (hooks.once.clone(), hooks.once_timeout.get());
+        let id = self.release.clone();
+        let cancel = self.handle.cancel.clone();
+        let ran = release::run_once(&session, &config, &id, &commands, timeout, &cancel)
+            .await
+            .map_err(|e| match e {
+                ReleaseError::HookFailed { .. } | ReleaseError::Timeout { .. } => {
+                    Fail::Release(e.to_string())
+                }
+                ReleaseError::Cancelled => Fail::Cancelled,
+                other => self.release_fail(other, false),
+            })?;
+        self.handle.note(
+            "once",
+            match ran {
+                release::OnceRun::Ran { elapsed } => format!(
+                    "once hooks of {id} succeeded in {:.1}s",
+                    elapsed.as_secs_f64()
+                ),
+                release::OnceRun::AlreadyDone => {
+                    format!("once hooks of {id} had already succeeded here")
+                }
+            },
+        );
+        Ok(())
     }
 
     fn target_group(&self) -> String {

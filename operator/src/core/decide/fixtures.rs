@@ -405,6 +405,10 @@ impl Sim {
                 .on(&intent.release)
                 .launched(self.now);
             i.client_token = Some(intent.token.clone());
+            i.tags.insert(
+                tags::LAUNCH.into(),
+                crate::core::launches::settings_hash(&self.spec.instances),
+            );
             if self.lagging {
                 self.own.push(id);
             }
@@ -429,6 +433,9 @@ impl Sim {
                     Task::Drain { .. } => moved
                         .phase(Phase::Terminating)
                         .state(InstanceState::Terminated),
+                    Task::Prepare => moved.phase(Phase::Releasing).configured(CONFIG),
+                    // Shipped, hooks run: the node serves what it served.
+                    Task::Once { .. } => moved,
                 };
             }
         }

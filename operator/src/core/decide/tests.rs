@@ -645,3 +645,251 @@ fn a_task_that_ends_in_a_retry_is_started_again_only_after_a_rest_that_grows() {
     }
     assert_eq!(rests, [2, 4, 8]);
 }
+
+// ---- once hooks --------------------------------------------------------------
+
+/// `spec` with `release.hooks.once` (a migration).
+fn with_once(mut spec: hangar_crds::ClusterSpec) -> hangar_crds::ClusterSpec {
+    spec.release.hooks.once = vec!["php artisan migrate --force".into()];
+    spec
+}
+
+fn running(sim: &Sim, task: &str) -> Vec<String> {
+    let mut nodes: Vec<String> = sim
+        .running
+        .iter()
+        .filter(|(_, t)| t.name() == task)
+        .map(|(n, _)| n.clone())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+#[test]
+fn once_hooks_run_on_exactly_one_node_before_any_node_activates_the_release() {
+    let mut sim = settled_fleet(with_min(3));
+    sim.spec = with_once(with_release(with_min(3), "v2"));
+    let d = sim.pass();
+    assert_eq!(d.memory.release.target, "v1", "v2 waits for its once hooks");
+    assert!(d.persist_first, "the node given the run is on disk first");
+    assert_eq!(
+        starts(d),
+        [("i-001".to_string(), "once")],
+        "the oldest serving node, and only it"
+    );
+    for _ in 0..3 {
+        let d = sim.pass();
+        assert!(starts(d).is_empty(), "{:?}", d.diff.actions);
+        assert_eq!(running(&sim, "once"), ["i-001"]);
+    }
+    sim.finish("i-001", Outcome::Done);
+    let d = sim.pass();
+    assert_eq!(d.memory.release.target, "v2");
+    assert_eq!(d.memory.release.once_done, ["v2"]);
+    assert_eq!(
+        activity(d, "once"),
+        ["the once hooks of v2 succeeded".to_string()]
+    );
+    sim.settle(20);
+    assert!(sim
+        .serving()
+        .iter()
+        .all(|i| i.release.as_deref() == Some("v2")));
+    let onces = sim
+        .decisions
+        .iter()
+        .flat_map(|d| starts(d))
+        .filter(|(_, t)| *t == "once")
+        .count();
+    assert_eq!(onces, 1, "never run again after they succeeded");
+}
+
+#[test]
+fn a_restarted_operator_asks_the_node_running_the_once_hooks_again_and_no_other() {
+    let mut sim = settled_fleet(with_min(3));
+    sim.spec = with_once(with_release(with_min(3), "v2"));
+    sim.pass();
+    assert_eq!(running(&sim, "once"), ["i-001"]);
+    sim.crash();
+    // The oldest node is not the obvious choice any more: it is busy
+    // in the eyes of no one, and another node would do as well.
+    let d = sim.pass();
+    assert_eq!(starts(d), [("i-001".to_string(), "once")]);
+    sim.crash();
+    sim.cloud[0] = sim.cloud[0].clone().launched(t0() + Duration::hours(1));
+    let d = sim.pass();
+    assert_eq!(
+        starts(d),
+        [("i-001".to_string(), "once")],
+        "the recorded node, not the oldest one now"
+    );
+}
+
+#[test]
+fn a_failing_once_hook_halts_the_rollout_with_the_old_release_serving() {
+    let mut sim = settled_fleet(with_min(3));
+    sim.spec = with_once(with_release(with_min(3), "v2"));
+    sim.pass();
+    sim.finish(
+        "i-001",
+        Outcome::ReleaseFailed {
+            release: "v2".into(),
+            reason: "hook `php artisan migrate --force` failed: exit status 1".into(),
+        },
+    );
+    let d = sim.pass();
+    assert!(rollout::halted(&d.memory.release));
+    assert_eq!(d.memory.release.target, "v1");
+    assert!(d.memory.release.once_running.is_none());
+    for _ in 0..5 {
+        let d = sim.pass();
+        assert!(starts(d).is_empty(), "{:?}", d.diff.actions);
+    }
+    assert!(sim
+        .serving()
+        .iter()
+        .all(|i| i.release.as_deref() == Some("v1")));
+}
+
+#[test]
+fn once_hooks_interrupted_by_a_lost_connection_are_asked_again_on_the_same_node() {
+    let mut sim = settled_fleet(with_min(3));
+    sim.spec = with_once(with_release(with_min(3), "v2"));
+    sim.pass();
+    sim.finish("i-001", Outcome::Retry("connection reset".into()));
+    let d = sim.pass();
+    assert!(starts(d).is_empty(), "it rests first: {:?}", d.diff.actions);
+    sim.wait(5);
+    let d = sim.pass();
+    assert_eq!(starts(d), [("i-001".to_string(), "once")]);
+}
+
+#[test]
+fn once_hooks_whose_node_is_gone_are_given_to_another_node() {
+    let mut sim = settled_fleet(with_min(3));
+    sim.spec = with_once(with_release(with_min(3), "v2"));
+    sim.pass();
+    sim.running.clear();
+    sim.cloud[0] = sim.cloud[0].clone().state(InstanceState::Terminated);
+    let d = sim.pass();
+    assert!(
+        activity(d, "once")[0].starts_with("i-001 is gone"),
+        "{:?}",
+        d.activities
+    );
+    let d = sim.pass();
+    let onces: Vec<_> = starts(d)
+        .into_iter()
+        .filter(|(_, t)| *t == "once")
+        .collect();
+    assert_eq!(onces, [("i-002".to_string(), "once")]);
+}
+
+#[test]
+fn a_first_release_with_once_hooks_holds_new_nodes_before_activation_until_they_ran() {
+    let mut sim = Sim::new(with_once(spec("")));
+    sim.pass();
+    let d = sim.pass();
+    assert_eq!(
+        starts(d),
+        [
+            ("i-001".to_string(), "prepare"),
+            ("i-002".to_string(), "prepare")
+        ],
+        "provisioned, but not given a release to activate"
+    );
+    sim.finish_all("prepare", Outcome::Done);
+    let d = sim.pass();
+    assert_eq!(starts(d), [("i-001".to_string(), "once")]);
+    assert!(
+        d.diff
+            .notes
+            .iter()
+            .any(|n| n.contains("waiting for the once hooks of v1")),
+        "{:?}",
+        d.diff.notes
+    );
+    assert!(sim.serving().is_empty());
+    sim.finish("i-001", Outcome::Done);
+    let d = sim.pass();
+    assert_eq!(
+        starts(d),
+        [
+            ("i-001".to_string(), "advance"),
+            ("i-002".to_string(), "advance")
+        ]
+    );
+    sim.finish_all("advance", Outcome::Done);
+    sim.pass();
+    assert_eq!(sim.serving().len(), 2);
+}
+
+// ---- instance refresh ----------------------------------------------------------
+
+/// Passes until nothing is left to do, finishing every task with `Done`,
+/// and checks after each pass that the fleet never served with fewer than
+/// `floor` nodes nor ran more than `ceiling` machines.
+fn refresh_within(sim: &mut Sim, floor: usize, ceiling: usize, passes: usize) {
+    for _ in 0..passes {
+        let quiet = sim.pass().diff.actions.is_empty();
+        let alive = sim
+            .cloud
+            .iter()
+            .filter(|i| i.state != InstanceState::Terminated)
+            .count();
+        assert!(
+            sim.serving().len() >= floor,
+            "{} serving",
+            sim.serving().len()
+        );
+        assert!(alive <= ceiling, "{alive} machines");
+        let names: Vec<&'static str> = sim.running.values().map(Task::name).collect();
+        for name in names {
+            sim.finish_all(name, Outcome::Done);
+        }
+        if quiet && sim.running.is_empty() {
+            return;
+        }
+    }
+    panic!("no end to the refresh after {passes} passes");
+}
+
+#[test]
+fn a_change_of_launch_settings_replaces_every_node_surge_first_never_below_desired() {
+    let mut sim = settled_fleet(with_min(3));
+    let old: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
+    sim.spec.instances.instance_type = Some("m7i.large".into());
+    let d = sim.pass();
+    assert_eq!(launches(d).len(), 1, "one surge node first: {:?}", d.diff);
+    assert!(starts(d).is_empty(), "nothing drained before it serves");
+    refresh_within(&mut sim, 3, 4, 60);
+    let now: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
+    assert_eq!(now.len(), 3);
+    assert!(now.iter().all(|id| !old.contains(id)), "{old:?} → {now:?}");
+    let hash = crate::core::launches::settings_hash(&sim.spec.instances);
+    assert!(sim
+        .serving()
+        .iter()
+        .all(|i| i.tags.get(tags::LAUNCH) == Some(&hash)));
+    assert_eq!(sim.launched.len(), 2 + 3, "cold start, then one per node");
+}
+
+#[test]
+fn nodes_older_than_max_lifetime_are_replaced_one_at_a_time_and_the_new_ones_stay() {
+    let mut s = with_min(3);
+    s.instances.max_lifetime = Some(hangar_crds::Duration::from_secs(24 * 3600));
+    let mut sim = settled_fleet(s);
+    let old: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
+    let launched = sim.launched.len();
+    sim.wait(20 * 3600);
+    let d = sim.pass();
+    assert!(d.diff.actions.is_empty(), "young enough: {:?}", d.diff);
+    assert_eq!(sim.launched.len(), launched);
+    sim.wait(5 * 3600);
+    refresh_within(&mut sim, 3, 4, 60);
+    let now: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
+    assert!(now.iter().all(|id| !old.contains(id)), "{old:?} → {now:?}");
+    // The new nodes are young: a pass later nothing moves.
+    sim.wait(60);
+    assert!(sim.pass().diff.actions.is_empty());
+}

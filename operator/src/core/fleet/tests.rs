@@ -28,6 +28,7 @@ fn node(id: &str, phase: Phase, release: &str, minutes_old: i64) -> Node {
         failed: None,
         unhealthy_since: None,
         resting: false,
+        launch: Some("ls1".into()),
     }
 }
 
@@ -54,6 +55,9 @@ fn target(desired: u32) -> Target<'static> {
         scale_in: ScaleInPolicy::Newest,
         self_healing: SelfHealing::default(),
         launch_allowed: true,
+        hold_at_releasing: false,
+        launch: "ls1",
+        max_lifetime: None,
         now: now(),
     }
 }
@@ -397,6 +401,7 @@ fn arb_node() -> impl Strategy<Value = Node> {
             failed: None,
             unhealthy_since: None,
             resting: false,
+            launch: None,
         })
 }
 
@@ -494,4 +499,30 @@ fn a_node_resting_after_a_retry_gets_no_new_task_until_it_has_rested() {
     );
     // It still counts toward capacity: nothing is launched for it.
     assert!(launches(&d).is_empty());
+}
+
+#[test]
+fn while_a_release_is_held_new_nodes_are_prepared_up_to_releasing_and_wait() {
+    let mut t = target(3);
+    t.hold_at_releasing = true;
+    let nodes = [
+        node("i-1", Phase::Launching, "v2", 1),
+        node("i-2", Phase::Releasing, "v2", 1),
+        node("i-3", Phase::Verifying, "v2", 1),
+    ];
+    let d = diff(&nodes, &t);
+    assert_eq!(
+        started(&d),
+        [
+            ("i-1".to_string(), "prepare"),
+            ("i-3".to_string(), "advance")
+        ]
+    );
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.contains("1 node(s) ready at releasing")),
+        "{:?}",
+        d.notes
+    );
 }

@@ -82,12 +82,23 @@ pub enum ReleaseError {
         step: &'static str,
         stderr: String,
     },
+    #[error("{node}: release {id}: {what} did not end within {}s", after.as_secs())]
+    Timeout {
+        node: String,
+        id: String,
+        what: &'static str,
+        after: Duration,
+    },
+    /// Asked to stop (a safe point); what runs detached on the node goes on.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HookPhase {
     BeforeActivate,
     AfterActivate,
+    Once,
 }
 
 impl std::fmt::Display for HookPhase {
@@ -95,7 +106,106 @@ impl std::fmt::Display for HookPhase {
         f.write_str(match self {
             HookPhase::BeforeActivate => "beforeActivate",
             HookPhase::AfterActivate => "afterActivate",
+            HookPhase::Once => "once",
         })
+    }
+}
+
+/// How [`run_once`] ended well.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnceRun {
+    /// The hooks ran (now, or already when asked again after a restart).
+    Ran { elapsed: Duration },
+    /// A run had already succeeded on this node.
+    AlreadyDone,
+}
+
+/// How often a once run is looked at while it goes on.
+const ONCE_POLL: Duration = Duration::from_secs(1);
+
+/// Runs the release's `once` hooks on the node (in `releases/<id>`, which
+/// must be shipped) and waits for them: started detached and under a lock
+/// (see [`plan::once_start_script`]), so asking again — after a dropped
+/// connection, a cancel or an operator crash — finds the run still going
+/// or its result, and never starts a second one. A run that ended without
+/// a result (the node restarted under it) is an error, not a retry: the
+/// hooks may have half run.
+pub async fn run_once(
+    session: &Session,
+    config: &ReleaseConfig,
+    id: &str,
+    hooks: &[String],
+    timeout: Duration,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<OnceRun, ReleaseError> {
+    config.validate_id(id)?;
+    let started = Instant::now();
+    let first = session
+        .run_checked(&plan::once_start_script(config, id, hooks))
+        .await
+        .map_err(|e| not_shipped_or(e, session, id))?;
+    let mut state = first.stdout_lossy().trim().to_string();
+    let was_done = state.starts_with("done");
+    loop {
+        if let Some(status) = state.strip_prefix("done ") {
+            if status.trim() == "0" {
+                return Ok(if was_done {
+                    OnceRun::AlreadyDone
+                } else {
+                    OnceRun::Ran {
+                        elapsed: started.elapsed(),
+                    }
+                });
+            }
+            let log = session.run(&plan::once_log_script(config, id)).await?;
+            return Err(ReleaseError::HookFailed {
+                node: session.node().to_string(),
+                id: id.to_string(),
+                phase: HookPhase::Once,
+                hook: hooks.join(" && "),
+                status: format!("exit status {}", status.trim()),
+                output: tail(&log.stdout_lossy(), 1000),
+            });
+        }
+        if state == "absent" {
+            return Err(ReleaseError::Remote {
+                node: session.node().to_string(),
+                step: "the once hooks",
+                stderr: "the run ended without a result (did the node restart?); not run again"
+                    .into(),
+            });
+        }
+        if started.elapsed() >= timeout {
+            return Err(ReleaseError::Timeout {
+                node: session.node().to_string(),
+                id: id.to_string(),
+                what: "the once hooks",
+                after: timeout,
+            });
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(ReleaseError::Cancelled),
+            _ = tokio::time::sleep(ONCE_POLL) => {}
+        }
+        let out = session
+            .run_checked(&plan::once_status_script(config, id))
+            .await?;
+        state = out.stdout_lossy().trim().to_string();
+    }
+}
+
+/// `releases/<id>` missing is its own error.
+fn not_shipped_or(e: SshError, session: &Session, id: &str) -> ReleaseError {
+    match &e {
+        SshError::CommandFailed { status, .. }
+            if *status == crate::effects::ssh::ExitStatus::Code(plan::EXIT_NOT_SHIPPED) =>
+        {
+            ReleaseError::NotShipped {
+                node: session.node().to_string(),
+                id: id.to_string(),
+            }
+        }
+        _ => ReleaseError::Ssh(e),
     }
 }
 

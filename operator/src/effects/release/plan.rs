@@ -248,6 +248,72 @@ pub fn hook_script(config: &ReleaseConfig, id: &str, hook: &str) -> String {
     )
 }
 
+/// Starts the release's `once` hooks on the node unless they ran or run:
+/// prints `done <exit status>` (a run ended: its status is kept in
+/// `.hangar/once/<id>.exit`), `running` (another run holds
+/// `.hangar/once/<id>.lock`) or `started`. The run is detached from the SSH
+/// session (`setsid`) and keeps the lock's file description — so the lock
+/// — until its last hook ended: a dropped connection or an operator crash
+/// neither kills it nor lets a second run start.
+pub fn once_start_script(config: &ReleaseConfig, id: &str, hooks: &[String]) -> String {
+    // The detached run: `$1` is the once directory, `$2` the release id.
+    let mut inner = String::from("d=$1; id=$2\n(\n");
+    for hook in hooks {
+        inner.push_str(&format!("  sh -c {} || exit $?\n", shell_quote(hook)));
+    }
+    inner.push_str(
+        ")\ns=$?\nprintf '%s\\n' \"$s\" > \"$d/$id.exit.tmp\" && mv -f \"$d/$id.exit.tmp\" \"$d/$id.exit\"\n",
+    );
+    format!(
+        r#"set -u
+root={root}
+id={id}
+rel="$root/releases/$id"
+d="$root/.hangar/once"
+mkdir -p "$d" || exit 70
+[ -d "$rel" ] || {{ echo "release $id is not shipped" >&2; exit {EXIT_NOT_SHIPPED}; }}
+exec 8>>"$d/$id.lock" || exit 70
+flock -n 8 || {{ echo running; exit 0; }}
+# Under the lock: a run that ended a moment ago left its result.
+if [ -f "$d/$id.exit" ]; then echo "done $(cat "$d/$id.exit")"; exit 0; fi
+cd "$rel" || exit 70
+export APP_ROOT="$root" RELEASE_ID="$id" RELEASE_PATH="$rel" SHARED_PATH="$root/shared"
+setsid sh -c {inner} once-hooks "$d" "$id" > "$d/$id.log" 2>&1 < /dev/null &
+exec 8>&-
+echo started
+"#,
+        root = config.root_q(),
+        id = shell_quote(id),
+        inner = shell_quote(&inner),
+    )
+}
+
+/// Prints `done <status>`, `running`, or `absent` (no result and nobody
+/// holds the lock: the run ended without one — the node restarted?).
+pub fn once_status_script(config: &ReleaseConfig, id: &str) -> String {
+    format!(
+        r#"d={root}/.hangar/once
+id={id}
+if [ -f "$d/$id.exit" ]; then echo "done $(cat "$d/$id.exit")"; exit 0; fi
+exec 8>>"$d/$id.lock" || exit 70
+flock -n 8 || {{ echo running; exit 0; }}
+# Under the lock: the run may have ended between the two looks.
+if [ -f "$d/$id.exit" ]; then echo "done $(cat "$d/$id.exit")"; else echo absent; fi
+"#,
+        root = config.root_q(),
+        id = shell_quote(id),
+    )
+}
+
+/// The end of a once run's log, for an error message.
+pub fn once_log_script(config: &ReleaseConfig, id: &str) -> String {
+    format!(
+        "tail -c 2000 {root}/.hangar/once/{id}.log 2>/dev/null || true",
+        root = config.root_q(),
+        id = shell_quote(id),
+    )
+}
+
 /// Removes the given releases, re-checking under the lock that none is
 /// what `current` points to.
 pub fn prune_script(config: &ReleaseConfig, victims: &[String]) -> String {

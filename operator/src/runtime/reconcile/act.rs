@@ -41,6 +41,13 @@ impl Operator {
     ) -> Acted {
         let name = entry.name();
         let mut failures = Vec::new();
+        let mut stored = true;
+        if decision.persist_first {
+            // Launch intents (their tokens) and the node a once run was
+            // given to reach the disk before EC2 or the node hears of
+            // them: a crash in between finds them after the restart.
+            stored = self.persist(status);
+        }
         for action in &decision.diff.actions {
             match action {
                 fleet::Action::Cancel { node, reason } => {
@@ -75,13 +82,6 @@ impl Operator {
                 // Launches are made from `decision.launches` below.
                 fleet::Action::Launch { .. } => {}
             }
-        }
-        let mut stored = true;
-        if !decision.launches.is_empty() {
-            // The intents (and their tokens) reach the disk before EC2
-            // hears of them: a crash between the call and its answer
-            // retries the same token after the restart.
-            stored = self.persist(status);
         }
         for intent in &decision.launches {
             // lease: an intent a successor could not read is not launched.
@@ -125,6 +125,7 @@ impl Operator {
             subnet: intent.subnet.clone(),
             extra_tags: instances.tags.clone(),
             client_token: intent.token.clone(),
+            launch_settings: crate::core::launches::settings_hash(instances),
         };
         let subnet = &intent.subnet;
         match cloud.compute.launch(&req).await {
