@@ -56,6 +56,10 @@ pub struct LaunchIntent {
     /// The last call failed transiently: call again (same token).
     #[serde(default)]
     pub retry: bool,
+    /// When an instance of it was first seen, from the listing or from
+    /// hangar's own launch answer: it launched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +115,14 @@ const MAX_ATTEMPTS: u32 = 5;
 /// lists a launched instance within seconds, so it never launched.
 const INTENT_MAX_AGE: chrono::Duration = chrono::Duration::minutes(10);
 
+/// An intent that launched (its instances were seen, if only in hangar's
+/// own launch answer) but is not in the listing this long after: its
+/// instances ended before the listing caught up (EC2 lists them only as
+/// `terminated` then, which hangar's listing leaves out). Long above EC2's
+/// listing lag (seconds), short enough that a node killed at birth is
+/// replaced within a minute, not after `INTENT_MAX_AGE`.
+const LISTING_GRACE: chrono::Duration = chrono::Duration::seconds(60);
+
 /// First backoff of a subnet; doubles with each failure in a row.
 const SUBNET_BACKOFF: chrono::Duration = chrono::Duration::seconds(30);
 const SUBNET_BACKOFF_MAX: chrono::Duration = chrono::Duration::minutes(10);
@@ -147,12 +159,25 @@ impl Launches {
             .retain(|_, b| now - b.until < SUBNET_BACKOFF_MAX);
         let avoided = &mut self.avoided;
         let listed = || instances.iter().filter(|i| !unlisted.contains(&i.id));
-        self.pending.retain(|intent| {
+        self.pending.retain_mut(|intent| {
             let seen = carrying(listed(), &intent.token);
             if seen > 0 {
                 avoided.remove(&intent.subnet);
             }
             if seen >= intent.count {
+                return false;
+            }
+            if intent.answered_at.is_none() && carrying(instances.iter(), &intent.token) > 0 {
+                intent.answered_at = Some(now);
+            }
+            if intent.answered_at.is_some_and(|at| now - at > LISTING_GRACE) {
+                said.push(format!(
+                    "launch of {} in {} ({}) answered, but {} of its instances never showed in the listing (ended before it caught up?); no longer counted",
+                    intent.count,
+                    intent.subnet,
+                    intent.token,
+                    intent.count - seen
+                ));
                 return false;
             }
             if now - intent.decided_at > INTENT_MAX_AGE {
@@ -246,6 +271,7 @@ impl Launches {
             decided_at: now,
             attempts: 0,
             retry: false,
+            answered_at: None,
         };
         self.pending.push(intent.clone());
         intent

@@ -893,3 +893,30 @@ fn nodes_older_than_max_lifetime_are_replaced_one_at_a_time_and_the_new_ones_sta
     sim.wait(60);
     assert!(sim.pass().diff.actions.is_empty());
 }
+
+#[test]
+fn a_launched_node_that_dies_before_the_listing_shows_it_is_replaced_within_a_minute() {
+    let mut sim = settled_fleet(with_min(2));
+    sim.lagging = true;
+    sim.spec.capacity.min = 3;
+    sim.pass();
+    assert_eq!(sim.launched.len(), 3, "the third node");
+    let young = sim
+        .own
+        .last()
+        .cloned()
+        .expect("known from the launch answer");
+    sim.pass();
+    // Terminated behind hangar's back before any listing showed it: EC2
+    // then lists it only as `terminated`, which hangar's listing leaves out.
+    let i = sim.cloud.iter_mut().find(|i| i.id == young).unwrap();
+    i.state = InstanceState::Terminated;
+    sim.own.clear();
+    sim.running.clear();
+    sim.wait(20);
+    sim.pass();
+    assert_eq!(sim.launched.len(), 3, "a listing may still be catching up");
+    sim.wait(60);
+    sim.pass();
+    assert_eq!(sim.launched.len(), 4, "replaced, not waiting for minutes");
+}
