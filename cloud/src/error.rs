@@ -48,6 +48,10 @@ pub enum CloudError {
     },
     #[error("artifact {artifact}: {message}")]
     Artifact { artifact: String, message: String },
+    /// This process does not hold the lease (any more): the mutating call
+    /// was not sent.
+    #[error("{operation} not sent: {reason}")]
+    NotLeader { operation: String, reason: String },
 }
 
 impl CloudError {
@@ -71,7 +75,9 @@ impl CloudError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            CloudError::Throttled { .. } | CloudError::Transport { .. }
+            CloudError::Throttled { .. }
+                | CloudError::Transport { .. }
+                | CloudError::NotLeader { .. }
         ) || matches!(self, CloudError::Service { code, .. } if is_server_error_code(code))
     }
 
@@ -86,6 +92,7 @@ impl CloudError {
             CloudError::Service { .. } => "service",
             CloudError::ChecksumMismatch { .. } => "checksum_mismatch",
             CloudError::Artifact { .. } => "artifact",
+            CloudError::NotLeader { .. } => "not_leader",
         }
     }
 }

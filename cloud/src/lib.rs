@@ -10,12 +10,16 @@
 //! [`aws::AwsCloud`] implements all four traits on the official AWS SDK;
 //! `AwsCloud::cloud()` gives the operator its [`Cloud`].
 
+/// The AWS configuration crate, for callers that build an [`AwsCloud`].
+pub use aws_config;
+
 pub mod artifact_cache;
 pub mod artifact_sources;
 pub mod artifacts;
 pub mod aws;
 pub mod compute;
 pub mod error;
+pub mod lease;
 pub mod load_balancer;
 pub mod metric_batch;
 pub mod metrics;
@@ -23,9 +27,10 @@ pub mod model;
 pub mod prometheus;
 
 pub use artifacts::{Artifacts, VerifiedArtifact};
-pub use aws::{ApiCalls, AwsCloud, AwsCloudBuilder, Budgets, RetryPolicy};
+pub use aws::{ApiCalls, AwsCloud, AwsCloudBuilder, Budgets, DynamoTable, RetryPolicy};
 pub use compute::{Compute, LaunchRequest};
 pub use error::CloudError;
+pub use lease::{Fence, LeaseRecord, LeaseStore, NotLeader, StateStore, Unfenced};
 pub use load_balancer::{LoadBalancer, TargetHealth, TargetState};
 pub use metric_batch::{AlbBatch, AlbQuery, MetricBatcher};
 pub use metrics::{AlbMetric, Datapoint, Metrics};

@@ -23,6 +23,10 @@ pub mod tags {
     pub const LAUNCH: &str = "hangar:launch";
     /// Set by people (value `true`) to exempt a node from scale-in.
     pub const PROTECTED: &str = "hangar:protected";
+    /// The lease fence of the leader that launched the instance or last
+    /// moved its phase (with a distributed lease only): a leader that reads
+    /// a higher one than its own has been replaced and stops.
+    pub const EPOCH: &str = "hangar:epoch";
 }
 
 /// Where a node is in its life. Stored in the `hangar:phase` tag and
@@ -116,6 +120,14 @@ pub struct Instance {
     pub client_token: Option<String>,
     /// Every tag, including the ones above.
     pub tags: BTreeMap<String, String>,
+}
+
+impl Instance {
+    /// `hangar:epoch`: the fence of the leader that last wrote this
+    /// instance's tags, when a fenced leader did.
+    pub fn epoch(&self) -> Option<u64> {
+        self.tags.get(tags::EPOCH).and_then(|e| e.parse().ok())
+    }
 }
 
 #[cfg(test)]

@@ -1797,3 +1797,298 @@ async fn latest_and_default_template_versions_are_resolved_to_their_numbers() {
         .await;
     assert!(missing.is_err(), "{missing:?}");
 }
+
+// ---------------------------------------------------------------------------
+// The lease: fenced mutating calls, and the DynamoDB lease and state table
+// ---------------------------------------------------------------------------
+
+/// A fence the test opens and closes, recording the epochs it is told of.
+#[derive(Debug, Default)]
+struct TestFence {
+    epoch: Mutex<Option<u64>>,
+    observed: Mutex<Vec<u64>>,
+}
+
+impl hangar_cloud::Fence for TestFence {
+    fn authorize(&self) -> Result<Option<u64>, hangar_cloud::NotLeader> {
+        match *self.epoch.lock().unwrap() {
+            Some(e) => Ok(Some(e)),
+            None => Err(hangar_cloud::NotLeader(
+                "the test took the lease away".into(),
+            )),
+        }
+    }
+
+    fn observed_epoch(&self, epoch: u64) {
+        self.observed.lock().unwrap().push(epoch);
+    }
+}
+
+#[tokio::test]
+async fn a_fenced_cloud_stamps_its_epoch_and_sends_nothing_mutating_once_the_lease_is_gone() {
+    let w = World::new().await;
+    let fence = Arc::new(TestFence::default());
+    *fence.epoch.lock().unwrap() = Some(3);
+    let cloud = w
+        .builder(OWNER, &w.sdk)
+        .fence(fence.clone())
+        .build()
+        .expect("AwsCloud");
+    let launched = cloud
+        .launch(&w.launch_request("web", 1, "tok-fenced-1"))
+        .await
+        .expect("the leader launches");
+    let id = launched[0].id.clone();
+    assert_eq!(
+        w.describe(&id).await.1["hangar:epoch"],
+        "3",
+        "stamped at launch"
+    );
+    *fence.epoch.lock().unwrap() = Some(4);
+    cloud
+        .set_phase(&id, Phase::Provisioning, None)
+        .await
+        .expect("the leader moves a phase");
+    let tags = w.describe(&id).await.1;
+    assert_eq!(
+        (tags["hangar:phase"].as_str(), tags["hangar:epoch"].as_str()),
+        ("provisioning", "4"),
+        "the move carries the epoch of the term that made it"
+    );
+
+    // The lease is gone: every mutating call fails typed, and none reaches EC2.
+    *fence.epoch.lock().unwrap() = None;
+    let before = w.describe(&id).await;
+    let refused = [
+        cloud
+            .launch(&w.launch_request("web", 1, "tok-fenced-2"))
+            .await
+            .map(|_| ()),
+        cloud.set_phase(&id, Phase::InService, None).await,
+        cloud.set_config(&id, "cfg").await,
+        cloud.register(&w.tg_arn, std::slice::from_ref(&id)).await,
+        cloud.deregister(&w.tg_arn, std::slice::from_ref(&id)).await,
+        cloud.terminate(std::slice::from_ref(&id)).await,
+    ];
+    for (n, r) in refused.into_iter().enumerate() {
+        match r {
+            Err(CloudError::NotLeader { reason, .. }) => {
+                assert!(reason.contains("took the lease away"), "call {n}: {reason}")
+            }
+            other => panic!("call {n}: expected NotLeader, got {other:?}"),
+        }
+    }
+    assert!(
+        CloudError::NotLeader {
+            operation: "x".into(),
+            reason: "y".into()
+        }
+        .is_transient(),
+        "a later leader may make it"
+    );
+    assert_eq!(w.describe(&id).await, before, "nothing changed");
+    assert!(w.registered().await.is_empty(), "nothing registered");
+    let all = w
+        .ec2
+        .describe_instances()
+        .send()
+        .await
+        .expect("describe")
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .count();
+    assert_eq!(all, 1, "no second launch");
+    // Reads still work, and report the epochs they see.
+    w.ec2
+        .create_tags()
+        .resources(&id)
+        .tags(Tag::builder().key("hangar:epoch").value("9").build())
+        .send()
+        .await
+        .expect("a newer leader's tag");
+    cloud.list(Some("web")).await.expect("listing still works");
+    assert!(
+        fence.observed.lock().unwrap().contains(&9),
+        "told of epoch 9"
+    );
+}
+
+async fn lease_table(w: &World) -> hangar_cloud::DynamoTable {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    };
+    let table = format!("hangar-lease-{}", w.account);
+    let ddb = aws_sdk_dynamodb::Client::new(&w.sdk);
+    let attr = |n: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(n)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .unwrap()
+    };
+    let key = |n: &str, t| {
+        KeySchemaElement::builder()
+            .attribute_name(n)
+            .key_type(t)
+            .build()
+            .unwrap()
+    };
+    ddb.create_table()
+        .table_name(&table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr("pk"))
+        .attribute_definitions(attr("sk"))
+        .key_schema(key("pk", KeyType::Hash))
+        .key_schema(key("sk", KeyType::Range))
+        .send()
+        .await
+        .expect("create the lease table");
+    hangar_cloud::DynamoTable::new(&w.sdk, table, OWNER, &fast_retries())
+}
+
+fn record(holder: &str, version: &str, fence: u64) -> hangar_cloud::LeaseRecord {
+    hangar_cloud::LeaseRecord {
+        holder: holder.into(),
+        version: version.into(),
+        fence,
+        lease: Duration::from_secs(15),
+        released: false,
+        acquired_at: Some(Utc::now()),
+        renewed_at: Some(Utc::now()),
+    }
+}
+
+#[tokio::test]
+async fn the_dynamodb_lease_is_taken_only_by_conditional_writes() {
+    use hangar_cloud::lease::{LeaseStore, LeaseWriteError};
+    let w = World::new().await;
+    let table = lease_table(&w).await;
+    assert_eq!(table.read().await.unwrap(), None, "no record yet");
+    table
+        .write(&record("a", "v1", 1), None)
+        .await
+        .expect("the first creates it");
+    assert!(
+        matches!(
+            table.write(&record("b", "v2", 1), None).await,
+            Err(LeaseWriteError::Conflict)
+        ),
+        "a second create is refused"
+    );
+    assert!(
+        matches!(
+            table.write(&record("b", "v2", 2), Some("v0")).await,
+            Err(LeaseWriteError::Conflict)
+        ),
+        "a takeover from a version that is not there is refused"
+    );
+    table
+        .write(&record("a", "v3", 1), Some("v1"))
+        .await
+        .expect("the holder renews from the version it wrote");
+    table
+        .write(&record("b", "v4", 2), Some("v3"))
+        .await
+        .expect("a takeover from the version last seen");
+    let r = table.read().await.unwrap().expect("record");
+    assert_eq!(
+        (r.holder.as_str(), r.version.as_str(), r.fence),
+        ("b", "v4", 2)
+    );
+    assert_eq!(r.lease, Duration::from_secs(15));
+    assert!(!r.released && r.acquired_at.is_some());
+    assert!(
+        matches!(
+            table.write(&record("a", "v5", 1), Some("v3")).await,
+            Err(LeaseWriteError::Conflict)
+        ),
+        "the old holder's renewal is refused"
+    );
+    assert_eq!(
+        table.describe(),
+        format!("dynamodb:hangar-lease-{}", w.account)
+    );
+    assert!(table.api_calls().get("dynamodb", "PutItem").calls >= 6);
+}
+
+#[tokio::test]
+async fn state_writes_are_fenced_by_the_lease_in_one_transaction() {
+    use hangar_cloud::lease::{LeaseStore, StateStore, StateWriteError, Writer};
+    let w = World::new().await;
+    let table = lease_table(&w).await;
+    let a = Writer {
+        holder: "a".into(),
+        fence: 1,
+    };
+    assert!(
+        matches!(
+            table.save("web", "{}", &a).await,
+            Err(StateWriteError::Fenced(_))
+        ),
+        "no lease, no write"
+    );
+    table.write(&record("a", "v1", 1), None).await.unwrap();
+    table
+        .save("web", r#"{"desired":4}"#, &a)
+        .await
+        .expect("the holder writes");
+    table
+        .save("api", r#"{"desired":2}"#, &a)
+        .await
+        .expect("another cluster");
+    assert_eq!(
+        table.load().await.unwrap(),
+        vec![
+            ("api".to_string(), r#"{"desired":2}"#.to_string()),
+            ("web".to_string(), r#"{"desired":4}"#.to_string())
+        ]
+    );
+    // b takes over: a's writes and removals fail as a whole.
+    table
+        .write(&record("b", "v2", 2), Some("v1"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        table.save("web", r#"{"desired":2}"#, &a).await,
+        Err(StateWriteError::Fenced(_))
+    ));
+    assert!(matches!(
+        table.remove("api", &a).await,
+        Err(StateWriteError::Fenced(_))
+    ));
+    let b = Writer {
+        holder: "b".into(),
+        fence: 2,
+    };
+    assert!(
+        matches!(
+            table
+                .save(
+                    "web",
+                    "{}",
+                    &Writer {
+                        holder: "b".into(),
+                        fence: 1
+                    }
+                )
+                .await,
+            Err(StateWriteError::Fenced(_))
+        ),
+        "the right holder with a stale fence is refused too"
+    );
+    table
+        .remove("api", &b)
+        .await
+        .expect("the new holder removes");
+    assert_eq!(
+        table.load().await.unwrap(),
+        vec![("web".to_string(), r#"{"desired":4}"#.to_string())],
+        "what a wrote while it held the lease survives; nothing after"
+    );
+    let huge = "x".repeat(400 * 1024);
+    assert!(matches!(
+        table.save("web", &huge, &b).await,
+        Err(StateWriteError::TooLarge { .. })
+    ));
+}

@@ -9,6 +9,7 @@ mod support;
 
 mod aws;
 mod crash;
+mod failover;
 mod faults;
 mod isolation;
 mod lifecycle;

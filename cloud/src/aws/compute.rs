@@ -40,7 +40,8 @@ impl Compute for AwsCloud {
 
     async fn launch(&self, req: &LaunchRequest) -> Result<Vec<Instance>, CloudError> {
         validate_launch(req)?;
-        let tags = launch_tags(req, self.owner())?;
+        let epoch = self.authorize("RunInstances")?;
+        let tags = launch_tags(req, self.owner(), epoch)?;
         let mut template = LaunchTemplateSpecification::builder();
         template = if req.launch_template.starts_with("lt-") {
             template.launch_template_id(&req.launch_template)
@@ -206,6 +207,7 @@ impl Compute for AwsCloud {
                 _ => break,
             }
         }
+        self.observe_epochs(&instances);
         Ok(instances)
     }
 
@@ -215,9 +217,13 @@ impl Compute for AwsCloud {
         phase: Phase,
         release: Option<&str>,
     ) -> Result<(), CloudError> {
+        let epoch = self.authorize("CreateTags")?.map(|e| e.to_string());
         let mut new_tags = vec![(tags::PHASE, phase.as_str())];
         if let Some(release) = release {
             new_tags.push((tags::RELEASE, release));
+        }
+        if let Some(epoch) = &epoch {
+            new_tags.push((tags::EPOCH, epoch.as_str()));
         }
         self.tag_owned(id, &new_tags).await?;
         tracing::debug!(instance = id, %phase, release, "phase set");
@@ -289,8 +295,12 @@ impl AwsCloud {
 }
 
 /// The tags every launched instance and volume gets, hangar's last so
-/// they cannot be overridden.
-fn launch_tags(req: &LaunchRequest, owner: &str) -> Result<BTreeMap<String, String>, CloudError> {
+/// they cannot be overridden; with a fenced leader, its epoch too.
+fn launch_tags(
+    req: &LaunchRequest,
+    owner: &str,
+    epoch: Option<u64>,
+) -> Result<BTreeMap<String, String>, CloudError> {
     let mut all = BTreeMap::new();
     for (k, v) in &req.extra_tags {
         let lower = k.to_ascii_lowercase();
@@ -315,6 +325,9 @@ fn launch_tags(req: &LaunchRequest, owner: &str) -> Result<BTreeMap<String, Stri
     ] {
         check_value(k, v)?;
         all.insert(k.to_string(), v.to_string());
+    }
+    if let Some(epoch) = epoch {
+        all.insert(tags::EPOCH.to_string(), epoch.to_string());
     }
     if !req.launch_settings.is_empty() {
         check_value(tags::LAUNCH, &req.launch_settings)?;
@@ -465,7 +478,10 @@ mod tests {
 
     #[test]
     fn hangar_tags_are_set_and_cannot_be_overridden() {
-        let tags = launch_tags(&request(), "op-1").unwrap();
+        let tags = launch_tags(&request(), "op-1", None).unwrap();
+        assert!(!tags.contains_key("hangar:epoch"), "unfenced: no epoch");
+        let fenced = launch_tags(&request(), "op-1", Some(7)).unwrap();
+        assert_eq!(fenced["hangar:epoch"], "7");
         assert_eq!(tags["hangar:cluster"], "web");
         assert_eq!(tags["hangar:owner"], "op-1");
         assert_eq!(tags["hangar:phase"], "launching");
@@ -477,7 +493,7 @@ mod tests {
             req.extra_tags.insert(reserved.into(), "x".into());
             assert!(
                 matches!(
-                    launch_tags(&req, "op-1"),
+                    launch_tags(&req, "op-1", None),
                     Err(CloudError::InvalidInput { .. })
                 ),
                 "{reserved}"

@@ -66,6 +66,17 @@ pub(crate) fn from_sdk<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    // The lease guard refused the attempt before it was sent.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(e) = source {
+        if let Some(r) = e.downcast_ref::<super::fence::Refused>() {
+            return CloudError::NotLeader {
+                operation: r.operation.clone(),
+                reason: r.reason.0.clone(),
+            };
+        }
+        source = e.source();
+    }
     match err {
         SdkError::ServiceError(ctx) => {
             let status = ctx.raw().status().as_u16();

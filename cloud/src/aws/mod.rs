@@ -16,6 +16,8 @@ mod api_calls;
 mod artifacts;
 mod compute;
 mod errors;
+mod fence;
+mod lease;
 mod limiter;
 mod load_balancer;
 mod metrics;
@@ -23,6 +25,7 @@ mod ownership;
 pub mod stacks;
 
 pub use api_calls::{ApiCalls, CallStats, OperationStats};
+pub use lease::DynamoTable;
 pub use limiter::{BucketSpec, BucketStats, Budgets, TokenBucket};
 
 use std::collections::HashMap;
@@ -37,8 +40,10 @@ use aws_smithy_types::timeout::TimeoutConfig;
 
 use crate::artifact_cache::ArtifactCache;
 use crate::error::CloudError;
+use crate::lease::{Fence, Unfenced};
 use crate::Cloud;
 use api_calls::ApiCallInterceptor;
+use fence::FenceInterceptor;
 use limiter::Limiter;
 
 /// How the SDK retries. The defaults suit a long-running operator: a call
@@ -103,9 +108,19 @@ pub struct AwsCloudBuilder {
     interceptors: Vec<SharedInterceptor>,
     https_client: Option<reqwest::Client>,
     prometheus_client: Option<reqwest::Client>,
+    fence: Arc<dyn Fence>,
 }
 
 impl AwsCloudBuilder {
+    /// The lease guard: asked right before every mutating call (and each
+    /// retry of it) goes out, told of every `hangar:epoch` read, and the
+    /// source of the epoch stamped on what is written. Default: unfenced
+    /// (a single operator).
+    pub fn fence(mut self, fence: Arc<dyn Fence>) -> Self {
+        self.fence = fence;
+        self
+    }
+
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
@@ -158,6 +173,9 @@ impl AwsCloudBuilder {
                     .retry_config(retry_config.clone())
                     .timeout_config(timeout_config.clone());
                 b.push_interceptor(counting($service));
+                b.push_interceptor(SharedInterceptor::new(FenceInterceptor::new(
+                    self.fence.clone(),
+                )));
                 for i in &self.interceptors {
                     b.push_interceptor(i.clone());
                 }
@@ -221,6 +239,7 @@ impl AwsCloudBuilder {
                 owned: Mutex::new(HashMap::new()),
                 template_versions: Mutex::new(HashMap::new()),
                 metric_batcher: Arc::default(),
+                fence: self.fence,
             }),
         })
     }
@@ -252,6 +271,7 @@ struct Inner {
     template_versions: Mutex<HashMap<(String, String), (std::time::Instant, String)>>,
     /// ALB metric reads of this region, sharing `GetMetricData` calls.
     metric_batcher: Arc<crate::metric_batch::MetricBatcher>,
+    fence: Arc<dyn Fence>,
 }
 
 impl std::fmt::Debug for AwsCloud {
@@ -281,6 +301,7 @@ impl AwsCloud {
             interceptors: Vec::new(),
             https_client: None,
             prometheus_client: None,
+            fence: Arc::new(Unfenced),
         }
     }
 
@@ -327,6 +348,31 @@ impl AwsCloud {
     /// Calls, attempts, retries, throttles and errors per operation.
     pub fn api_calls(&self) -> &Arc<ApiCalls> {
         &self.inner.calls
+    }
+
+    /// The epoch to stamp on a write, or why no write may be made now.
+    pub(crate) fn authorize(&self, operation: &str) -> Result<Option<u64>, CloudError> {
+        self.inner
+            .fence
+            .authorize()
+            .map_err(|e| CloudError::NotLeader {
+                operation: operation.to_string(),
+                reason: e.0,
+            })
+    }
+
+    /// Tells the fence of the highest `hangar:epoch` among `instances`.
+    pub(crate) fn observe_epochs<'i>(
+        &self,
+        instances: impl IntoIterator<Item = &'i crate::Instance>,
+    ) {
+        if let Some(max) = instances
+            .into_iter()
+            .filter_map(crate::Instance::epoch)
+            .max()
+        {
+            self.inner.fence.observed_epoch(max);
+        }
     }
 
     /// The client-side token buckets: tokens taken, time waited, balance.

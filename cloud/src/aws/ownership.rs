@@ -90,6 +90,16 @@ impl AwsCloud {
             return Ok(Vec::new());
         }
         let instances = self.describe_ids(&unverified).await?;
+        // A newer leader's epoch on any of them stops this one before it
+        // mutates (the fence refuses the call that would follow).
+        if let Some(max) = instances
+            .iter()
+            .filter(|i| owner_of(i) == Some(self.owner()))
+            .filter_map(epoch_of)
+            .max()
+        {
+            self.inner.fence.observed_epoch(max);
+        }
         let foreign: Vec<&str> = instances
             .iter()
             .filter(|i| owner_of(i) != Some(self.owner()))
@@ -140,6 +150,16 @@ pub(super) fn owner_of(instance: &Ec2Instance) -> Option<&str> {
         .iter()
         .find(|t| t.key() == Some(tags::OWNER))
         .and_then(|t| t.value())
+}
+
+/// The value of `hangar:epoch`, if tagged with a number.
+pub(super) fn epoch_of(instance: &Ec2Instance) -> Option<u64> {
+    instance
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some(tags::EPOCH))
+        .and_then(|t| t.value())
+        .and_then(|v| v.parse().ok())
 }
 
 /// `ids` without duplicates, first occurrence kept.

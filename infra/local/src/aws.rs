@@ -20,7 +20,7 @@ pub const HARNESS_ACCESS_KEY_ID: &str = "hangar-local-harness";
 /// moto answers in milliseconds; anything slower than this is a hung emulator.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The four services the local cloud touches.
+/// The services the local cloud touches.
 #[derive(Clone, Debug)]
 pub struct Clients {
     pub sdk: SdkConfig,
@@ -28,6 +28,7 @@ pub struct Clients {
     pub elb: aws_sdk_elasticloadbalancingv2::Client,
     pub cloudwatch: aws_sdk_cloudwatch::Client,
     pub s3: aws_sdk_s3::Client,
+    pub dynamodb: aws_sdk_dynamodb::Client,
 }
 
 impl Clients {
@@ -56,6 +57,7 @@ impl Clients {
             ec2: aws_sdk_ec2::Client::new(&sdk),
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&sdk),
             cloudwatch: aws_sdk_cloudwatch::Client::new(&sdk),
+            dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
             s3,
             sdk,
         }

@@ -823,6 +823,7 @@ pub fn local_env(seeded: &Seeded, lb_url: &str, key: &Path) -> Vec<(String, Stri
         ),
         ("HANGAR_LOCAL_RELEASE_ID", seeded.release.id.clone()),
         ("HANGAR_LOCAL_BUCKET", seeded.bucket.clone()),
+        ("HANGAR_LOCAL_LEASE_TABLE", seeded.lease_table.clone()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

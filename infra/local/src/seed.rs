@@ -21,6 +21,10 @@ pub const AMI: &str = "ami-0a1b2c3d4e5f60718";
 
 /// Where release tarballs live in the bucket.
 pub const RELEASE_PREFIX: &str = "releases";
+/// The DynamoDB table two operators share a lease (and their memory of
+/// decisions) in: `hangar run --lease dynamodb:hangar-lease`. Keyed as
+/// `infra/dynamodb/` documents (`pk`, `sk`, both strings, on demand).
+pub const LEASE_TABLE: &str = "hangar-lease";
 
 #[derive(Clone, Debug)]
 pub struct SeedOptions {
@@ -86,6 +90,9 @@ pub struct Seeded {
     pub bucket: String,
     /// The release uploaded at seeding (`v1`).
     pub release: Artifact,
+    /// The lease table ([`LEASE_TABLE`]).
+    #[serde(default)]
+    pub lease_table: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -280,6 +287,7 @@ pub async fn seed(clients: &Clients, options: &SeedOptions) -> Result<Seeded, Se
         ReleaseKind::Good,
     )
     .await?;
+    create_lease_table(&clients.dynamodb, LEASE_TABLE).await?;
 
     Ok(Seeded {
         region: options.region.clone(),
@@ -298,7 +306,45 @@ pub async fn seed(clients: &Clients, options: &SeedOptions) -> Result<Seeded, Se
         deregistration_delay_secs: delay,
         bucket: options.bucket.clone(),
         release,
+        lease_table: LEASE_TABLE.to_string(),
     })
+}
+
+/// The lease table as `infra/dynamodb/` has users create it: partition key
+/// `pk` and sort key `sk` (strings), billed per request.
+pub async fn create_lease_table(
+    dynamodb: &aws_sdk_dynamodb::Client,
+    name: &str,
+) -> Result<(), SeedError> {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    };
+    let attr = |n: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(n)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .map_err(api("create lease table"))
+    };
+    let key = |n: &str, t: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(n)
+            .key_type(t)
+            .build()
+            .map_err(api("create lease table"))
+    };
+    dynamodb
+        .create_table()
+        .table_name(name)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr("pk")?)
+        .attribute_definitions(attr("sk")?)
+        .key_schema(key("pk", KeyType::Hash)?)
+        .key_schema(key("sk", KeyType::Range)?)
+        .send()
+        .await
+        .map_err(api("create lease table"))?;
+    Ok(())
 }
 
 impl Seeded {
@@ -366,6 +412,7 @@ mod tests {
                 sha256: String::new(),
                 kind: ReleaseKind::Good,
             },
+            lease_table: LEASE_TABLE.into(),
         };
         assert_eq!(
             seeded.load_balancer_dimension().as_deref(),

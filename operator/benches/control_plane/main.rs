@@ -795,6 +795,7 @@ async fn sustained(
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         owner: steady_fleet::OWNER.into(),
         concurrency,
+        lease: Default::default(),
     };
     std::fs::create_dir_all(&settings.state_dir)?;
     let loop_settings = LoopSettings::new(settings.state_dir.clone(), settings.owner.clone());

@@ -67,6 +67,27 @@ pub struct SettingsFlags {
     /// Clusters reconciled concurrently [env: HANGAR_CONCURRENCY]
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// Lease between operators of this owner id: `flock` (one host, the
+    /// default) or `dynamodb:TABLE` (a leader and standbys on any hosts)
+    /// [env: HANGAR_LEASE]
+    #[arg(long, value_name = "LEASE")]
+    pub lease: Option<String>,
+    /// How long a standby waits for an unrenewed lease before taking
+    /// over; default 15s [env: HANGAR_LEASE_DURATION]
+    #[arg(long, value_name = "DURATION")]
+    pub lease_duration: Option<hangar_crds::Duration>,
+    /// How long the leader keeps acting after its last successful renewal;
+    /// default 10s [env: HANGAR_LEASE_RENEW_DEADLINE]
+    #[arg(long, value_name = "DURATION")]
+    pub lease_renew_deadline: Option<hangar_crds::Duration>,
+    /// How often the leader renews and a standby looks; default 2s
+    /// [env: HANGAR_LEASE_RETRY_PERIOD]
+    #[arg(long, value_name = "DURATION")]
+    pub lease_retry_period: Option<hangar_crds::Duration>,
+    /// This process's identity in the lease; default host-pid-random
+    /// [env: HANGAR_LEASE_HOLDER]
+    #[arg(long, value_name = "NAME")]
+    pub lease_holder: Option<String>,
 }
 
 impl SettingsFlags {
@@ -77,6 +98,11 @@ impl SettingsFlags {
             listen: self.listen,
             owner: self.owner.clone(),
             concurrency: self.concurrency,
+            lease: self.lease.clone(),
+            lease_duration: self.lease_duration,
+            lease_renew_deadline: self.lease_renew_deadline,
+            lease_retry_period: self.lease_retry_period,
+            lease_holder: self.lease_holder.clone(),
         };
         Ok(Settings::load(global.config.as_deref(), &overrides)?)
     }

@@ -22,8 +22,20 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        let clouds = hangar::runtime::clouds::aws(&settings.owner, &settings.state_dir);
-        hangar::runtime::run(settings, None, clouds.clone(), Some(clouds), shutdown).await?;
+        let ha = hangar::runtime::lease::from_settings(&settings).await?;
+        let mut clouds =
+            hangar::runtime::clouds::AwsClouds::new(&settings.owner, &settings.state_dir);
+        if let Some(ha) = &ha {
+            // Every mutating call asks the lease first; the lease table's
+            // calls show on /metrics with the others.
+            clouds = clouds.fenced(std::sync::Arc::new(ha.leadership.clone()));
+            if let Some(calls) = &ha.calls {
+                clouds = clouds.with_calls(calls.clone());
+            }
+        }
+        let clouds = std::sync::Arc::new(clouds);
+        hangar::runtime::run_with(settings, None, clouds.clone(), Some(clouds), ha, shutdown)
+            .await?;
         Ok(ExitCode::SUCCESS)
     })
 }

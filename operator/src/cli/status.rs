@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Args;
 use hangar::runtime::http::ProblemView;
+use hangar::runtime::lease::{LeaderView, RoleName};
 use hangar::runtime::status::{ClusterStatus, ConditionType};
 
 use super::{Global, Output, SettingsFlags};
@@ -55,6 +56,14 @@ pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<ExitCode> {
             }
         };
         let problems: Vec<ProblemView> = serde_json::from_slice(&get("/api/v1/problems".into()).await?)?;
+        // Who leads; an operator that does not say (starting) is shown as unknown.
+        let leader: Option<LeaderView> = match get("/api/v1/leader".into()).await {
+            Ok(body) => serde_json::from_slice(&body).ok(),
+            Err(_) => None,
+        };
+        if args.output == Output::Text {
+            println!("{}", leader_line(leader.as_ref()));
+        }
         match &args.cluster {
             Some(name) => {
                 let c: ClusterStatus = serde_json::from_slice(&get(format!("/api/v1/clusters/{name}")).await?)?;
@@ -68,7 +77,7 @@ pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<ExitCode> {
                 match args.output {
                     Output::Json => println!(
                         "{}",
-                        serde_json::to_string_pretty(&serde_json::json!({ "clusters": list, "problems": problems }))?
+                        serde_json::to_string_pretty(&serde_json::json!({ "leader": leader, "clusters": list, "problems": problems }))?
                     ),
                     Output::Text => {
                         print!("{}", table(&list));
@@ -84,6 +93,27 @@ pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `leader: host-a-123-9f3c… (fence 4) via dynamodb:hangar-lease; this operator is a standby`.
+fn leader_line(l: Option<&LeaderView>) -> String {
+    let Some(l) = l else {
+        return "leader: unknown (the operator is starting)".into();
+    };
+    let who = match (&l.leader, l.fence) {
+        (Some(h), Some(f)) => format!("{h} (fence {f})"),
+        (Some(h), None) => h.clone(),
+        (None, _) => "nobody".into(),
+    };
+    let me = match l.role {
+        RoleName::Leader => "this operator leads".to_string(),
+        RoleName::Standby => format!("this operator ({}) is a standby", l.holder),
+    };
+    let ended = match (&l.role, &l.ended) {
+        (RoleName::Standby, Some(why)) => format!(" (its last term ended: {why})"),
+        _ => String::new(),
+    };
+    format!("leader: {who} via {}; {me}{ended}", l.lease)
 }
 
 fn ready(c: &ClusterStatus) -> String {

@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod decide;
 pub mod fleet;
 pub mod launches;
+pub mod lease;
 pub mod lifecycle;
 pub mod memory;
 pub mod observation;

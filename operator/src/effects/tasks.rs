@@ -5,6 +5,12 @@
 //! most one task runs per node. Cancelling is cooperative: the task stops
 //! at its next safe point (between steps, or out of a wait), so a node is
 //! never left between a cloud call and the tag that records it.
+//!
+//! Under a distributed lease the runtime [`fences`](Tasks::fence) the
+//! registry to its leadership term: no task starts once the term's
+//! [`Gate`] closes, every task's cancellation is a child of the term's (so
+//! a lost lease cancels them all at once), and each task runs with the
+//! gate in scope for the SSH layer to check before every command.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::core::fleet::Task;
 pub use crate::core::observation::{Finished, Note, Outcome};
+use crate::effects::gate::{self, Gate};
 
 struct Running {
     cluster: String,
@@ -30,10 +37,18 @@ struct Inner {
     notes: HashMap<String, Vec<Note>>,
 }
 
+/// The leadership term tasks run under (none: a single operator).
+#[derive(Clone, Default)]
+struct Term {
+    gate: Option<Gate>,
+    cancel: Option<CancellationToken>,
+}
+
 /// Cheap to clone; shared by the reconciler and every task.
 #[derive(Clone)]
 pub struct Tasks {
     inner: Arc<Mutex<Inner>>,
+    term: Arc<std::sync::RwLock<Term>>,
     tracker: TaskTracker,
     /// Told the cluster whose task just ended (the runtime reconciles it).
     on_finished: Arc<dyn Fn(&str) + Send + Sync>,
@@ -45,6 +60,7 @@ pub struct TaskHandle {
     pub cluster: String,
     pub node: String,
     pub cancel: CancellationToken,
+    gate: Option<Gate>,
     tasks: Tasks,
 }
 
@@ -65,8 +81,10 @@ impl TaskHandle {
             });
     }
 
+    /// Cancelled, or the leadership term the task runs under ended (the
+    /// step loop's safe point asks this before every step).
     pub fn cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.cancel.is_cancelled() || self.gate.as_ref().is_some_and(|g| g.check().is_err())
     }
 }
 
@@ -74,6 +92,7 @@ impl Tasks {
     pub fn new(on_finished: impl Fn(&str) + Send + Sync + 'static) -> Tasks {
         Tasks {
             inner: Arc::default(),
+            term: Arc::default(),
             tracker: TaskTracker::new(),
             on_finished: Arc::new(on_finished),
         }
@@ -81,6 +100,16 @@ impl Tasks {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ties every task started from now on to a leadership term: none
+    /// starts while `gate` is closed, each one's cancellation is a child
+    /// of `cancel`, and each runs with `gate` in scope.
+    pub fn fence(&self, gate: Gate, cancel: CancellationToken) {
+        *self.term.write().unwrap_or_else(|e| e.into_inner()) = Term {
+            gate: Some(gate),
+            cancel: Some(cancel),
+        };
     }
 
     /// Starts `task` for `node` unless one already runs for it. `work`
@@ -91,7 +120,15 @@ impl Tasks {
         F: FnOnce(TaskHandle) -> Fut,
         Fut: Future<Output = Outcome> + Send + 'static,
     {
-        let cancel = CancellationToken::new();
+        let term = self.term.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(why) = term.gate.as_ref().and_then(|g| g.check().err()) {
+            tracing::debug!(cluster, node, %why, "node task not started");
+            return false;
+        }
+        let cancel = match &term.cancel {
+            Some(parent) => parent.child_token(),
+            None => CancellationToken::new(),
+        };
         {
             let mut inner = self.lock();
             if inner.running.contains_key(node) {
@@ -110,9 +147,10 @@ impl Tasks {
             cluster: cluster.to_string(),
             node: node.to_string(),
             cancel,
+            gate: term.gate.clone(),
             tasks: self.clone(),
         };
-        let fut = work(handle);
+        let fut = gate::scope(term.gate.unwrap_or_else(Gate::open), work(handle));
         let this = self.clone();
         let (cluster, node) = (cluster.to_string(), node.to_string());
         self.tracker.spawn(async move {
@@ -232,6 +270,68 @@ mod tests {
         tasks.shutdown().await;
         let (finished, _) = tasks.drain("web");
         assert_eq!(finished[0].outcome, Outcome::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn a_closed_term_starts_nothing_and_stops_its_tasks_at_their_next_safe_point() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let open = Arc::new(AtomicBool::new(true));
+        let term = CancellationToken::new();
+        let tasks = Tasks::new(|_| {});
+        let gate = {
+            let open = open.clone();
+            Gate::new(move || {
+                if open.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("lease lost".into())
+                }
+            })
+        };
+        tasks.fence(gate, term.clone());
+        let (stepped, mut steps) = tokio::sync::mpsc::unbounded_channel();
+        assert!(
+            tasks.start("web", "i-1", Task::Advance, move |h| async move {
+                loop {
+                    // The step loop's safe point, and what SSH asks before a command.
+                    if h.cancelled() {
+                        return Outcome::Cancelled;
+                    }
+                    if gate::check().is_err() {
+                        return Outcome::Retry("gate closed inside a step".into());
+                    }
+                    let _ = stepped.send(());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        );
+        steps.recv().await.expect("the task steps");
+        // The term's deadline passes: the gate closes before anyone cancels.
+        open.store(false, Ordering::SeqCst);
+        assert!(
+            !tasks.start("web", "i-2", Task::Advance, |_| async { Outcome::Done }),
+            "nothing new starts"
+        );
+        tasks.shutdown().await;
+        let (finished, _) = tasks.drain("web");
+        assert_eq!(finished.len(), 1);
+        assert_eq!(finished[0].outcome, Outcome::Cancelled);
+        // A term cancelled as a whole cancels its tasks' tokens.
+        let (done, mut finished) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let tasks = Tasks::new(move |c| {
+            let _ = done.send(c.to_string());
+        });
+        tasks.fence(Gate::open(), term.clone());
+        tasks.start("web", "i-3", Task::Advance, |h| async move {
+            h.cancel.cancelled().await;
+            Outcome::Cancelled
+        });
+        term.cancel();
+        tokio::time::timeout(Duration::from_secs(5), finished.recv())
+            .await
+            .expect("the term's cancellation reaches the task")
+            .expect("finished");
+        assert_eq!(tasks.drain("web").0[0].outcome, Outcome::Cancelled);
     }
 
     #[tokio::test]

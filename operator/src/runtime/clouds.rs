@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use hangar_cloud::aws::AwsCloud;
-use hangar_cloud::{Cloud, CloudError};
+use hangar_cloud::lease::{Fence, Unfenced};
+use hangar_cloud::{ApiCalls, Cloud, CloudError};
 
 use crate::runtime::reconcile::CloudProvider;
 use crate::runtime::telemetry::{ApiSample, ApiStats};
@@ -20,6 +21,11 @@ pub struct AwsClouds {
     regions: tokio::sync::Mutex<HashMap<String, AwsCloud>>,
     /// A copy for scrapes, which must not wait on the async lock.
     for_stats: Mutex<Vec<AwsCloud>>,
+    /// Asked before every mutating call (the distributed lease).
+    fence: Arc<dyn Fence>,
+    /// Counters of calls made outside the per-region clouds (the lease
+    /// table), exported with theirs.
+    extra_calls: Vec<Arc<ApiCalls>>,
 }
 
 impl AwsClouds {
@@ -29,7 +35,22 @@ impl AwsClouds {
             artifact_cache: state_dir.join("artifacts"),
             regions: tokio::sync::Mutex::default(),
             for_stats: Mutex::default(),
+            fence: Arc::new(Unfenced),
+            extra_calls: Vec::new(),
         }
+    }
+
+    /// Every cloud built from now on asks `fence` before each mutating call
+    /// and stamps its epoch on what it writes.
+    pub fn fenced(mut self, fence: Arc<dyn Fence>) -> AwsClouds {
+        self.fence = fence;
+        self
+    }
+
+    /// Also exports `calls` on `/metrics`.
+    pub fn with_calls(mut self, calls: Arc<ApiCalls>) -> AwsClouds {
+        self.extra_calls.push(calls);
+        self
     }
 }
 
@@ -40,12 +61,10 @@ impl CloudProvider for AwsClouds {
         if let Some(c) = regions.get(region) {
             return Ok(c.cloud());
         }
-        let c = AwsCloud::from_env(
-            Some(region),
-            self.owner.clone(),
-            self.artifact_cache.clone(),
-        )
-        .await?;
+        let sdk = aws_config_for(region).await;
+        let c = AwsCloud::builder(&sdk, self.owner.clone(), self.artifact_cache.clone())
+            .fence(self.fence.clone())
+            .build()?;
         regions.insert(region.to_string(), c.clone());
         self.for_stats
             .lock()
@@ -63,8 +82,12 @@ impl ApiStats for AwsClouds {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let mut merged: HashMap<(String, String), ApiSample> = HashMap::new();
-        for c in clouds {
-            for op in c.api_calls().snapshot() {
+        let calls = clouds
+            .iter()
+            .map(|c| c.api_calls().clone())
+            .chain(self.extra_calls.iter().cloned());
+        for c in calls {
+            for op in c.snapshot() {
                 let e = merged
                     .entry((op.service.to_string(), op.operation.clone()))
                     .or_insert_with(|| ApiSample {
@@ -82,6 +105,14 @@ impl ApiStats for AwsClouds {
         out.sort_by(|a, b| (&a.service, &a.operation).cmp(&(&b.service, &b.operation)));
         out
     }
+}
+
+/// The standard AWS configuration chain, with the region overridden.
+async fn aws_config_for(region: &str) -> hangar_cloud::aws_config::SdkConfig {
+    hangar_cloud::aws_config::defaults(hangar_cloud::aws_config::BehaviorVersion::latest())
+        .region(hangar_cloud::aws_config::Region::new(region.to_string()))
+        .load()
+        .await
 }
 
 /// Both roles of one provider, for `hangar run`.

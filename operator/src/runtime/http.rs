@@ -3,7 +3,9 @@
 //! - `GET /`: the status page for people ([`crate::runtime::page`]).
 //! - `GET /clusters/{name}[?hours=N]`: one cluster's page.
 //! - `GET /healthz`: the process is alive.
-//! - `GET /readyz`: the lease is held, specs were loaded and the runner runs.
+//! - `GET /readyz`: the lease is held, specs were loaded and the runner
+//!   runs (503 `standby` while another operator leads).
+//! - `GET /api/v1/leader`: who leads, and what this process is.
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /api/v1/clusters`: every cluster's status (JSON).
 //! - `GET /api/v1/clusters/{name}`: one cluster's status.
@@ -23,6 +25,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::history::HistoryStore;
+use crate::runtime::lease::{LeaderView, RoleName};
 use crate::runtime::page;
 use crate::runtime::status::ClusterStatus;
 use crate::runtime::telemetry::Telemetry;
@@ -65,6 +68,7 @@ pub struct Board {
     problems: RwLock<Vec<ProblemView>>,
     ready: AtomicBool,
     history: HistoryStore,
+    leader: RwLock<Option<LeaderView>>,
 }
 
 impl Board {
@@ -103,6 +107,26 @@ impl Board {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Who leads, for `/api/v1/leader` and `/readyz`.
+    pub fn set_leader(&self, view: LeaderView) {
+        *self.leader.write().unwrap_or_else(|e| e.into_inner()) = Some(view);
+    }
+
+    pub fn leader(&self) -> Option<LeaderView> {
+        self.leader
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Forgets every status (a new term loads them afresh).
+    pub fn clear(&self) {
+        self.clusters
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn clusters(&self) -> Vec<ClusterStatus> {
@@ -146,6 +170,7 @@ pub fn router(board: Arc<Board>, telemetry: Telemetry) -> Router {
         .route("/api/v1/clusters", get(clusters))
         .route("/api/v1/clusters/{name}", get(cluster))
         .route("/api/v1/problems", get(problems))
+        .route("/api/v1/leader", get(leader))
         .with_state(AppState { board, telemetry })
 }
 
@@ -187,10 +212,23 @@ async fn cluster_page(
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    if s.board.ready.load(Ordering::SeqCst) {
+    let standby = s
+        .board
+        .leader()
+        .is_some_and(|l| l.role == RoleName::Standby);
+    if standby {
+        (StatusCode::SERVICE_UNAVAILABLE, "standby\n").into_response()
+    } else if s.board.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+async fn leader(State(s): State<AppState>) -> Response {
+    match s.board.leader() {
+        Some(l) => Json(l).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response(),
     }
 }
 
@@ -295,6 +333,17 @@ mod tests {
         assert!(html.contains(r#"<tr data-cluster="web">"#), "{html}");
         assert_eq!(get(&app, "/clusters/web?hours=24").await.0, StatusCode::OK);
         assert_eq!(get(&app, "/clusters/nope").await.0, StatusCode::NOT_FOUND);
+        let mut view = crate::runtime::lease::Leadership::single("me").view();
+        view.role = RoleName::Standby;
+        board.set_leader(view);
+        let (code, body) = get(&app, "/readyz").await;
+        assert_eq!(
+            (code, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "standby\n")
+        );
+        let (code, body) = get(&app, "/api/v1/leader").await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(body.contains("\"role\":\"standby\""), "{body}");
 
         telemetry.spec_problems.set(2);
         let (code, body) = get(&app, "/metrics").await;

@@ -16,4 +16,4 @@ pub mod specs;
 pub mod status;
 pub mod telemetry;
 
-pub use run::{run, RunError};
+pub use run::{run, run_with, Ha, RunError};

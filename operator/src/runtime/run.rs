@@ -1,17 +1,25 @@
 //! `hangar run`: wires the lease, specs, watcher, resync, HTTP server and
 //! the controller together, and shuts them down in order.
+//!
+//! With a distributed lease the process serves HTTP from the start and
+//! waits as a standby; each time it wins the lease it runs one *term*: a
+//! fresh operator (statuses loaded from the shared store, the fleet rebuilt
+//! from the instance tags, every node continued from its phase) until the
+//! term ends — the lease lost, or a stop. Then it is a standby again.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hangar_cloud::lease::{LeaseStore, StateStore};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::controller::runner::RunnerConfig;
 use crate::runtime::controller::{self, TriggerSender};
 use crate::runtime::http::{self, Board};
-use crate::runtime::lease::{Lease, LeaseError};
+use crate::runtime::lease::shared::SharedMemory;
+use crate::runtime::lease::{elector, Leadership, Lease, LeaseError, RoleName, Term};
 use crate::runtime::reconcile::{CloudProvider, LoopSettings, Operator};
 use crate::runtime::settings::Settings;
 use crate::runtime::specs::SpecSet;
@@ -35,7 +43,18 @@ pub enum RunError {
     },
 }
 
-/// Runs the operator until `shutdown` fires (SIGTERM/SIGINT in the binary).
+/// A distributed lease: this process's leadership and where the lease and
+/// the shared statuses are kept.
+pub struct Ha {
+    pub leadership: Leadership,
+    pub lease: Arc<dyn LeaseStore>,
+    pub state: Arc<dyn StateStore>,
+    /// Counters of the store's calls, for `/metrics`.
+    pub calls: Option<Arc<hangar_cloud::ApiCalls>>,
+}
+
+/// Runs the operator until `shutdown` fires (SIGTERM/SIGINT in the binary),
+/// under the single-host lease.
 pub async fn run(
     settings: Settings,
     loop_settings: Option<LoopSettings>,
@@ -43,39 +62,36 @@ pub async fn run(
     api_stats: Option<Arc<dyn ApiStats>>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let _lease = Lease::acquire(&settings.state_dir, &settings.owner)?;
-    let store = StatusStore::open(&settings.state_dir)?;
+    run_with(settings, loop_settings, clouds, api_stats, None, shutdown).await
+}
+
+/// [`run`], as leader or standby under `ha` when given. `clouds` must be
+/// fenced by `ha.leadership` (see `AwsClouds::fenced`).
+pub async fn run_with(
+    settings: Settings,
+    loop_settings: Option<LoopSettings>,
+    clouds: Arc<dyn CloudProvider>,
+    api_stats: Option<Arc<dyn ApiStats>>,
+    ha: Option<Ha>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    // Held in every mode: two processes never share a state directory.
+    let _flock = Lease::acquire(&settings.state_dir, &settings.owner)?;
+    let leadership = match &ha {
+        Some(ha) => ha.leadership.clone(),
+        None => Leadership::single(&format!("pid-{}", std::process::id())),
+    };
     let board = Arc::new(Board::default());
     let telemetry = Telemetry::new();
     if let Some(stats) = api_stats {
         telemetry.set_api_stats(stats);
     }
-    let (triggers, trigger_rx) = TriggerSender::channel();
-    let loop_settings = loop_settings
-        .unwrap_or_else(|| LoopSettings::new(settings.state_dir.clone(), settings.owner.clone()));
-    let resync = loop_settings.resync;
-    let operator = Arc::new(Operator::new(
-        loop_settings,
-        clouds,
-        store,
+    let shows = tokio::spawn(show_leadership(
+        leadership.clone(),
         board.clone(),
         telemetry.clone(),
-        triggers.clone(),
+        shutdown.clone(),
     ));
-
-    let initial = SpecSet::load(&settings.specs)?;
-    tracing::info!(
-        specs = %settings.specs.display(),
-        clusters = initial.clusters.len(),
-        problems = initial.problems.len(),
-        owner = %settings.owner,
-        "hangar starting"
-    );
-    operator.set_specs(initial);
-    for key in operator.keys() {
-        triggers.now(key);
-    }
-
     let http_task = http::serve(
         settings.listen,
         board.clone(),
@@ -87,6 +103,147 @@ pub async fn run(
         addr: settings.listen.to_string(),
         source,
     })?;
+    let elector_stop = CancellationToken::new();
+    let elector_task = ha.as_ref().map(|ha| {
+        tracing::info!(
+            lease = %ha.lease.describe(),
+            holder = %leadership.holder(),
+            owner = %settings.owner,
+            "standby: waiting for the lease"
+        );
+        tokio::spawn(elector::run(
+            leadership.clone(),
+            ha.lease.clone(),
+            elector_stop.clone(),
+        ))
+    });
+
+    let loop_settings = loop_settings
+        .unwrap_or_else(|| LoopSettings::new(settings.state_dir.clone(), settings.owner.clone()));
+    let mut result = Ok(());
+    while let Some(term) = leadership.wait_term(&shutdown).await {
+        let served = serve_term(
+            &settings,
+            &loop_settings,
+            &clouds,
+            &leadership,
+            &term,
+            ha.as_ref(),
+            &board,
+            &telemetry,
+            &shutdown,
+        )
+        .await;
+        if let Err(e) = served {
+            result = Err(e);
+            break;
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        tracing::warn!("the term ended: a standby from now on");
+    }
+
+    elector_stop.cancel();
+    if let Some(t) = elector_task {
+        let _ = t.await;
+    }
+    if let Some(ha) = &ha {
+        // A graceful stop hands over at once instead of after a lease.
+        elector::release(&leadership, ha.lease.as_ref()).await;
+    }
+    shutdown.cancel();
+    let _ = http_task.await;
+    let _ = shows.await;
+    tracing::info!("stopped");
+    result
+}
+
+/// One term: a fresh operator acting until the term ends or `shutdown`.
+#[allow(clippy::too_many_arguments)]
+async fn serve_term(
+    settings: &Settings,
+    loop_settings: &LoopSettings,
+    clouds: &Arc<dyn CloudProvider>,
+    leadership: &Leadership,
+    term: &Term,
+    ha: Option<&Ha>,
+    board: &Arc<Board>,
+    telemetry: &Telemetry,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
+    // The term's work stops on either.
+    let stop = shutdown.child_token();
+    let ends = {
+        let (stop, ended) = (stop.clone(), term.cancel.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = ended.cancelled() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        })
+    };
+    let mut store = StatusStore::open(&settings.state_dir)?;
+    if let Some(ha) = ha {
+        let timing = leadership.with(|m, _| m.timing()).unwrap_or_default();
+        let shared = Arc::new(SharedMemory::new(
+            ha.state.clone(),
+            leadership.clone(),
+            timing.renew_deadline / 2,
+        ));
+        // The memory of decisions comes from the last leader, read after
+        // winning the lease: nothing the old leader could still write is
+        // accepted from now on (its writes are fenced).
+        let loaded = loop {
+            match shared.load().await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot load the shared statuses yet");
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            ends.abort();
+                            return Ok(());
+                        }
+                        _ = tokio::time::sleep(timing.retry) => {}
+                    }
+                }
+            }
+        };
+        tracing::info!(
+            clusters = loaded.len(),
+            fence = term.fence,
+            "leading: statuses loaded from the shared store"
+        );
+        board.clear();
+        store = store.with_shared(shared, loaded);
+    }
+    let (triggers, trigger_rx) = TriggerSender::channel();
+    let resync = loop_settings.resync;
+    let operator = Arc::new(Operator::new(
+        loop_settings.clone(),
+        clouds.clone(),
+        store,
+        board.clone(),
+        telemetry.clone(),
+        triggers.clone(),
+    ));
+    operator
+        .tasks()
+        .fence(leadership.gate(term), term.cancel.clone());
+
+    let initial = SpecSet::load(&settings.specs)?;
+    tracing::info!(
+        specs = %settings.specs.display(),
+        clusters = initial.clusters.len(),
+        problems = initial.problems.len(),
+        owner = %settings.owner,
+        fence = term.fence,
+        "hangar starting"
+    );
+    operator.set_specs(initial);
+    for key in operator.keys() {
+        triggers.now(key);
+    }
 
     let (changed_tx, changed_rx) = mpsc::unbounded_channel();
     let _watcher = crate::runtime::specs::watch(&settings.specs, changed_tx).map_err(|source| {
@@ -101,7 +258,7 @@ pub async fn run(
         triggers.clone(),
         changed_rx,
         resync,
-        shutdown.clone(),
+        stop.clone(),
     ));
 
     board.set_ready(true);
@@ -112,7 +269,7 @@ pub async fn run(
             concurrency: settings.concurrency,
             ..RunnerConfig::default()
         },
-        shutdown.clone(),
+        stop.clone(),
     );
     drop(triggers);
     runner.await;
@@ -120,10 +277,40 @@ pub async fn run(
     board.set_ready(false);
     tracing::info!("stopping: waiting for node tasks to reach a safe point");
     operator.shutdown().await;
+    stop.cancel();
     let _ = specs_task.await;
-    let _ = http_task.await;
-    tracing::info!("stopped");
+    let _ = ends.await;
     Ok(())
+}
+
+/// Keeps `/api/v1/leader`, `/readyz` and the `hangar_leader` metrics in
+/// step with the lease.
+async fn show_leadership(
+    leadership: Leadership,
+    board: Arc<Board>,
+    telemetry: Telemetry,
+    shutdown: CancellationToken,
+) {
+    let mut views = leadership.subscribe();
+    // A lapsed term is noticed by the first question; ask once a second
+    // so status shows it even when nothing else asks.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let view = leadership.view();
+        telemetry
+            .leader
+            .set(i64::from(view.role == RoleName::Leader));
+        telemetry.lease_fence.set(match view.role {
+            RoleName::Leader => view.fence.map_or(0, |f| f as i64),
+            RoleName::Standby => 0,
+        });
+        board.set_leader(view);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = views.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
+    }
 }
 
 /// Reloads specs when the directory changes (debounced) and on every resync

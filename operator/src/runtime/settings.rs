@@ -13,13 +13,140 @@ use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
 /// Environment variables read, each the upper-cased key with `HANGAR_`.
-pub const ENV_VARS: [&str; 5] = [
+pub const ENV_VARS: [&str; 10] = [
     "HANGAR_SPECS",
     "HANGAR_STATE_DIR",
     "HANGAR_LISTEN",
     "HANGAR_OWNER",
     "HANGAR_CONCURRENCY",
+    "HANGAR_LEASE",
+    "HANGAR_LEASE_DURATION",
+    "HANGAR_LEASE_RENEW_DEADLINE",
+    "HANGAR_LEASE_RETRY_PERIOD",
+    "HANGAR_LEASE_HOLDER",
 ];
+
+/// Which lease keeps two operators of one owner id apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseBackend {
+    /// `flock` in the state directory: one operator per host (default).
+    Flock,
+    /// `dynamodb:TABLE`: a lease item in a DynamoDB table (region and
+    /// credentials from the AWS chain), for a leader and standbys on any
+    /// number of hosts.
+    DynamoDb { table: String },
+}
+
+impl std::str::FromStr for LeaseBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            None if s == "flock" => Ok(LeaseBackend::Flock),
+            Some(("dynamodb", table)) if valid_table(table) => Ok(LeaseBackend::DynamoDb {
+                table: table.to_string(),
+            }),
+            Some(("dynamodb", table)) => Err(format!(
+                "lease `{s}`: table name `{table}` must be 3-255 letters, digits, `_`, `-` or `.`"
+            )),
+            _ => Err(format!("lease `{s}`: expected `flock` or `dynamodb:TABLE`")),
+        }
+    }
+}
+
+impl std::fmt::Display for LeaseBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseBackend::Flock => f.write_str("flock"),
+            LeaseBackend::DynamoDb { table } => write!(f, "dynamodb:{table}"),
+        }
+    }
+}
+
+/// DynamoDB's table name rule.
+fn valid_table(t: &str) -> bool {
+    (3..=255).contains(&t.len())
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
+/// The lease keys of the settings (flat in the file: `lease`,
+/// `lease_duration`, …). Defaults are client-go's leader election's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseSettings {
+    /// `flock` or `dynamodb:TABLE`.
+    #[serde(default = "default_lease")]
+    pub lease: String,
+    /// How long a standby must see the lease unrenewed before taking over.
+    #[serde(default = "default_lease_duration")]
+    pub lease_duration: hangar_crds::Duration,
+    /// How long after its last successful renewal the leader keeps acting.
+    #[serde(default = "default_renew_deadline")]
+    pub lease_renew_deadline: hangar_crds::Duration,
+    /// How often the leader renews and a standby looks.
+    #[serde(default = "default_retry_period")]
+    pub lease_retry_period: hangar_crds::Duration,
+    /// This process's identity in the lease; default `<host>-<pid>-<random>`.
+    #[serde(default)]
+    pub lease_holder: Option<String>,
+}
+
+fn default_lease() -> String {
+    "flock".into()
+}
+fn default_lease_duration() -> hangar_crds::Duration {
+    hangar_crds::Duration::from_secs(15)
+}
+fn default_renew_deadline() -> hangar_crds::Duration {
+    hangar_crds::Duration::from_secs(10)
+}
+fn default_retry_period() -> hangar_crds::Duration {
+    hangar_crds::Duration::from_secs(2)
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings {
+            lease: default_lease(),
+            lease_duration: default_lease_duration(),
+            lease_renew_deadline: default_renew_deadline(),
+            lease_retry_period: default_retry_period(),
+            lease_holder: None,
+        }
+    }
+}
+
+impl LeaseSettings {
+    pub fn backend(&self) -> Result<LeaseBackend, SettingsError> {
+        self.lease.parse().map_err(SettingsError::Invalid)
+    }
+
+    pub fn timing(&self) -> crate::core::lease::Timing {
+        crate::core::lease::Timing {
+            lease: self.lease_duration.get(),
+            renew_deadline: self.lease_renew_deadline.get(),
+            retry: self.lease_retry_period.get(),
+        }
+    }
+
+    /// The holder id: as set, or `<host>-<pid>-<8 random hex digits>` (a
+    /// restarted process is a new holder, and waits like any other).
+    pub fn holder(&self) -> String {
+        if let Some(h) = &self.lease_holder {
+            return h.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "host".into());
+        format!(
+            "{host}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        )
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settings {
@@ -34,6 +161,9 @@ pub struct Settings {
     pub owner: String,
     /// Clusters reconciled at the same time.
     pub concurrency: usize,
+    /// Which lease keeps operators of this owner id apart, and its timing.
+    #[serde(flatten)]
+    pub lease: LeaseSettings,
 }
 
 /// The same keys, all optional, as found in the file (unknown keys are an
@@ -47,6 +177,11 @@ struct FileSettings {
     listen: Option<String>,
     owner: Option<String>,
     concurrency: Option<usize>,
+    lease: Option<String>,
+    lease_duration: Option<hangar_crds::Duration>,
+    lease_renew_deadline: Option<hangar_crds::Duration>,
+    lease_retry_period: Option<hangar_crds::Duration>,
+    lease_holder: Option<String>,
 }
 
 /// Values given on the command line; `None` means "not given".
@@ -57,6 +192,11 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub owner: Option<String>,
     pub concurrency: Option<usize>,
+    pub lease: Option<String>,
+    pub lease_duration: Option<hangar_crds::Duration>,
+    pub lease_renew_deadline: Option<hangar_crds::Duration>,
+    pub lease_retry_period: Option<hangar_crds::Duration>,
+    pub lease_holder: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +268,29 @@ impl Settings {
         .and_then(|b| set(b, "listen", flags.listen.map(|a| a.to_string())))
         .and_then(|b| set(b, "owner", flags.owner.clone()))
         .and_then(|b| b.set_override_option("concurrency", flags.concurrency.map(|c| c as u64)))
+        .and_then(|b| set(b, "lease", flags.lease.clone()))
+        .and_then(|b| {
+            set(
+                b,
+                "lease_duration",
+                flags.lease_duration.map(|d| d.to_string()),
+            )
+        })
+        .and_then(|b| {
+            set(
+                b,
+                "lease_renew_deadline",
+                flags.lease_renew_deadline.map(|d| d.to_string()),
+            )
+        })
+        .and_then(|b| {
+            set(
+                b,
+                "lease_retry_period",
+                flags.lease_retry_period.map(|d| d.to_string()),
+            )
+        })
+        .and_then(|b| set(b, "lease_holder", flags.lease_holder.clone()))
         .map_err(|e| SettingsError::Invalid(e.to_string()))?;
         let settings: Settings = builder
             .build()
@@ -154,6 +317,19 @@ impl Settings {
             return Err(SettingsError::Invalid(
                 "concurrency must be at least 1".into(),
             ));
+        }
+        self.lease.backend()?;
+        self.lease
+            .timing()
+            .check()
+            .map_err(SettingsError::Invalid)?;
+        if let Some(h) = &self.lease.lease_holder {
+            let ok = !h.is_empty() && h.len() <= 256 && h.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return Err(SettingsError::Invalid(format!(
+                    "lease holder `{h}` must be 1-256 printable characters without spaces"
+                )));
+            }
         }
         Ok(())
     }
@@ -243,6 +419,81 @@ mod tests {
             err.to_string().contains("listen") || err.to_string().contains("address"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_lease_defaults_to_flock_with_client_go_timing_and_can_be_set_anywhere() {
+        let s = Settings::load_with_env(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(s.lease.backend().unwrap(), LeaseBackend::Flock);
+        let t = s.lease.timing();
+        assert_eq!(
+            (t.lease, t.renew_deadline, t.retry),
+            (
+                std::time::Duration::from_secs(15),
+                std::time::Duration::from_secs(10),
+                std::time::Duration::from_secs(2)
+            )
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hangar.toml");
+        std::fs::write(
+            &file,
+            "lease = \"dynamodb:from-file\"\nlease_duration = \"30s\"\nlease_renew_deadline = \"20s\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_with_env(
+            Some(&file),
+            env(&[
+                ("HANGAR_LEASE_RETRY_PERIOD", "3s"),
+                ("HANGAR_LEASE_HOLDER", "host-a"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.lease.backend().unwrap(),
+            LeaseBackend::DynamoDb {
+                table: "from-file".into()
+            }
+        );
+        assert_eq!(s.lease.timing().lease, std::time::Duration::from_secs(30));
+        assert_eq!(s.lease.timing().retry, std::time::Duration::from_secs(3));
+        assert_eq!(s.lease.holder(), "host-a");
+        let flags = Overrides {
+            lease: Some("dynamodb:hangar-lease".into()),
+            lease_duration: Some("4s".parse().unwrap()),
+            lease_renew_deadline: Some("3s".parse().unwrap()),
+            lease_retry_period: Some("500ms".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let s = Settings::load_with_env(Some(&file), env(&[]), &flags).unwrap();
+        assert_eq!(s.lease.lease, "dynamodb:hangar-lease");
+        assert_eq!(
+            s.lease.timing().retry,
+            std::time::Duration::from_millis(500)
+        );
+        let random = s.lease.holder();
+        assert!(random.contains(&std::process::id().to_string()), "{random}");
+        assert_ne!(random, s.lease.holder(), "a fresh holder per call");
+    }
+
+    #[test]
+    fn bad_lease_settings_are_refused_with_the_reason() {
+        for (key, value, want) in [
+            (
+                "HANGAR_LEASE",
+                "etcd:x",
+                "expected `flock` or `dynamodb:TABLE`",
+            ),
+            ("HANGAR_LEASE", "dynamodb:a b", "table name"),
+            ("HANGAR_LEASE_RENEW_DEADLINE", "20s", "renew deadline"),
+            ("HANGAR_LEASE_RETRY_PERIOD", "12s", "retry period"),
+            ("HANGAR_LEASE_DURATION", "soon", "invalid duration"),
+        ] {
+            let err = Settings::load_with_env(None, env(&[(key, value)]), &Overrides::default())
+                .unwrap_err();
+            assert!(err.to_string().contains(want), "{key}={value}: {err}");
+        }
     }
 
     #[test]

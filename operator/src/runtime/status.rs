@@ -325,11 +325,40 @@ fn phase_label(i: &Instance) -> String {
     }
 }
 
-/// Statuses on disk: `<state>/clusters/<name>.json`.
+/// Statuses on disk: `<state>/clusters/<name>.json`; with a distributed
+/// lease also in a store every operator of the owner id reads
+/// ([`SharedStatuses`]), the local files then being a cache.
 #[derive(Clone, Debug)]
 pub struct StatusStore {
     dir: PathBuf,
     read_only: bool,
+    shared: Option<Shared>,
+}
+
+/// Where the leader also writes each status, so that whoever leads next
+/// neither scales down early nor retries a halted release. Only the leader
+/// of the current term can write there (the writes are fenced).
+pub trait SharedStatuses: Send + Sync {
+    /// Stores `status` before returning; `Err` when it was not stored
+    /// (then nothing may rely on it: a launch whose intent is not stored
+    /// is not made).
+    fn save(&self, status: &ClusterStatus) -> Result<(), String>;
+    fn remove(&self, name: &str) -> Result<(), String>;
+}
+
+#[derive(Clone)]
+struct Shared {
+    store: Arc<dyn SharedStatuses>,
+    /// What the shared store held when this term began.
+    loaded: Arc<Vec<ClusterStatus>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("loaded", &self.loaded.len())
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -344,6 +373,8 @@ pub enum StoreError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("shared status of {name}: {message}")]
+    Shared { name: String, message: String },
 }
 
 impl StatusStore {
@@ -356,7 +387,23 @@ impl StatusStore {
         Ok(StatusStore {
             dir,
             read_only: false,
+            shared: None,
         })
+    }
+
+    /// Writes go to `store` too, and statuses are loaded from what it held
+    /// when the term began (`loaded`); only when it held nothing yet (the
+    /// first start with a distributed lease) from the local files.
+    pub fn with_shared(
+        mut self,
+        store: Arc<dyn SharedStatuses>,
+        loaded: Vec<ClusterStatus>,
+    ) -> Self {
+        self.shared = Some(Shared {
+            store,
+            loaded: Arc::new(loaded),
+        });
+        self
     }
 
     /// A store that can be read but is never written (for `hangar plan`,
@@ -365,6 +412,7 @@ impl StatusStore {
         StatusStore {
             dir: state_dir.join("clusters"),
             read_only: true,
+            shared: None,
         }
     }
 
@@ -375,6 +423,9 @@ impl StatusStore {
     /// Every stored status. A corrupt file is reported and skipped: it
     /// costs history, not nodes (the cloud is the truth).
     pub fn load_all(&self) -> (Vec<ClusterStatus>, Vec<StoreError>) {
+        if let Some(shared) = self.shared.as_ref().filter(|s| !s.loaded.is_empty()) {
+            return (shared.loaded.as_ref().clone(), Vec::new());
+        }
         let mut out = Vec::new();
         let mut errors = Vec::new();
         let entries = match std::fs::read_dir(&self.dir) {
@@ -404,11 +455,27 @@ impl StatusStore {
         (out, errors)
     }
 
-    /// Writes atomically: a crash leaves the old or the new file, never half.
+    /// Writes atomically: a crash leaves the old or the new file, never
+    /// half; then to the shared store, if any. An error from either is an
+    /// error (the shared store's first).
     pub fn save(&self, status: &ClusterStatus) -> Result<(), StoreError> {
         if self.read_only {
             return Ok(());
         }
+        let local = self.save_local(status);
+        if let Some(shared) = &self.shared {
+            shared
+                .store
+                .save(status)
+                .map_err(|message| StoreError::Shared {
+                    name: status.name.clone(),
+                    message,
+                })?;
+        }
+        local
+    }
+
+    fn save_local(&self, status: &ClusterStatus) -> Result<(), StoreError> {
         let path = self.path(&status.name);
         let tmp = self.dir.join(format!(".{}.json.tmp", status.name));
         let io = |source| StoreError::Io {
@@ -430,6 +497,15 @@ impl StatusStore {
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
         if self.read_only {
             return Ok(());
+        }
+        if let Some(shared) = &self.shared {
+            shared
+                .store
+                .remove(name)
+                .map_err(|message| StoreError::Shared {
+                    name: name.to_string(),
+                    message,
+                })?;
         }
         let path = self.path(name);
         match std::fs::remove_file(&path) {
@@ -527,5 +603,64 @@ mod tests {
         store.remove("web").unwrap();
         store.remove("web").unwrap();
         assert!(store.load_all().0.is_empty());
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        saved: std::sync::Mutex<Vec<String>>,
+        refuse: bool,
+    }
+
+    impl SharedStatuses for Recorder {
+        fn save(&self, status: &ClusterStatus) -> Result<(), String> {
+            if self.refuse {
+                return Err("fenced out".into());
+            }
+            self.saved.lock().unwrap().push(status.name.clone());
+            Ok(())
+        }
+        fn remove(&self, _name: &str) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_shared_store_is_written_too_and_wins_over_the_local_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut local = ClusterStatus::new("web");
+        local.memory.desired = 2;
+        StatusStore::open(dir.path()).unwrap().save(&local).unwrap();
+        let mut remote = ClusterStatus::new("web");
+        remote.memory.desired = 5;
+        let rec = Arc::new(Recorder::default());
+        let store = StatusStore::open(dir.path())
+            .unwrap()
+            .with_shared(rec.clone(), vec![remote.clone()]);
+        assert_eq!(
+            store.load_all().0,
+            vec![remote.clone()],
+            "the shared copy wins"
+        );
+        store.save(&remote).unwrap();
+        assert_eq!(*rec.saved.lock().unwrap(), vec!["web".to_string()]);
+        // Nothing shared yet (first start with a distributed lease): the cache.
+        let store = StatusStore::open(dir.path())
+            .unwrap()
+            .with_shared(rec.clone(), Vec::new());
+        assert_eq!(
+            store.load_all().0[0].memory.desired,
+            5,
+            "the cache, as last written"
+        );
+        // A refused shared write is an error, though the cache was written.
+        let refusing = Arc::new(Recorder {
+            refuse: true,
+            ..Recorder::default()
+        });
+        let store = StatusStore::open(dir.path())
+            .unwrap()
+            .with_shared(refusing, Vec::new());
+        let err = store.save(&local).unwrap_err();
+        assert!(err.to_string().contains("fenced out"), "{err}");
     }
 }

@@ -139,6 +139,10 @@ pub struct Telemetry {
     pub node_tasks: Family<TaskLabels, Counter>,
     pub ssh_errors: Family<KindLabel, Counter>,
     pub spec_problems: Gauge,
+    /// 1 while this process leads (always with the single-host lease).
+    pub leader: Gauge,
+    /// The fence of the term this process leads (0 while a standby).
+    pub lease_fence: Gauge,
     api: ApiCollector,
 }
 
@@ -199,6 +203,18 @@ impl Telemetry {
             "Problems in the spec directory",
             spec_problems.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this operator holds the lease and acts, 0 while a standby",
+            leader.clone(),
+        );
+        let lease_fence = Gauge::default();
+        registry.register(
+            "lease_fence",
+            "Fence (hangar:epoch) of the term this operator leads; 0 while a standby",
+            lease_fence.clone(),
+        );
         Telemetry {
             registry: Arc::new(Mutex::new(registry)),
             reconcile_duration,
@@ -210,6 +226,8 @@ impl Telemetry {
             node_tasks,
             ssh_errors,
             spec_problems,
+            leader,
+            lease_fence,
             api,
         }
     }

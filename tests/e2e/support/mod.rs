@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod dashboard;
+pub mod ha;
 pub mod operator;
 pub mod watcher;
 
@@ -187,6 +188,14 @@ impl Scenario {
     /// SIGTERM and wait for a clean exit.
     pub fn stop_operator(&mut self) -> Option<std::process::ExitStatus> {
         self.operator.take().and_then(|op| op.stop())
+    }
+
+    /// Where this scenario's files live (the operators' state, logs).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir
+            .as_ref()
+            .map(|d| d.path())
+            .expect("the scenario's directory exists until drop")
     }
 
     pub fn operator(&self) -> &OperatorProcess {

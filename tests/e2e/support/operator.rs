@@ -29,6 +29,19 @@ impl OperatorProcess {
         log: &Path,
         listen: SocketAddr,
     ) -> OperatorProcess {
+        OperatorProcess::start_with(specs, state, owner, env, log, listen, &[])
+    }
+
+    /// [`start`](Self::start) with more `hangar run` arguments (a lease).
+    pub fn start_with(
+        specs: &Path,
+        state: &Path,
+        owner: &str,
+        env: &[(String, String)],
+        log: &Path,
+        listen: SocketAddr,
+        args: &[String],
+    ) -> OperatorProcess {
         let out = File::options()
             .create(true)
             .append(true)
@@ -45,6 +58,7 @@ impl OperatorProcess {
             .arg(listen.to_string())
             .arg("--owner")
             .arg(owner)
+            .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("HANGAR_LOG", "info,hangar=debug")
             .env("NO_COLOR", "1")
@@ -80,7 +94,15 @@ impl OperatorProcess {
         None
     }
 
-    fn get(&self, path: &str) -> Option<String> {
+    /// Sends `signal` (SIGSTOP, SIGCONT) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Option<String> {
         let url = format!("http://{}{path}", self.listen);
         let out = ureq_get(&url)?;
         Some(out)

@@ -74,6 +74,13 @@ pub enum SshError {
         command: String,
         reason: String,
     },
+    /// The leadership term this work runs under ended: nothing was sent.
+    #[error("{node}: `{command}` not run: {reason}")]
+    NotLeader {
+        node: String,
+        command: String,
+        reason: String,
+    },
 }
 
 impl SshError {
@@ -85,6 +92,7 @@ impl SshError {
                 | SshError::Connect { .. }
                 | SshError::Disconnected { .. }
                 | SshError::CommandTimeout { .. }
+                | SshError::NotLeader { .. }
         )
     }
 }
@@ -592,6 +600,14 @@ impl Session {
     ) -> Result<CommandOutput, SshError> {
         let started = Instant::now();
         let shown = || self.redactor().redact(command);
+        // Before anything reaches the node: a term that ended changes nothing.
+        if let Err(reason) = crate::effects::gate::check() {
+            return Err(SshError::NotLeader {
+                node: self.node().to_string(),
+                command: shown(),
+                reason,
+            });
+        }
         let channel = self.open_channel(command).await?;
         let (mut read, write) = channel.split();
         let run = async {

@@ -41,11 +41,12 @@ impl Operator {
     ) -> Acted {
         let name = entry.name();
         let mut failures = Vec::new();
+        let mut stored = true;
         if decision.persist_first {
             // Launch intents (their tokens) and the node a once run was
             // given to reach the disk before EC2 or the node hears of
             // them: a crash in between finds them after the restart.
-            self.persist(status);
+            stored = self.persist(status);
         }
         for action in &decision.diff.actions {
             match action {
@@ -83,7 +84,12 @@ impl Operator {
             }
         }
         for intent in &decision.launches {
-            if let Err(failure) = self.launch(name, cloud, obs, intent, status).await {
+            // lease: an intent a successor could not read is not launched.
+            let launched = match stored {
+                true => self.launch(name, cloud, obs, intent, status).await,
+                false => Err(intent_not_stored(intent)),
+            };
+            if let Err(failure) = launched {
                 failures.push(failure);
             }
         }
@@ -236,5 +242,21 @@ impl Operator {
             node_task::run(ctx, instance, task_for_run, handle)
         });
         Ok(())
+    }
+}
+
+/// The launch was not made because its intent could not be stored (with a
+/// distributed lease: not in the shared store, so a successor would not
+/// know its token). Transient: the next pass calls again, same token.
+fn intent_not_stored(intent: &LaunchIntent) -> ActionFailure {
+    ActionFailure::Launch {
+        token: intent.token.clone(),
+        subnet: intent.subnet.clone(),
+        count: intent.count,
+        error: hangar_cloud::CloudError::NotLeader {
+            operation: "RunInstances".into(),
+            reason: "its launch intent could not be stored".into(),
+        },
+        at: Utc::now(),
     }
 }

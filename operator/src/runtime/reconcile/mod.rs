@@ -213,18 +213,24 @@ impl Operator {
                 .is_none_or(|t| t.elapsed() >= READINGS_PERSIST_EVERY),
         };
         if write {
-            self.persist(&status);
+            let _ = self.persist(&status);
         }
         self.install(status);
     }
 
-    /// Writes `status` to disk now.
-    fn persist(&self, status: &ClusterStatus) {
+    /// Writes `status` to disk now (and, with a distributed lease, to the
+    /// shared store). Whether it was stored: a launch is only made once its
+    /// intent is.
+    fn persist(&self, status: &ClusterStatus) -> bool {
         match self.store.save(status) {
             Ok(()) => {
                 lock(&self.persisted_at).insert(status.name.clone(), std::time::Instant::now());
+                true
             }
-            Err(e) => tracing::error!(cluster = %status.name, error = %e, "cannot persist status"),
+            Err(e) => {
+                tracing::error!(cluster = %status.name, error = %e, "cannot persist status");
+                false
+            }
         }
     }
 

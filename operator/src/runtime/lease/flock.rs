@@ -1,11 +1,8 @@
-//! Only one operator may act for an owner id at a time.
-//!
-//! Two operators with the same owner would race on the same instances
-//! (double launches, a drain fighting a rollout). On one host an exclusive
-//! `flock` on a file in the state directory is enough and is released by
-//! the kernel if the process dies, so a crash never leaves a stale lease.
-//! For high availability across hosts see the README ("Running two
-//! operators").
+//! The single-host lease: an exclusive `flock` on a file in the state
+//! directory, released by the kernel if the process dies, so a crash never
+//! leaves a stale lease. What `hangar run` holds without `--lease`; with a
+//! distributed lease it still keeps two operators on one host from sharing
+//! a state directory.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
