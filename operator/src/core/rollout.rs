@@ -39,6 +39,11 @@ pub struct ReleaseStatus {
     pub known: BTreeMap<String, KnownRelease>,
     /// Nodes on the target release.
     pub on_target: u32,
+    /// Releases rolled back for their error rate: no node may serve them,
+    /// also one that reached service after the rollback began (an update
+    /// past its last safe point when it was asked to stop).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rolled_back: Vec<String>,
     /// Releases whose `once` hooks succeeded: never run again.
     #[serde(default)]
     pub once_done: Vec<String>,
@@ -141,6 +146,14 @@ pub fn observe(
         desired.to_string()
     };
 
+    if state.rolling_back_from.is_none() {
+        // A node serving a rolled-back release again: roll it back too.
+        state.rolling_back_from = state
+            .rolled_back
+            .iter()
+            .find(|bad| **bad != state.target && seen.serving.contains(&Some(bad.as_str())))
+            .cloned();
+    }
     if let Some(bad) = state.rolling_back_from.clone() {
         if !seen.serving.contains(&Some(bad.as_str())) {
             state.rolling_back_from = None;
@@ -231,6 +244,11 @@ pub fn judge(
         rollback.error_rate_above * 100.0
     );
     state.failed.push(bad.clone());
+    if !state.rolled_back.contains(&bad) {
+        state.rolled_back.push(bad.clone());
+        let excess = state.rolled_back.len().saturating_sub(ONCE_DONE_KEPT);
+        state.rolled_back.drain(..excess);
+    }
     state.rolling_back_from = Some(bad.clone());
     state.target = good.clone();
     state.activated_at = None;

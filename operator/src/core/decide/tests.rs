@@ -938,3 +938,42 @@ fn a_new_latest_template_version_replaces_the_fleet_without_a_spec_change() {
         .iter()
         .all(|i| i.tags.get(tags::LAUNCH) == Some(&hash)));
 }
+
+#[test]
+fn an_update_still_running_when_an_auto_rollback_starts_is_rolled_back_too() {
+    let mut sim = settled_fleet(with_min(3));
+    sim.spec = with_release(with_min(3), "v2");
+    sim.spec.release.rollback = Some(
+        serde_saphyr::from_str("{ errorRateAbove: 0.05, window: 5m, minRequests: 20 }")
+            .expect("rollback parses"),
+    );
+    // The first node is updated and serves v2; the second's update runs.
+    sim.pass();
+    sim.finish_all("update", Outcome::Done);
+    sim.pass();
+    let updating = running(&sim, "update");
+    assert_eq!(updating.len(), 1, "{:?}", sim.running);
+    // v2 raises 5xx: the one node serving it goes back at once…
+    sim.errors(30.0, 100.0);
+    sim.wait(15);
+    let d = sim.pass();
+    assert_eq!(d.memory.release.rolling_back_from.as_deref(), Some("v2"));
+    sim.finish_all("rollback", Outcome::Done);
+    sim.pass();
+    // …and the update that was under way when the rollback began was
+    // asked to stop, but past its last safe point: it ends on v2, serving.
+    // It must go back as well, not stay on the bad release.
+    let late = sim.cloud.iter_mut().find(|i| i.id == updating[0]).unwrap();
+    *late = late.clone().serving("v2");
+    sim.settle(10);
+    assert!(
+        sim.serving()
+            .iter()
+            .all(|i| i.release.as_deref() == Some("v1")),
+        "{:?}",
+        sim.serving()
+            .iter()
+            .map(|i| (&i.id, &i.release))
+            .collect::<Vec<_>>()
+    );
+}
