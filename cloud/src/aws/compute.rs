@@ -40,8 +40,14 @@ impl Compute for AwsCloud {
 
     async fn launch(&self, req: &LaunchRequest) -> Result<Vec<Instance>, CloudError> {
         validate_launch(req)?;
-        let epoch = self.authorize("RunInstances")?;
-        let tags = launch_tags(req, self.owner(), epoch)?;
+        // The lease is checked, but the epoch is not stamped at launch: a
+        // launch is retried with its ClientToken by whichever leader holds
+        // the intent, and EC2 answers a token sent with other parameters
+        // (an epoch tag of a later term) with IdempotentParameterMismatch —
+        // a second launch. The instance gets the epoch with its first
+        // phase write.
+        self.authorize("RunInstances")?;
+        let tags = launch_tags(req, self.owner())?;
         let mut template = LaunchTemplateSpecification::builder();
         template = if req.launch_template.starts_with("lt-") {
             template.launch_template_id(&req.launch_template)
@@ -295,12 +301,8 @@ impl AwsCloud {
 }
 
 /// The tags every launched instance and volume gets, hangar's last so
-/// they cannot be overridden; with a fenced leader, its epoch too.
-fn launch_tags(
-    req: &LaunchRequest,
-    owner: &str,
-    epoch: Option<u64>,
-) -> Result<BTreeMap<String, String>, CloudError> {
+/// they cannot be overridden. The same for every retry of a token.
+fn launch_tags(req: &LaunchRequest, owner: &str) -> Result<BTreeMap<String, String>, CloudError> {
     let mut all = BTreeMap::new();
     for (k, v) in &req.extra_tags {
         let lower = k.to_ascii_lowercase();
@@ -325,9 +327,6 @@ fn launch_tags(
     ] {
         check_value(k, v)?;
         all.insert(k.to_string(), v.to_string());
-    }
-    if let Some(epoch) = epoch {
-        all.insert(tags::EPOCH.to_string(), epoch.to_string());
     }
     if !req.launch_settings.is_empty() {
         check_value(tags::LAUNCH, &req.launch_settings)?;
@@ -478,10 +477,8 @@ mod tests {
 
     #[test]
     fn hangar_tags_are_set_and_cannot_be_overridden() {
-        let tags = launch_tags(&request(), "op-1", None).unwrap();
-        assert!(!tags.contains_key("hangar:epoch"), "unfenced: no epoch");
-        let fenced = launch_tags(&request(), "op-1", Some(7)).unwrap();
-        assert_eq!(fenced["hangar:epoch"], "7");
+        let tags = launch_tags(&request(), "op-1").unwrap();
+        assert!(!tags.contains_key("hangar:epoch"), "never at launch");
         assert_eq!(tags["hangar:cluster"], "web");
         assert_eq!(tags["hangar:owner"], "op-1");
         assert_eq!(tags["hangar:phase"], "launching");
@@ -493,7 +490,7 @@ mod tests {
             req.extra_tags.insert(reserved.into(), "x".into());
             assert!(
                 matches!(
-                    launch_tags(&req, "op-1", None),
+                    launch_tags(&req, "op-1"),
                     Err(CloudError::InvalidInput { .. })
                 ),
                 "{reserved}"
