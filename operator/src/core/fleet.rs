@@ -374,9 +374,16 @@ impl Diff {
             self.replace(n, format!("refresh: {why}"));
         }
         if self.stale > 0 {
+            // Progress as status shows it: serving machines already on the
+            // spec's settings, of those plus the ones still to replace.
+            let fresh = live
+                .iter()
+                .filter(|n| !leaving.contains(n.id.as_str()))
+                .filter(|n| n.phase == Phase::InService && n.stale(t).is_none())
+                .count() as u32;
             self.notes.push(format!(
-                "instance refresh: {} node(s) to replace, surge first",
-                self.stale
+                "instance refresh: {fresh} of {} replaced, surge first",
+                fresh + self.stale
             ));
         }
     }

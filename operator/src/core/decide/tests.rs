@@ -862,6 +862,14 @@ fn a_change_of_launch_settings_replaces_every_node_surge_first_never_below_desir
     let d = sim.pass();
     assert_eq!(launches(d).len(), 1, "one surge node first: {:?}", d.diff);
     assert!(starts(d).is_empty(), "nothing drained before it serves");
+    assert!(
+        d.diff
+            .notes
+            .iter()
+            .any(|n| n == "instance refresh: 0 of 3 replaced, surge first"),
+        "{:?}",
+        d.diff.notes
+    );
     refresh_within(&mut sim, 3, 4, 60);
     let now: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
     assert_eq!(now.len(), 3);
