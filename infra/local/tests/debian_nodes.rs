@@ -24,6 +24,17 @@ use hangar_local::{eventually, ImageVariant, LocalCloud, LocalCloudOptions, Node
 /// other tests run need more.
 const BOOT: Duration = Duration::from_secs(120);
 
+/// One test of this binary at a time: each boots Debian machines, and two
+/// tests booting side by side on a 2-core machine (or one of them killing
+/// its helper's machines while the other leases a slot) turn boot
+/// deadlines into flakes. The e2e suite does the same.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    // A test that panicked poisons the lock; the next one still runs.
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn debian_cloud(image: ImageVariant) -> LocalCloud {
     hangar_local::init_test_logging();
     LocalCloud::start(LocalCloudOptions {
@@ -85,6 +96,7 @@ fn out(o: &std::process::Output) -> String {
 /// with `--check` against a copy of the recipe: nothing is built).
 #[test]
 fn image_names_follow_the_recipe_hash() {
+    let _turn = turn();
     let script = hangar_local::debian::image::build_script();
     let recipe = script.parent().unwrap();
     let copy = std::env::temp_dir().join(format!("hangar-recipe-{}", std::process::id()));
@@ -142,6 +154,7 @@ fn image_names_follow_the_recipe_hash() {
 /// port 80 on another, and nothing routes beyond the bridge.
 #[test]
 fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
+    let _turn = turn();
     let cloud = debian_cloud(ImageVariant::Base);
     let vpc = cloud.slot().bridged();
     let nodes = launch_ready(&cloud, 2);
@@ -361,6 +374,7 @@ fn machines_boot_answer_ssh_with_their_own_host_key_and_own_network() {
 /// through the host's apt-cacher-ng on the bridge address.
 #[test]
 fn apt_installs_a_package_from_the_archive_through_the_proxy() {
+    let _turn = turn();
     let cloud = debian_cloud(ImageVariant::Base);
     let (id, _) = launch_ready(&cloud, 1).remove(0);
     let gateway = cloud.vpc_gateway().unwrap();
@@ -403,6 +417,7 @@ fn apt_installs_a_package_from_the_archive_through_the_proxy() {
 /// again) on the same disk; terminate deletes machine and disk.
 #[test]
 fn stop_start_reboot_and_terminate_follow_ec2() {
+    let _turn = turn();
     let cloud = debian_cloud(ImageVariant::Base);
     let (id, ip) = launch_ready(&cloud, 1).remove(0);
     let key = cloud.host_key(&id).unwrap();
@@ -518,6 +533,7 @@ fn stop_start_reboot_and_terminate_follow_ec2() {
 /// overlay mount, no bridge, veth or namespace, no proxy.
 #[test]
 fn dropping_the_cloud_leaves_nothing_behind() {
+    let _turn = turn();
     let cloud = debian_cloud(ImageVariant::Base);
     let nodes = launch_ready(&cloud, 2);
     let vpc = cloud.slot().bridged();
@@ -593,6 +609,7 @@ fn crash_helper() {
 /// could stop it); the next cloud on the same slot removes all of it first.
 #[test]
 fn a_killed_test_leaves_machines_the_next_cloud_on_its_slot_removes() {
+    let _turn = turn();
     use std::io::BufRead;
     // The slot is free when leased here, but another test of this binary
     // may take it before the helper does: then the helper ends early and
