@@ -11,6 +11,7 @@ mod aws;
 mod crash;
 mod failover;
 mod faults;
+mod gitops;
 mod isolation;
 mod lifecycle;
 mod page;

@@ -30,6 +30,7 @@ pub mod aws;
 pub mod debian;
 pub mod faults;
 pub mod gateway;
+pub mod git_server;
 pub mod harness;
 pub mod hosts;
 pub mod lb;

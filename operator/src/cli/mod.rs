@@ -52,9 +52,11 @@ pub enum Output {
 /// Settings flags shared by the commands that need operator settings.
 #[derive(Debug, Default, Args)]
 pub struct SettingsFlags {
-    /// Directory of Cluster specs [env: HANGAR_SPECS]
-    #[arg(long, value_name = "DIR")]
-    pub specs: Option<PathBuf>,
+    /// Directory of Cluster specs, or a git source
+    /// `git+ssh://host/repo.git//dir?ref=main` (also git+https, git+file)
+    /// [env: HANGAR_SPECS]
+    #[arg(long, value_name = "DIR|GIT")]
+    pub specs: Option<String>,
     /// State directory [env: HANGAR_STATE_DIR]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,

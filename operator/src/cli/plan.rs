@@ -61,10 +61,7 @@ pub fn run(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
     if !offline {
         return run_against_cloud(args, global);
     }
-    let specs = match &args.settings.specs {
-        Some(dir) => dir.clone(),
-        None => args.settings.load(global)?.specs,
-    };
+    let specs = args.settings.load(global)?.specs_dir()?;
     let report = load_dir(&specs).with_context(|| "loading specs")?;
     let now = args.at.unwrap_or_else(Utc::now);
     let metrics: BTreeMap<_, _> = args.metrics.into_iter().collect();
@@ -133,8 +130,8 @@ pub fn run(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
 /// now. Only reads — listing instances, reading metrics — never a change.
 fn run_against_cloud(args: PlanArgs, global: &Global) -> anyhow::Result<ExitCode> {
     let settings = args.settings.load(global)?;
-    let set =
-        hangar::runtime::specs::SpecSet::load(&settings.specs).with_context(|| "loading specs")?;
+    let set = hangar::runtime::specs::SpecSet::load(&settings.specs_dir()?)
+        .with_context(|| "loading specs")?;
     let problems = set.problems.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

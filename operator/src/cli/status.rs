@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use hangar::runtime::http::ProblemView;
+use hangar::runtime::http::{ProblemView, SourceView};
 use hangar::runtime::lease::{LeaderView, RoleName};
 use hangar::runtime::status::{ClusterStatus, ConditionType};
 
@@ -61,8 +61,16 @@ pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<ExitCode> {
             Ok(body) => serde_json::from_slice(&body).ok(),
             Err(_) => None,
         };
+        // The git spec source; a directory of specs has none (404).
+        let source: Option<SourceView> = match get("/api/v1/source".into()).await {
+            Ok(body) => serde_json::from_slice(&body).ok(),
+            Err(_) => None,
+        };
         if args.output == Output::Text {
             println!("{}", leader_line(leader.as_ref()));
+            if let Some(v) = &source {
+                println!("{}", source_line(v, chrono::Utc::now()));
+            }
         }
         match &args.cluster {
             Some(name) => {
@@ -77,7 +85,7 @@ pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<ExitCode> {
                 match args.output {
                     Output::Json => println!(
                         "{}",
-                        serde_json::to_string_pretty(&serde_json::json!({ "leader": leader, "clusters": list, "problems": problems }))?
+                        serde_json::to_string_pretty(&serde_json::json!({ "leader": leader, "source": source, "clusters": list, "problems": problems }))?
                     ),
                     Output::Text => {
                         print!("{}", table(&list));
@@ -93,6 +101,29 @@ pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `specs: git+ssh://…//clusters?ref=main at 1a2b3c4 "subject" (author); synced 12s ago`,
+/// and why the newest commit did not load, if it did not.
+fn source_line(v: &SourceView, now: chrono::DateTime<chrono::Utc>) -> String {
+    let mut out = format!("specs: {}", v.source);
+    match &v.commit {
+        Some(c) => out.push_str(&format!(
+            " at {} {:?} ({}, {})",
+            c.short(),
+            c.subject,
+            c.author,
+            c.time
+        )),
+        None => out.push_str(" (no commit loaded yet)"),
+    }
+    if let Some(t) = v.last_sync {
+        out.push_str(&format!("; synced {}s ago", (now - t).num_seconds().max(0)));
+    }
+    for problem in [&v.refused, &v.error].into_iter().flatten() {
+        out.push_str(&format!("\n  ! {problem}"));
+    }
+    out
 }
 
 /// `leader: host-a-123-9f3c… (fence 4) via dynamodb:hangar-lease; this operator is a standby`.
@@ -240,6 +271,15 @@ fn detail(c: &ClusterStatus) -> String {
             c.observed_spec_hash
         ));
     }
+    if let Some(commit) = &c.commit {
+        out.push_str(&format!(
+            "  commit:   {} {:?} by {} at {}\n",
+            commit.short(),
+            commit.subject,
+            commit.author,
+            commit.time
+        ));
+    }
     out.push_str(&format!("  ready:    {} in service\n", ready(c)));
     if let Some(w) = &c.memory.window {
         out.push_str(&format!(
@@ -320,5 +360,32 @@ mod tests {
         assert!(lines[1].contains("in-service 2, provisioning 1"), "{t}");
         assert!(lines[1].contains("→ v2 (1 left)"), "{t}");
         assert_eq!(table(&[]).lines().nth(1), Some("(no clusters)"));
+    }
+
+    #[test]
+    fn the_source_line_names_the_commit_and_what_did_not_load() {
+        let now = chrono::Utc::now();
+        let v = SourceView {
+            source: "git+ssh://git@h/infra.git//clusters?ref=main".into(),
+            reference: "main".into(),
+            commit: Some(hangar::effects::git::CommitInfo {
+                sha: "1a2b3c4d5e6f".into(),
+                author: "Ada <ada@example.com>".into(),
+                time: "2026-12-01T10:00:00Z".into(),
+                subject: "web: v2".into(),
+            }),
+            last_sync: Some(now - chrono::Duration::seconds(12)),
+            refused: Some("commit 9f: not signed by a key in /etc/hangar/allowed_signers".into()),
+            ..SourceView::default()
+        };
+        let line = source_line(&v, now);
+        assert!(
+            line.starts_with(
+                "specs: git+ssh://git@h/infra.git//clusters?ref=main at 1a2b3c4 \"web: v2\" (Ada"
+            ),
+            "{line}"
+        );
+        assert!(line.contains("synced 12s ago"), "{line}");
+        assert!(line.contains("\n  ! commit 9f: not signed"), "{line}");
     }
 }

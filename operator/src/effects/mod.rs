@@ -3,6 +3,7 @@
 //! [`crate::core`], when to do it in [`crate::runtime`].
 
 pub mod gate;
+pub mod git;
 pub mod health;
 pub mod node_task;
 pub mod probe;

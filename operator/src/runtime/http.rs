@@ -10,6 +10,10 @@
 //! - `GET /api/v1/clusters`: every cluster's status (JSON).
 //! - `GET /api/v1/clusters/{name}`: one cluster's status.
 //! - `GET /api/v1/problems`: problems in the spec directory.
+//! - `GET /api/v1/source`: the git spec source: applied commit, last sync,
+//!   last error (404 when specs come from a directory).
+//! - `POST /api/v1/sync`: a signed webhook asks for a fetch now
+//!   ([`crate::runtime::webhook`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,9 +21,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +33,8 @@ use crate::runtime::history::HistoryStore;
 use crate::runtime::lease::{LeaderView, RoleName};
 use crate::runtime::page;
 use crate::runtime::status::ClusterStatus;
-use crate::runtime::telemetry::Telemetry;
+use crate::runtime::telemetry::{ResultOnly, Telemetry};
+use crate::runtime::webhook::{Verdict, Webhook};
 
 /// A spec problem as served (`hangar_crds::Problem`, flattened to strings).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -55,6 +61,27 @@ impl From<&hangar_crds::Problem> for ProblemView {
     }
 }
 
+/// The git spec source as served.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceView {
+    /// The source without credentials.
+    pub source: String,
+    pub reference: String,
+    /// The commit the specs were last loaded from.
+    pub commit: Option<crate::effects::git::CommitInfo>,
+    /// The last fetch that succeeded.
+    pub last_sync: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why the last try failed (cleared by the next that works).
+    pub error: Option<String>,
+    /// Why the newest commit was not loaded (limits, signature).
+    pub refused: Option<String>,
+    /// Spec problems at the applied commit.
+    pub problems: usize,
+    /// What happened to the source, newest first.
+    pub events: std::collections::VecDeque<String>,
+}
+
 /// What the reconciler publishes and the HTTP server reads.
 ///
 /// Statuses are held shared with the reconciler ([`Board::publish_shared`])
@@ -69,6 +96,7 @@ pub struct Board {
     ready: AtomicBool,
     history: HistoryStore,
     leader: RwLock<Option<LeaderView>>,
+    source: RwLock<Option<SourceView>>,
 }
 
 impl Board {
@@ -112,6 +140,17 @@ impl Board {
     /// Who leads, for `/api/v1/leader` and `/readyz`.
     pub fn set_leader(&self, view: LeaderView) {
         *self.leader.write().unwrap_or_else(|e| e.into_inner()) = Some(view);
+    }
+
+    pub fn set_source(&self, view: SourceView) {
+        *self.source.write().unwrap_or_else(|e| e.into_inner()) = Some(view);
+    }
+
+    pub fn source(&self) -> Option<SourceView> {
+        self.source
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn leader(&self) -> Option<LeaderView> {
@@ -158,9 +197,19 @@ impl Board {
 struct AppState {
     board: Arc<Board>,
     telemetry: Telemetry,
+    webhook: Option<Arc<Webhook>>,
 }
 
 pub fn router(board: Arc<Board>, telemetry: Telemetry) -> Router {
+    router_with(board, telemetry, None)
+}
+
+/// [`router`], with the sync webhook when a secret is configured.
+pub fn router_with(
+    board: Arc<Board>,
+    telemetry: Telemetry,
+    webhook: Option<Arc<Webhook>>,
+) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/clusters/{name}", get(cluster_page))
@@ -171,7 +220,13 @@ pub fn router(board: Arc<Board>, telemetry: Telemetry) -> Router {
         .route("/api/v1/clusters/{name}", get(cluster))
         .route("/api/v1/problems", get(problems))
         .route("/api/v1/leader", get(leader))
-        .with_state(AppState { board, telemetry })
+        .route("/api/v1/source", get(source))
+        .route("/api/v1/sync", post(sync))
+        .with_state(AppState {
+            board,
+            telemetry,
+            webhook,
+        })
 }
 
 async fn index(State(s): State<AppState>) -> Html<String> {
@@ -258,6 +313,61 @@ async fn cluster(State(s): State<AppState>, Path(name): Path<String>) -> Respons
     }
 }
 
+async fn source(State(s): State<AppState>) -> Response {
+    match s.board.source() {
+        Some(v) => Json(v).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "specs come from a directory, not a git source\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn sync(State(s): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let Some(hook) = &s.webhook else {
+        return (
+            StatusCode::NOT_FOUND,
+            "no webhook: set webhook_secret_file (or HANGAR_WEBHOOK_SECRET) with a git spec source\n",
+        )
+            .into_response();
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let delivery = header("x-github-delivery").or(header("x-hangar-delivery"));
+    let verdict = hook.receive(header("x-hub-signature-256"), delivery, &body);
+    let (result, answer) = match verdict {
+        Verdict::Accepted => (
+            "accepted",
+            (StatusCode::ACCEPTED, "sync requested\n".to_string()),
+        ),
+        Verdict::Unauthorized(why) => {
+            tracing::warn!(
+                reason = why,
+                delivery = delivery.unwrap_or(""),
+                "webhook refused"
+            );
+            (
+                "unauthorized",
+                (StatusCode::UNAUTHORIZED, format!("{why}\n")),
+            )
+        }
+        Verdict::Replayed => {
+            tracing::warn!(delivery = delivery.unwrap_or(""), "webhook replay refused");
+            (
+                "replayed",
+                (StatusCode::CONFLICT, "delivery already seen\n".to_string()),
+            )
+        }
+    };
+    s.telemetry
+        .webhooks
+        .get_or_create(&ResultOnly {
+            result: result.into(),
+        })
+        .inc();
+    answer.into_response()
+}
+
 async fn problems(State(s): State<AppState>) -> Json<Vec<ProblemView>> {
     Json(s.board.problems())
 }
@@ -268,10 +378,11 @@ pub async fn serve(
     addr: SocketAddr,
     board: Arc<Board>,
     telemetry: Telemetry,
+    webhook: Option<Arc<Webhook>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = router(board, telemetry);
+    let app = router_with(board, telemetry, webhook);
     Ok(tokio::spawn(async move {
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

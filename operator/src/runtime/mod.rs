@@ -4,6 +4,7 @@
 
 pub mod clouds;
 pub mod controller;
+pub mod git_sync;
 pub mod history;
 pub mod http;
 pub mod inventory;
@@ -15,5 +16,6 @@ pub mod settings;
 pub mod specs;
 pub mod status;
 pub mod telemetry;
+pub mod webhook;
 
 pub use run::{run, run_with, Ha, RunError};

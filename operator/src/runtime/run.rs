@@ -12,19 +12,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_cloud::lease::{LeaseStore, StateStore};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::effects::git::{GitOptions, Limits, Mirror};
 use crate::runtime::controller::runner::RunnerConfig;
 use crate::runtime::controller::{self, TriggerSender};
+use crate::runtime::git_sync::{Applied, GitSync};
 use crate::runtime::http::{self, Board};
 use crate::runtime::lease::shared::SharedMemory;
 use crate::runtime::lease::{elector, Leadership, Lease, LeaseError, RoleName, Term};
 use crate::runtime::reconcile::{CloudProvider, LoopSettings, Operator};
-use crate::runtime::settings::Settings;
+use crate::runtime::settings::{Settings, SpecSource};
 use crate::runtime::specs::SpecSet;
 use crate::runtime::status::{StatusStore, StoreError};
 use crate::runtime::telemetry::{ApiStats, Telemetry};
+use crate::runtime::webhook::Webhook;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -36,6 +39,12 @@ pub enum RunError {
     Specs(#[from] hangar_crds::LoadError),
     #[error("watching {dir}: {source}")]
     Watch { dir: String, source: notify::Error },
+    #[error(transparent)]
+    Settings(#[from] crate::runtime::settings::SettingsError),
+    #[error("git spec source: {0}")]
+    Git(#[from] crate::effects::git::GitError),
+    #[error("webhook secret: {0}")]
+    WebhookSecret(String),
     #[error("HTTP server on {addr}: {source}")]
     Http {
         addr: String,
@@ -92,10 +101,22 @@ pub async fn run_with(
         telemetry.clone(),
         shutdown.clone(),
     ));
+    let feed = match settings.spec_source()? {
+        SpecSource::Dir(dir) => Feed::Dir(dir),
+        SpecSource::Git(source) => {
+            Feed::Git(start_git_sync(&settings, source, &board, &telemetry, &shutdown).await?)
+        }
+    };
+    let webhook = match &feed {
+        Feed::Git(git) => webhook_secret(&settings)?
+            .map(|secret| Arc::new(Webhook::new(secret, git.kick.clone()))),
+        Feed::Dir(_) => None,
+    };
     let http_task = http::serve(
         settings.listen,
         board.clone(),
         telemetry.clone(),
+        webhook,
         shutdown.clone(),
     )
     .await
@@ -124,6 +145,7 @@ pub async fn run_with(
     while let Some(term) = leadership.wait_term(&shutdown).await {
         let served = serve_term(
             &settings,
+            &feed,
             &loop_settings,
             &clouds,
             &leadership,
@@ -163,6 +185,7 @@ pub async fn run_with(
 #[allow(clippy::too_many_arguments)]
 async fn serve_term(
     settings: &Settings,
+    feed: &Feed,
     loop_settings: &LoopSettings,
     clouds: &Arc<dyn CloudProvider>,
     leadership: &Leadership,
@@ -231,9 +254,17 @@ async fn serve_term(
         .tasks()
         .fence(leadership.gate(term), term.cancel.clone());
 
-    let initial = SpecSet::load(&settings.specs)?;
+    let initial = match feed {
+        Feed::Dir(dir) => SpecSet::load(dir)?,
+        Feed::Git(git) => git
+            .applied
+            .borrow()
+            .as_ref()
+            .map(|a| (*a.specs).clone())
+            .unwrap_or_default(),
+    };
     tracing::info!(
-        specs = %settings.specs.display(),
+        specs = %settings.specs_display(),
         clusters = initial.clusters.len(),
         problems = initial.problems.len(),
         owner = %settings.owner,
@@ -245,21 +276,34 @@ async fn serve_term(
         triggers.now(key);
     }
 
-    let (changed_tx, changed_rx) = mpsc::unbounded_channel();
-    let _watcher = crate::runtime::specs::watch(&settings.specs, changed_tx).map_err(|source| {
-        RunError::Watch {
-            dir: settings.specs.display().to_string(),
-            source,
-        }
-    })?;
-    let specs_task = tokio::spawn(follow_specs(
-        settings.specs.clone(),
-        operator.clone(),
-        triggers.clone(),
-        changed_rx,
-        resync,
-        stop.clone(),
-    ));
+    let mut _watcher = None;
+    let specs_task =
+        match feed {
+            Feed::Dir(dir) => {
+                let (changed_tx, changed_rx) = mpsc::unbounded_channel();
+                _watcher = Some(crate::runtime::specs::watch(dir, changed_tx).map_err(
+                    |source| RunError::Watch {
+                        dir: dir.display().to_string(),
+                        source,
+                    },
+                )?);
+                tokio::spawn(follow_specs(
+                    dir.clone(),
+                    operator.clone(),
+                    triggers.clone(),
+                    changed_rx,
+                    resync,
+                    stop.clone(),
+                ))
+            }
+            Feed::Git(git) => tokio::spawn(follow_commits(
+                git.applied.clone(),
+                operator.clone(),
+                triggers.clone(),
+                resync,
+                stop.clone(),
+            )),
+        };
 
     board.set_ready(true);
     let runner = controller::run(
@@ -346,6 +390,106 @@ async fn follow_specs(
             }
         }
     }
+}
+
+/// Takes each commit the git source publishes, and triggers every cluster
+/// on the resync tick.
+async fn follow_commits(
+    mut applied: watch::Receiver<Option<Applied>>,
+    operator: Arc<Operator>,
+    triggers: TriggerSender,
+    resync: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(resync);
+    tick.tick().await;
+    // A commit published before this term began is taken now.
+    applied.mark_changed();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                for key in operator.keys() {
+                    triggers.now(key);
+                }
+            }
+            got = applied.changed() => {
+                if got.is_err() {
+                    return;
+                }
+                let set = applied.borrow_and_update().as_ref().map(|a| (*a.specs).clone());
+                if let Some(set) = set {
+                    for key in operator.set_specs(set) {
+                        tracing::info!(cluster = %key, "spec changed");
+                        triggers.now(key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where a term reads its specs: a directory it watches, or the commits
+/// of the git source (followed for the whole process, so a standby's
+/// mirror is fresh when it takes over).
+enum Feed {
+    Dir(std::path::PathBuf),
+    Git(GitFeed),
+}
+
+struct GitFeed {
+    applied: watch::Receiver<Option<Applied>>,
+    kick: Arc<Notify>,
+}
+
+async fn start_git_sync(
+    settings: &Settings,
+    source: crate::effects::git::GitSource,
+    board: &Arc<Board>,
+    telemetry: &Telemetry,
+    shutdown: &CancellationToken,
+) -> Result<GitFeed, RunError> {
+    let g = &settings.git;
+    let options = GitOptions {
+        ssh_key: g.git_ssh_key.clone(),
+        known_hosts: g.git_known_hosts.clone(),
+        allowed_signers: g.git_allowed_signers.clone(),
+        https_token_file: g.git_https_token_file.clone(),
+        limits: Limits::default(),
+    };
+    let root = settings.state_dir.join("git");
+    let mirror = Mirror::open(source, root.join("mirror.git"), options).await?;
+    let mut sync = GitSync::new(
+        mirror,
+        root,
+        g.git_poll_interval.get(),
+        board.clone(),
+        telemetry.clone(),
+    );
+    let restored = sync.restore();
+    let (tx, applied) = watch::channel(restored);
+    let kick = Arc::new(Notify::new());
+    tokio::spawn(sync.run(kick.clone(), tx, shutdown.clone()));
+    Ok(GitFeed { applied, kick })
+}
+
+/// The webhook secret: `HANGAR_WEBHOOK_SECRET`, or the file
+/// `webhook_secret_file` names. Never logged.
+fn webhook_secret(settings: &Settings) -> Result<Option<Vec<u8>>, RunError> {
+    let secret = match (
+        &settings.git.webhook_secret_file,
+        std::env::var("HANGAR_WEBHOOK_SECRET"),
+    ) {
+        (_, Ok(v)) => v.into_bytes(),
+        (Some(file), Err(_)) => std::fs::read(file)
+            .map_err(|e| RunError::WebhookSecret(format!("{}: {e}", file.display())))?,
+        (None, Err(_)) => return Ok(None),
+    };
+    let trimmed = secret.trim_ascii().to_vec();
+    if trimmed.is_empty() {
+        return Err(RunError::WebhookSecret("the secret is empty".into()));
+    }
+    Ok(Some(trimmed))
 }
 
 fn reload(dir: &Path, operator: &Operator, triggers: &TriggerSender) {

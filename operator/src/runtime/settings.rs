@@ -13,8 +13,14 @@ use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
 /// Environment variables read, each the upper-cased key with `HANGAR_`.
-pub const ENV_VARS: [&str; 10] = [
+pub const ENV_VARS: [&str; 16] = [
     "HANGAR_SPECS",
+    "HANGAR_GIT_POLL_INTERVAL",
+    "HANGAR_GIT_SSH_KEY",
+    "HANGAR_GIT_KNOWN_HOSTS",
+    "HANGAR_GIT_ALLOWED_SIGNERS",
+    "HANGAR_GIT_HTTPS_TOKEN_FILE",
+    "HANGAR_WEBHOOK_SECRET_FILE",
     "HANGAR_STATE_DIR",
     "HANGAR_LISTEN",
     "HANGAR_OWNER",
@@ -148,10 +154,51 @@ impl LeaseSettings {
     }
 }
 
+/// How specs are read from a git source (`specs = "git+…"`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitSettings {
+    /// How often the source is fetched; default 30s (a webhook call
+    /// fetches at once).
+    #[serde(default = "default_git_poll")]
+    pub git_poll_interval: hangar_crds::Duration,
+    /// Private key for `git+ssh://` sources.
+    #[serde(default)]
+    pub git_ssh_key: Option<PathBuf>,
+    /// known_hosts for `git+ssh://`: given, only hosts in it are accepted;
+    /// absent, the first key is pinned and a changed one refused.
+    #[serde(default)]
+    pub git_known_hosts: Option<PathBuf>,
+    /// Accept only commits signed by a key in this `allowed_signers` file.
+    #[serde(default)]
+    pub git_allowed_signers: Option<PathBuf>,
+    /// File holding a token for `git+https://` sources.
+    #[serde(default)]
+    pub git_https_token_file: Option<PathBuf>,
+    /// File holding the webhook's shared secret (or the environment
+    /// variable `HANGAR_WEBHOOK_SECRET`); without one `POST /api/v1/sync`
+    /// is off.
+    #[serde(default)]
+    pub webhook_secret_file: Option<PathBuf>,
+}
+
+fn default_git_poll() -> hangar_crds::Duration {
+    hangar_crds::Duration::from_secs(30)
+}
+
+/// Where specs come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpecSource {
+    Dir(PathBuf),
+    Git(crate::effects::git::GitSource),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settings {
-    /// Directory of `Cluster` specs to reconcile.
-    pub specs: PathBuf,
+    /// Directory of `Cluster` specs to reconcile, or a git source
+    /// (`git+ssh://host/repo.git//dir?ref=main`).
+    pub specs: String,
+    #[serde(flatten)]
+    pub git: GitSettings,
     /// Where status, pinned host keys, the artifact cache and the lease live.
     pub state_dir: PathBuf,
     /// Address of the HTTP server (metrics, health, status API).
@@ -172,7 +219,13 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)] // parsed only to reject what the merged view would ignore
 struct FileSettings {
-    specs: Option<PathBuf>,
+    specs: Option<String>,
+    git_poll_interval: Option<hangar_crds::Duration>,
+    git_ssh_key: Option<PathBuf>,
+    git_known_hosts: Option<PathBuf>,
+    git_allowed_signers: Option<PathBuf>,
+    git_https_token_file: Option<PathBuf>,
+    webhook_secret_file: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     listen: Option<String>,
     owner: Option<String>,
@@ -187,7 +240,7 @@ struct FileSettings {
 /// Values given on the command line; `None` means "not given".
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
-    pub specs: Option<PathBuf>,
+    pub specs: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub owner: Option<String>,
@@ -208,6 +261,36 @@ pub enum SettingsError {
 }
 
 impl Settings {
+    /// The spec source `specs` names.
+    pub fn spec_source(&self) -> Result<SpecSource, SettingsError> {
+        if crate::effects::git::GitSource::is_git(&self.specs) {
+            crate::effects::git::GitSource::parse(&self.specs)
+                .map(SpecSource::Git)
+                .map_err(|e| SettingsError::Invalid(e.to_string()))
+        } else {
+            Ok(SpecSource::Dir(PathBuf::from(&self.specs)))
+        }
+    }
+
+    /// `specs` as logs show it (no credentials).
+    pub fn specs_display(&self) -> String {
+        match self.spec_source() {
+            Ok(SpecSource::Git(g)) => g.display(),
+            _ => self.specs.clone(),
+        }
+    }
+
+    /// The spec directory, for commands that read specs offline.
+    pub fn specs_dir(&self) -> Result<PathBuf, SettingsError> {
+        match self.spec_source()? {
+            SpecSource::Dir(d) => Ok(d),
+            SpecSource::Git(_) => Err(SettingsError::Invalid(format!(
+                "specs `{}` is a git source; this command reads a directory (check the repository out and pass its directory)",
+                self.specs_display()
+            ))),
+        }
+    }
+
     /// Loads settings from the process environment.
     pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Settings, SettingsError> {
         let env: HashMap<String, String> = std::env::vars()
@@ -253,45 +336,41 @@ impl Settings {
         let set = |b: config::ConfigBuilder<config::builder::DefaultState>,
                    key: &str,
                    v: Option<String>| { b.set_override_option(key, v) };
-        builder = set(
-            builder,
-            "specs",
-            flags.specs.as_ref().map(|p| p.display().to_string()),
-        )
-        .and_then(|b| {
-            set(
-                b,
-                "state_dir",
-                flags.state_dir.as_ref().map(|p| p.display().to_string()),
-            )
-        })
-        .and_then(|b| set(b, "listen", flags.listen.map(|a| a.to_string())))
-        .and_then(|b| set(b, "owner", flags.owner.clone()))
-        .and_then(|b| b.set_override_option("concurrency", flags.concurrency.map(|c| c as u64)))
-        .and_then(|b| set(b, "lease", flags.lease.clone()))
-        .and_then(|b| {
-            set(
-                b,
-                "lease_duration",
-                flags.lease_duration.map(|d| d.to_string()),
-            )
-        })
-        .and_then(|b| {
-            set(
-                b,
-                "lease_renew_deadline",
-                flags.lease_renew_deadline.map(|d| d.to_string()),
-            )
-        })
-        .and_then(|b| {
-            set(
-                b,
-                "lease_retry_period",
-                flags.lease_retry_period.map(|d| d.to_string()),
-            )
-        })
-        .and_then(|b| set(b, "lease_holder", flags.lease_holder.clone()))
-        .map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        builder = set(builder, "specs", flags.specs.clone())
+            .and_then(|b| {
+                set(
+                    b,
+                    "state_dir",
+                    flags.state_dir.as_ref().map(|p| p.display().to_string()),
+                )
+            })
+            .and_then(|b| set(b, "listen", flags.listen.map(|a| a.to_string())))
+            .and_then(|b| set(b, "owner", flags.owner.clone()))
+            .and_then(|b| b.set_override_option("concurrency", flags.concurrency.map(|c| c as u64)))
+            .and_then(|b| set(b, "lease", flags.lease.clone()))
+            .and_then(|b| {
+                set(
+                    b,
+                    "lease_duration",
+                    flags.lease_duration.map(|d| d.to_string()),
+                )
+            })
+            .and_then(|b| {
+                set(
+                    b,
+                    "lease_renew_deadline",
+                    flags.lease_renew_deadline.map(|d| d.to_string()),
+                )
+            })
+            .and_then(|b| {
+                set(
+                    b,
+                    "lease_retry_period",
+                    flags.lease_retry_period.map(|d| d.to_string()),
+                )
+            })
+            .and_then(|b| set(b, "lease_holder", flags.lease_holder.clone()))
+            .map_err(|e| SettingsError::Invalid(e.to_string()))?;
         let settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
@@ -316,6 +395,12 @@ impl Settings {
         if self.concurrency == 0 {
             return Err(SettingsError::Invalid(
                 "concurrency must be at least 1".into(),
+            ));
+        }
+        self.spec_source()?;
+        if self.git.git_poll_interval.get() < std::time::Duration::from_secs(1) {
+            return Err(SettingsError::Invalid(
+                "git_poll_interval must be at least 1s".into(),
             ));
         }
         self.lease.backend()?;
@@ -384,7 +469,7 @@ mod tests {
             ..Overrides::default()
         };
         let s = Settings::load_with_env(Some(&file), e, &flags).unwrap();
-        assert_eq!(s.specs, PathBuf::from("/flag/specs"));
+        assert_eq!(s.specs, "/flag/specs");
         assert_eq!(s.owner, "from-env");
         assert_eq!(s.concurrency, 3);
         assert_eq!(s.listen.to_string(), "127.0.0.1:9999");

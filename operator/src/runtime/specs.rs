@@ -16,6 +16,9 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use crate::effects::git::CommitInfo;
+use crate::runtime::http::ProblemView;
+
 /// One valid cluster spec and what it depends on.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClusterSpecEntry {
@@ -25,6 +28,8 @@ pub struct ClusterSpecEntry {
     /// sha256 of runbook + vars + env file (hex, 12 chars): the
     /// `hangar:config` tag value.
     pub config_hash: String,
+    /// The commit it was read at, when specs come from git.
+    pub commit: Option<Arc<CommitInfo>>,
 }
 
 impl ClusterSpecEntry {
@@ -40,6 +45,18 @@ pub struct SpecSet {
     /// sha256 of every file that loaded without a problem, so that
     /// [`SpecSet::reload`] can tell which ones it need not parse again.
     files: HashMap<PathBuf, [u8; 32]>,
+    /// The commit, when the set was read from a git source.
+    pub origin: Option<Origin>,
+}
+
+/// The commit a set was read at, and where its tree is checked out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Origin {
+    pub commit: Arc<CommitInfo>,
+    /// `<stateDir>/git/current`: file paths below it are shown relative.
+    pub root: PathBuf,
+    /// The commit before, when the branch was force-pushed past it.
+    pub rewritten: Option<String>,
 }
 
 impl SpecSet {
@@ -76,6 +93,7 @@ impl SpecSet {
             clusters: BTreeMap::new(),
             problems: report.problems,
             files,
+            origin: None,
         };
         for loaded in report.clusters {
             match config_hash(&loaded) {
@@ -92,6 +110,7 @@ impl SpecSet {
                             loaded,
                             spec_hash,
                             config_hash,
+                            commit: None,
                         },
                     );
                 }
@@ -111,12 +130,42 @@ impl SpecSet {
         Ok(set)
     }
 
+    /// The set as read at `origin`'s commit: every cluster carries it.
+    pub fn at(mut self, origin: Origin) -> SpecSet {
+        for entry in self.clusters.values_mut() {
+            entry.commit = Some(origin.commit.clone());
+        }
+        self.origin = Some(origin);
+        self
+    }
+
+    /// The problems as people read them: at a commit, a file is named by
+    /// its path in the repository and the commit
+    /// (`clusters/web.yaml@1a2b3c4:3:5: …`).
+    pub fn problem_views(&self) -> Vec<ProblemView> {
+        self.problems
+            .iter()
+            .map(|p| match &self.origin {
+                Some(origin) => match p.file.strip_prefix(&origin.root) {
+                    Ok(rel) => ProblemView::from(&Problem {
+                        file: PathBuf::from(format!("{}@{}", rel.display(), origin.commit.short())),
+                        ..p.clone()
+                    }),
+                    Err(_) => ProblemView::from(p),
+                },
+                None => ProblemView::from(p),
+            })
+            .collect()
+    }
+
     /// Names of clusters added, removed or changed between `self` and `newer`.
     pub fn changed(&self, newer: &SpecSet) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
         for (name, entry) in &newer.clusters {
             let same = self.clusters.get(name).is_some_and(|old| {
-                old.spec_hash == entry.spec_hash && old.config_hash == entry.config_hash
+                old.spec_hash == entry.spec_hash
+                    && old.config_hash == entry.config_hash
+                    && old.commit.as_ref().map(|c| &c.sha) == entry.commit.as_ref().map(|c| &c.sha)
             });
             if !same {
                 names.push(name.clone());

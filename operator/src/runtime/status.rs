@@ -50,6 +50,9 @@ pub struct ClusterStatus {
     pub spec: Option<Arc<ClusterSpec>>,
     /// The spec is gone from the spec directory.
     pub spec_removed: bool,
+    /// The commit of the git source the spec was last applied from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<crate::effects::git::CommitInfo>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +271,7 @@ impl ClusterStatus {
             activities,
             spec,
             spec_removed,
+            commit,
         } = self;
         memory.same_besides(&other.memory, ignore_readings)
             && *name == other.name
@@ -280,6 +284,7 @@ impl ClusterStatus {
             && *activities == other.activities
             && *spec_removed == other.spec_removed
             && *spec == other.spec
+            && *commit == other.commit
     }
 
     /// The view served to clients: without the internal planner memory and spec copy.
@@ -299,6 +304,7 @@ impl ClusterStatus {
             activities,
             spec: _,
             spec_removed,
+            commit,
         } = self;
         ClusterStatus {
             name: name.clone(),
@@ -313,6 +319,7 @@ impl ClusterStatus {
             activities: activities.clone(),
             spec: None,
             spec_removed: *spec_removed,
+            commit: commit.clone(),
         }
     }
 }

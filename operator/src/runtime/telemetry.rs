@@ -34,6 +34,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultOnly {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskLabels {
     pub task: String,
     pub result: String,
@@ -143,6 +148,11 @@ pub struct Telemetry {
     pub leader: Gauge,
     /// The fence of the term this process leads (0 while a standby).
     pub lease_fence: Gauge,
+    /// Unix time of the last fetch of the git spec source that succeeded.
+    pub git_last_sync: Gauge,
+    pub git_sync_failures: Counter,
+    /// Webhook calls by result (`accepted`, `unauthorized`, `replayed`).
+    pub webhooks: Family<ResultOnly, Counter>,
     api: ApiCollector,
 }
 
@@ -215,6 +225,24 @@ impl Telemetry {
             "Fence (hangar:epoch) of the term this operator leads; 0 while a standby",
             lease_fence.clone(),
         );
+        let git_last_sync = Gauge::default();
+        registry.register(
+            "git_last_sync_timestamp_seconds",
+            "Unix time of the last successful fetch of the git spec source",
+            git_last_sync.clone(),
+        );
+        let git_sync_failures = Counter::default();
+        registry.register(
+            "git_sync_failures",
+            "Fetches of the git spec source that failed",
+            git_sync_failures.clone(),
+        );
+        let webhooks = Family::default();
+        registry.register(
+            "webhooks",
+            "POST /api/v1/sync calls (result: accepted, unauthorized, replayed)",
+            webhooks.clone(),
+        );
         Telemetry {
             registry: Arc::new(Mutex::new(registry)),
             reconcile_duration,
@@ -228,6 +256,9 @@ impl Telemetry {
             spec_problems,
             leader,
             lease_fence,
+            git_last_sync,
+            git_sync_failures,
+            webhooks,
             api,
         }
     }

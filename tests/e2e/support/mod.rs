@@ -164,6 +164,22 @@ impl Scenario {
         ));
     }
 
+    /// [`start_operator`](Self::start_operator) reading its specs from
+    /// `source` (a git source) with `env` added.
+    pub fn start_operator_from(&mut self, source: &str, env: &[(String, String)]) {
+        assert!(self.operator.is_none(), "operator already running");
+        let mut all = self.operator_env();
+        all.extend(env.iter().cloned());
+        self.operator = Some(OperatorProcess::start(
+            std::path::Path::new(source),
+            &self.state,
+            OWNER,
+            &all,
+            &self.log,
+            self.listen,
+        ));
+    }
+
     /// The environment a `hangar` process gets: the cloud's, with AWS
     /// calls sent through the fault proxy if there is one.
     pub fn operator_env(&self) -> Vec<(String, String)> {

@@ -35,7 +35,7 @@ use crate::effects::probe::Probes;
 use crate::effects::ssh::{Redactor, SshPool, SshSettings};
 use crate::effects::tasks::Tasks;
 use crate::runtime::controller::{Action, Key, Reconciler, TriggerSender};
-use crate::runtime::http::{Board, ProblemView};
+use crate::runtime::http::Board;
 use crate::runtime::inventory::Inventory;
 use crate::runtime::specs::{ClusterSpecEntry, SpecSet};
 use crate::runtime::status::{ClusterStatus, StatusStore};
@@ -185,11 +185,11 @@ impl Operator {
     pub fn set_specs(&self, set: SpecSet) -> Vec<String> {
         let changed = self.specs().changed(&set);
         self.telemetry.spec_problems.set(set.problems.len() as i64);
-        self.board
-            .set_problems(set.problems.iter().map(ProblemView::from).collect());
-        for p in &set.problems {
-            tracing::warn!(problem = %p, "spec problem; other clusters keep reconciling");
+        let views = set.problem_views();
+        for p in &views {
+            tracing::warn!(problem = %p.text, "spec problem; other clusters keep reconciling");
         }
+        self.board.set_problems(views);
         *self.specs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         changed
     }
@@ -468,6 +468,34 @@ impl Operator {
         status.region = obs.spec.region.clone();
         status.observed_spec_hash = entry.spec_hash.clone();
         status.spec = Some(obs.spec.clone());
+        if let Some(commit) = &entry.commit {
+            if status.commit.as_ref().map(|c| &c.sha) != Some(&commit.sha) {
+                let rewritten = self
+                    .specs()
+                    .origin
+                    .as_ref()
+                    .and_then(|o| o.rewritten.clone())
+                    .map(|old| {
+                        format!(
+                            " (the branch was force-pushed; {} is gone from it)",
+                            &old[..old.len().min(7)]
+                        )
+                    })
+                    .unwrap_or_default();
+                status.record(
+                    obs.now,
+                    "commit",
+                    None,
+                    format!(
+                        "applied commit {} {:?} by {}{rewritten}",
+                        commit.short(),
+                        commit.subject,
+                        commit.author
+                    ),
+                );
+                status.commit = Some((**commit).clone());
+            }
+        }
         if status.spec_removed {
             status.spec_removed = false;
             status.record(
