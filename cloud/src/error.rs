@@ -17,6 +17,13 @@ pub enum CloudError {
         code: String,
         message: String,
     },
+    /// The caller's role may not do this (IAM, a KMS key policy).
+    #[error("access denied to {what} ({code}): {message}")]
+    AccessDenied {
+        what: String,
+        code: String,
+        message: String,
+    },
     #[error("not found: {what}{}", code.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
     NotFound { what: String, code: Option<String> },
     /// hangar refused to act on something it does not own.
@@ -58,7 +65,9 @@ impl CloudError {
     /// The service's error code (`InvalidInstanceID.NotFound`, …), if any.
     pub fn code(&self) -> Option<&str> {
         match self {
-            CloudError::Throttled { code, .. } | CloudError::Service { code, .. } => Some(code),
+            CloudError::Throttled { code, .. }
+            | CloudError::Service { code, .. }
+            | CloudError::AccessDenied { code, .. } => Some(code),
             CloudError::NotFound { code, .. } | CloudError::InvalidInput { code, .. } => {
                 code.as_deref()
             }
@@ -86,6 +95,7 @@ impl CloudError {
         match self {
             CloudError::Throttled { .. } => "throttled",
             CloudError::NotFound { .. } => "not_found",
+            CloudError::AccessDenied { .. } => "access_denied",
             CloudError::NotOwned { .. } => "not_owned",
             CloudError::InvalidInput { .. } => "invalid_input",
             CloudError::Transport { .. } => "transport",

@@ -25,6 +25,7 @@ pub mod metric_batch;
 pub mod metrics;
 pub mod model;
 pub mod prometheus;
+pub mod secrets;
 
 pub use artifacts::{Artifacts, VerifiedArtifact};
 pub use aws::{ApiCalls, AwsCloud, AwsCloudBuilder, Budgets, DynamoTable, RetryPolicy};
@@ -35,6 +36,7 @@ pub use load_balancer::{LoadBalancer, TargetHealth, TargetState};
 pub use metric_batch::{AlbBatch, AlbQuery, MetricBatcher};
 pub use metrics::{AlbMetric, Datapoint, Metrics};
 pub use model::{tags, Instance, InstanceState, Phase};
+pub use secrets::{SecretValue, Secrets, SecretsError};
 
 use std::sync::Arc;
 
@@ -45,4 +47,6 @@ pub struct Cloud {
     pub load_balancer: Arc<dyn LoadBalancer>,
     pub metrics: Arc<dyn Metrics>,
     pub artifacts: Arc<dyn Artifacts>,
+    /// `provision.secretsFrom`: SSM Parameter Store and Secrets Manager.
+    pub secrets: Arc<dyn Secrets>,
 }

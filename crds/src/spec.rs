@@ -378,6 +378,52 @@ pub struct Provision {
     /// relative to this spec file. Its contents are never logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_file: Option<PathBuf>,
+    /// Secrets read from AWS and written into `<appRoot>/shared/.env` with
+    /// the env file's lines; a secret's variable replaces an env file line
+    /// of the same name. Re-read every minute: a rotated value is pushed
+    /// to the nodes rolling, without a release. Values are never logged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets_from: Vec<SecretSource>,
+}
+
+/// Where secret environment variables come from (one of `ssm` or
+/// `secretsManager`, like an ECS task definition's `valueFrom`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretSource {
+    /// SSM Parameter Store: a path ending in `/` (`/prod/web/`) takes every
+    /// parameter under it, recursively, each named by its last segment
+    /// (`/prod/web/db/DB_PASSWORD` → `DB_PASSWORD`); a name without the
+    /// trailing `/` (`/prod/web/DB_PASSWORD`) is that one parameter.
+    /// SecureString values are decrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm: Option<String>,
+    /// Secrets Manager secret, by name or ARN: a JSON object becomes one
+    /// variable per key; any other value needs `env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_manager: Option<String>,
+    /// The variable for a single value: required for a plain-string secret,
+    /// optional for a single SSM parameter (renames it), not allowed with
+    /// an SSM path or a JSON secret's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+}
+
+impl SecretSource {
+    /// `ssm:/prod/web/` or `secretsManager:prod/api` — how logs and status
+    /// name the source (never its value).
+    pub fn describe(&self) -> String {
+        match (&self.ssm, &self.secrets_manager) {
+            (Some(p), _) => format!("ssm:{p}"),
+            (None, Some(s)) => format!("secretsManager:{s}"),
+            (None, None) => "(no source)".into(),
+        }
+    }
+
+    /// Whether `ssm` names a path (every parameter under it).
+    pub fn is_ssm_path(&self) -> bool {
+        self.ssm.as_deref().is_some_and(|p| p.ends_with('/'))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

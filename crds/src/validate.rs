@@ -329,6 +329,7 @@ pub fn validate(cluster: &Cluster, spec_dir: Option<&Path>) -> Vec<FieldError> {
             format!("`{name}` is not one of provision.vars"),
         );
     }
+    validate_secrets_from(&prov.secrets_from, &mut e);
     for name in prov.vars.keys() {
         e.check(
             !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
@@ -490,6 +491,79 @@ fn is_region(s: &str) -> bool {
 
 fn has_dot_dot(p: &str) -> bool {
     Path::new(p).components().any(|c| c == Component::ParentDir)
+}
+
+/// Whether `name` can be an environment variable: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `provision.secretsFrom`: each entry names exactly one source, in a form
+/// the service accepts, and `env` only where a single value needs a name.
+fn validate_secrets_from(sources: &[crate::spec::SecretSource], e: &mut Errors) {
+    let mut names: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for (i, src) in sources.iter().enumerate() {
+        let at = format!("spec.provision.secretsFrom[{i}]");
+        match (&src.ssm, &src.secrets_manager) {
+            (Some(_), Some(_)) => {
+                e.add(&at, "set one of `ssm` or `secretsManager`, not both");
+                continue;
+            }
+            (None, None) => {
+                e.add(&at, "needs `ssm: /path/` or `secretsManager: NAME_OR_ARN`");
+                continue;
+            }
+            (Some(path), None) => {
+                let ok = path.starts_with('/')
+                    && path.len() <= 2048
+                    && !path.contains("//")
+                    && path
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"/_.-".contains(&b));
+                e.check(
+                    ok,
+                    format!("{at}.ssm"),
+                    format!(
+                        "`{path}` is not an SSM parameter name or path: it must start with `/` \
+                         and use only letters, digits and `/_.-` (end it with `/` for every \
+                         parameter under the path)"
+                    ),
+                );
+                if src.is_ssm_path() {
+                    e.check(
+                        src.env.is_none(),
+                        format!("{at}.env"),
+                        "not allowed with an SSM path: each variable is named by its \
+                         parameter's last segment",
+                    );
+                }
+            }
+            (None, Some(id)) => {
+                e.check(
+                    !id.is_empty() && id.len() <= 2048 && !id.chars().any(char::is_whitespace),
+                    format!("{at}.secretsManager"),
+                    format!("`{id}` is not a secret name or ARN"),
+                );
+            }
+        }
+        if let Some(env) = &src.env {
+            if !is_env_name(env) {
+                e.add(
+                    format!("{at}.env"),
+                    format!("`{env}` is not a variable name (letters, digits and `_`, not starting with a digit)"),
+                );
+            } else if let Some(first) = names.insert(env, i) {
+                e.add(
+                    format!("{at}.env"),
+                    format!("`{env}` is already set by secretsFrom[{first}]"),
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

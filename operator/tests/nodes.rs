@@ -1700,3 +1700,93 @@ async fn a_warm_up_asks_each_path_until_answered_and_names_the_one_that_never_is
         .unwrap_err();
     assert!(err.to_string().contains("/missing"), "{err}");
 }
+
+/// `provision.secretsFrom`: the secrets land in `shared/.env` with the env
+/// file's lines (a secret replaces a line of its name), mode 0600; a
+/// rotated value rewrites the file; a failing hook that prints the file
+/// shows no value in its error or the logs.
+#[test]
+fn secrets_from_aws_land_in_the_env_file_and_never_in_errors_or_logs() {
+    use hangar::effects::env_file::{self, SecretEnv};
+    use hangar_cloud::SecretValue;
+    const DB: &str = "r0tated-Db-Pa55 \"x\"";
+    const KEY: &str = "sk_live_Zm9vYmFy";
+    let sink = LogSink::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer({
+            let sink = sink.clone();
+            move || sink.clone()
+        })
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let secret_env = |db: &str| {
+        SecretEnv::new(BTreeMap::from([
+            ("DB_PASSWORD".to_string(), SecretValue::new(db)),
+            ("STRIPE_KEY".to_string(), SecretValue::new(KEY)),
+        ]))
+    };
+    let mut seen = String::new();
+    rt.block_on(async {
+        let fx = Fixture::new(1);
+        let base = b"APP_ENV=production\nDB_PASSWORD=placeholder\n";
+        let first = secret_env("first-value-1");
+        let pool = SshPool::new(fx.settings(), Redactor::default().with(first.values()));
+        let session = pool.session(&fx.target(0)).await.unwrap();
+        let config = release_config(5);
+        let contents = env_file::render(Some(base), Some(&first));
+        assert!(release::place_env_file(&session, &config, &contents)
+            .await
+            .unwrap());
+        let node = &fx.nodes[0];
+        assert_eq!(
+            node.exec_inside_ok("stat -c '%a %U' /srv/app/shared/.env")
+                .unwrap(),
+            "600 root\n"
+        );
+        let read_back = node
+            .exec_inside_ok(". /srv/app/shared/.env; printf '%s|%s|%s' \"$APP_ENV\" \"$DB_PASSWORD\" \"$STRIPE_KEY\"")
+            .unwrap();
+        assert_eq!(read_back, format!("production|first-value-1|{KEY}"));
+
+        // Rotation: a new value, a new file.
+        let rotated = secret_env(DB);
+        assert_ne!(first.digest, rotated.digest);
+        let pool = SshPool::new(fx.settings(), Redactor::default().with(rotated.values()));
+        let session = pool.session(&fx.target(0)).await.unwrap();
+        let contents = env_file::render(Some(base), Some(&rotated));
+        assert!(release::place_env_file(&session, &config, &contents)
+            .await
+            .unwrap());
+        assert!(!release::place_env_file(&session, &config, &contents)
+            .await
+            .unwrap());
+        let read_back = node
+            .exec_inside_ok(". /srv/app/shared/.env; printf '%s' \"$DB_PASSWORD\"")
+            .unwrap();
+        assert_eq!(read_back, DB);
+
+        // A failing hook that prints the file.
+        let config = ReleaseConfig {
+            before_activate: vec!["cat /srv/app/shared/.env >&2; exit 9".into()],
+            ..release_config(5)
+        };
+        let err = release::deploy(&session, &config, "r1", &fx.tarball("r1", true, false))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReleaseError::HookFailed { .. }), "{err}");
+        seen.push_str(&format!("{err}\n{err:?}\n"));
+        assert!(seen.contains("APP_ENV=production"), "the file was printed: {seen}");
+    });
+    let logs = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
+    assert!(seen.contains(hangar::effects::ssh::MASK), "{seen}");
+    for secret in [DB, KEY, "r0tated-Db-Pa55"] {
+        assert!(!seen.contains(secret), "secret in errors:\n{seen}");
+        assert!(!logs.contains(secret), "secret in logs:\n{logs}");
+    }
+}

@@ -56,6 +56,15 @@ const INVALID_INPUT_CODES: &[&str] = &[
 /// Codes meaning "that does not exist", beyond the `*NotFound*` family.
 const NOT_FOUND_CODES: &[&str] = &["NoSuchKey", "NoSuchBucket", "ResourceNotFound"];
 
+/// Codes meaning "your role may not": IAM's and KMS's (a SecureString or
+/// secret whose key the role cannot use). EC2's `UnauthorizedOperation`
+/// stays a plain service error, as it always was for the EC2 paths.
+const ACCESS_DENIED_CODES: &[&str] = &[
+    "AccessDenied",
+    "AccessDeniedException",
+    "KMSAccessDeniedException",
+];
+
 /// Maps one SDK error. `what` names the thing the call was about
 /// (`instance i-…`, `target group arn:…`) for `NotFound` messages.
 pub(crate) fn from_sdk<E>(
@@ -131,6 +140,12 @@ pub(crate) fn classify(
             code,
             message,
         }
+    } else if ACCESS_DENIED_CODES.contains(&code.as_str()) {
+        CloudError::AccessDenied {
+            what: what(),
+            code,
+            message,
+        }
     } else if is_not_found(&code) || (status == 404 && code == "HTTP404") {
         CloudError::NotFound {
             what: what(),
@@ -191,6 +206,9 @@ mod tests {
             ("InvalidInstanceID.Malformed", 400, "invalid_input"),
             ("InvalidTarget", 400, "invalid_input"),
             ("UnauthorizedOperation", 403, "service"),
+            ("AccessDeniedException", 400, "access_denied"),
+            ("ParameterNotFound", 400, "not_found"),
+            ("ResourceNotFoundException", 400, "not_found"),
             ("InternalError", 500, "service"),
         ];
         for (code, status, want) in cases {

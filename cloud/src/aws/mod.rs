@@ -22,6 +22,7 @@ mod limiter;
 mod load_balancer;
 mod metrics;
 mod ownership;
+mod secrets;
 pub mod stacks;
 
 pub use api_calls::{ApiCalls, CallStats, OperationStats};
@@ -198,6 +199,10 @@ impl AwsCloudBuilder {
                 .force_path_style(path_style)
                 .build(),
         );
+        let ssm = aws_sdk_ssm::Client::from_conf(config!(aws_sdk_ssm, "ssm").build());
+        let secrets_manager = aws_sdk_secretsmanager::Client::from_conf(
+            config!(aws_sdk_secretsmanager, "secretsmanager").build(),
+        );
 
         let https = match self.https_client {
             Some(client) => client,
@@ -230,6 +235,8 @@ impl AwsCloudBuilder {
                 elb,
                 cloudwatch,
                 s3,
+                ssm,
+                secrets_manager,
                 limiter,
                 calls,
                 cache: ArtifactCache::new(self.artifact_cache),
@@ -257,6 +264,8 @@ struct Inner {
     elb: aws_sdk_elasticloadbalancingv2::Client,
     cloudwatch: aws_sdk_cloudwatch::Client,
     s3: aws_sdk_s3::Client,
+    ssm: aws_sdk_ssm::Client,
+    secrets_manager: aws_sdk_secretsmanager::Client,
     limiter: Arc<Limiter>,
     calls: Arc<ApiCalls>,
     cache: ArtifactCache,
@@ -330,14 +339,15 @@ impl AwsCloud {
         AwsCloud::new(&sdk, owner, artifact_cache)
     }
 
-    /// The four traits, as the operator consumes them.
+    /// The traits, as the operator consumes them.
     pub fn cloud(&self) -> Cloud {
         let me = Arc::new(self.clone());
         Cloud {
             compute: me.clone(),
             load_balancer: me.clone(),
             metrics: me.clone(),
-            artifacts: me,
+            artifacts: me.clone(),
+            secrets: me,
         }
     }
 

@@ -39,6 +39,10 @@ pub enum Service {
     Elbv2,
     CloudWatch,
     S3,
+    /// SSM Parameter Store (JSON 1.1, `X-Amz-Target: AmazonSSM.*`).
+    Ssm,
+    /// Secrets Manager (JSON 1.1, `X-Amz-Target: secretsmanager.*`).
+    SecretsManager,
     /// Unsigned or unknown (moto's own `/moto-api`, …): never faulted by a
     /// rule that names a service.
     Other,
@@ -52,6 +56,8 @@ impl Service {
             "elasticloadbalancing" => Service::Elbv2,
             "monitoring" => Service::CloudWatch,
             "s3" => Service::S3,
+            "ssm" => Service::Ssm,
+            "secretsmanager" => Service::SecretsManager,
             _ => Service::Other,
         }
     }
@@ -64,6 +70,8 @@ impl fmt::Display for Service {
             Service::Elbv2 => "elbv2",
             Service::CloudWatch => "cloudwatch",
             Service::S3 => "s3",
+            Service::Ssm => "ssm",
+            Service::SecretsManager => "secretsmanager",
             Service::Other => "other",
         })
     }
@@ -387,10 +395,20 @@ fn identify(parts: &hyper::http::request::Parts, body: &[u8]) -> Call {
             rpc_v2_operation(parts.uri.path()).or_else(|| query_action(parts.uri.query(), body))
         }
         Service::S3 => Some(s3_operation(parts.method.as_str(), parts.uri.path())),
+        Service::Ssm | Service::SecretsManager => json_target(&parts.headers),
         Service::Other => None,
     }
     .unwrap_or_else(|| parts.method.as_str().to_string());
     Call { service, operation }
+}
+
+/// `X-Amz-Target: AmazonSSM.GetParameter` → `GetParameter` (JSON 1.0/1.1).
+pub(crate) fn json_target(headers: &hyper::HeaderMap) -> Option<String> {
+    headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| t.rsplit('.').next())
+        .map(str::to_string)
 }
 
 /// `AWS4-HMAC-SHA256 Credential=AKID/20240101/us-east-1/ec2/aws4_request, …` → `ec2`.
@@ -447,6 +465,9 @@ fn error_response(service: Service, fault: &Fault) -> Response<Full<Bytes>> {
             (400, "Throttling", "Rate exceeded")
         }
         (Service::S3, Fault::Throttle) => (503, "SlowDown", "Please reduce your request rate."),
+        (Service::Ssm | Service::SecretsManager, Fault::Throttle) => {
+            (400, "ThrottlingException", "Rate exceeded")
+        }
         (Service::Other, Fault::Throttle) => (503, "Throttling", "Rate exceeded"),
         (Service::Ec2 | Service::S3, Fault::ServerError) => {
             (500, "InternalError", "An internal error has occurred")
@@ -497,6 +518,12 @@ pub fn aws_error(
                 ("__type", &format!("com.amazonaws.cloudwatch#{code}")),
                 ("message", message),
             ]),
+        ),
+        Service::Ssm | Service::SecretsManager => (
+            "application/x-amz-json-1.1",
+            serde_json::json!({ "__type": code, "message": message })
+                .to_string()
+                .into_bytes(),
         ),
         Service::S3 | Service::Other => (
             "application/xml",

@@ -13,6 +13,7 @@
 //!   answered with the service's own throttling error;
 //! - [`accounting`]: calls, throttles and errors per access key and action,
 //!   and blocking one service for one key (its connections are reset);
+//! - [`secrets`]: SSM and Secrets Manager reads a role may be denied;
 //! - [`admin`]: an HTTP API for all of that under `/_hangar/`.
 //!
 //! The caller is read from the SigV4 `Authorization` header
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod consistency;
 mod ec2;
 mod elb;
+mod secrets;
 pub mod semantics;
 pub mod throttle;
 pub mod xml;
@@ -100,6 +102,8 @@ pub(crate) struct Shared {
     consistency: Mutex<Consistency>,
     /// Tag writes one at a time, so "the tags before" are exact.
     tag_writes: tokio::sync::Mutex<()>,
+    /// Parameters and secrets the caller's "role" may not read.
+    denials: Mutex<Vec<secrets::Denial>>,
 }
 
 impl Gateway {
@@ -142,6 +146,7 @@ impl Gateway {
             capacity: Mutex::new(BTreeMap::new()),
             tokens: Mutex::new(HashMap::new()),
             tag_writes: tokio::sync::Mutex::new(()),
+            denials: Mutex::new(Vec::new()),
         });
         let accept_shared = shared.clone();
         let task = tokio::spawn(async move {
@@ -219,6 +224,32 @@ impl Gateway {
     pub fn unblock(&self, access_key_id: &str, service: &str) {
         self.shared.accounting.unblock(access_key_id, service);
     }
+
+    /// From now on every read of `resource` through `service` (`ssm`: a
+    /// parameter name, or a path ending in `/` for everything under it;
+    /// `secretsmanager`: a secret's name or ARN as the caller names it)
+    /// answers `AccessDeniedException`, as for a role whose policy does not
+    /// name it. Until [`allow_secret`](Self::allow_secret).
+    pub fn deny_secret(&self, service: &str, resource: &str) {
+        let mut d = self
+            .shared
+            .denials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        d.push(secrets::Denial {
+            service: service.to_string(),
+            resource: resource.to_string(),
+        });
+    }
+
+    pub fn allow_secret(&self, service: &str, resource: &str) {
+        let mut d = self
+            .shared
+            .denials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        d.retain(|x| !(x.service == service && x.resource == resource));
+    }
 }
 
 /// Who is calling what.
@@ -278,6 +309,8 @@ impl Caller {
             "elasticloadbalancing" => Service::Elbv2,
             "monitoring" => Service::CloudWatch,
             "s3" => Service::S3,
+            "ssm" => Service::Ssm,
+            "secretsmanager" => Service::SecretsManager,
             _ => Service::Other,
         }
     }
@@ -342,6 +375,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full
             ec2::write_tags(shared, parts, body, action).await
         }
         ("elasticloadbalancing", _) => elb::handle(shared, parts, body).await,
+        ("ssm" | "secretsmanager", _) => secrets::handle(shared, &caller, parts, body).await,
         _ => shared.pass(parts, body).await,
     };
     record(Outcome::Answered(resp.status().as_u16()));

@@ -74,6 +74,7 @@ impl MemoryCloud {
             load_balancer: self.clone(),
             metrics: Arc::new(MemoryMetrics(self.clone())),
             artifacts: self.clone(),
+            secrets: self.clone(),
         }
     }
 
@@ -378,6 +379,38 @@ impl Artifacts for MemoryCloud {
         Err(CloudError::Artifact {
             artifact: format!("{source:?}"),
             message: "the benchmark cloud holds no artifacts".into(),
+        })
+    }
+}
+
+#[async_trait]
+impl hangar_cloud::Secrets for MemoryCloud {
+    /// The benchmark's specs name no `secretsFrom`; reaching this is a bug
+    /// the benchmark reports (the call is counted).
+    async fn parameters_by_path(
+        &self,
+        path: &str,
+    ) -> Result<Vec<hangar_cloud::secrets::Parameter>, CloudError> {
+        self.calls.record("ssm", "GetParametersByPath", false);
+        Err(CloudError::NotFound {
+            what: format!("SSM parameters under {path}"),
+            code: None,
+        })
+    }
+
+    async fn parameter(&self, name: &str) -> Result<hangar_cloud::secrets::Parameter, CloudError> {
+        self.calls.record("ssm", "GetParameter", false);
+        Err(CloudError::NotFound {
+            what: format!("SSM parameter {name}"),
+            code: None,
+        })
+    }
+
+    async fn secret_string(&self, id: &str) -> Result<hangar_cloud::SecretValue, CloudError> {
+        self.calls.record("secretsmanager", "GetSecretValue", false);
+        Err(CloudError::NotFound {
+            what: format!("secret {id}"),
+            code: None,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! idempotent and safe to repeat after a crash; what to do is decided in
 //! [`crate::core`], when to do it in [`crate::runtime`].
 
+pub mod env_file;
 pub mod gate;
 pub mod git;
 pub mod health;

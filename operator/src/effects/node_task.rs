@@ -56,6 +56,9 @@ pub struct NodeContext {
     /// such a cluster is only drained).
     pub runbook: Option<PathBuf>,
     pub env_file: Option<PathBuf>,
+    /// `provision.secretsFrom`, as read for this pass: written with the
+    /// env file into `shared/.env` (see [`crate::effects::env_file`]).
+    pub secret_env: Option<Arc<crate::effects::env_file::SecretEnv>>,
     pub config_hash: Option<String>,
     /// The release new nodes get (the target).
     pub release: String,
@@ -397,8 +400,15 @@ impl NodeRun {
             }
             return Err(Fail::Node(why));
         }
-        if let Some(env) = &self.ctx.env_file {
-            let contents = release::read_env_file(env).map_err(|e| Fail::Retry(e.to_string()))?;
+        if self.ctx.env_file.is_some() || self.ctx.secret_env.is_some() {
+            let base = match &self.ctx.env_file {
+                Some(env) => {
+                    Some(release::read_env_file(env).map_err(|e| Fail::Retry(e.to_string()))?)
+                }
+                None => None,
+            };
+            let contents =
+                crate::effects::env_file::render(base.as_deref(), self.ctx.secret_env.as_deref());
             let config = self.release_config()?;
             release::place_env_file(&session, &config, &contents)
                 .await

@@ -12,6 +12,7 @@ pub mod lease;
 pub mod page;
 pub mod reconcile;
 mod run;
+pub mod secrets;
 pub mod settings;
 pub mod specs;
 pub mod status;

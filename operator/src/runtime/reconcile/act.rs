@@ -222,6 +222,7 @@ impl Operator {
             spec: obs.spec.clone(),
             runbook: entry.map(|e| e.loaded.runbook_path()),
             env_file: entry.and_then(|e| e.loaded.env_file_path()),
+            secret_env: entry.and_then(|_| self.secrets.current(cluster)),
             config_hash: entry.map(|e| e.config_hash.clone()),
             release: releases.target.clone(),
             fallback_release: releases.last_good.clone(),

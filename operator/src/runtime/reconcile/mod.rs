@@ -100,6 +100,8 @@ pub struct Operator {
     /// Per cluster: what the last pass's actions reported, for the next
     /// observation.
     failures: Mutex<HashMap<String, Vec<ActionFailure>>>,
+    /// `provision.secretsFrom`, read at most once a minute per cluster.
+    secrets: crate::runtime::secrets::SecretCache,
 }
 
 /// How stale a status file may get while only readings change (the
@@ -155,6 +157,7 @@ impl Operator {
             probes: Probes::default(),
             persisted_at: Mutex::default(),
             failures: Mutex::default(),
+            secrets: Default::default(),
         }
     }
 
@@ -250,6 +253,7 @@ impl Operator {
         lock(&self.persisted_at).remove(key);
         lock(&self.failures).remove(key);
         lock(&self.statuses).remove(key);
+        self.secrets.forget(key);
     }
 
     fn ssh_pool(
@@ -264,7 +268,9 @@ impl Operator {
             ssh.known_hosts_file = ssh.known_hosts_file.map(|f| dir.join(f));
         }
         let redactor = redactor(spec, spec_dir);
-        let key = format!("{:?}|{:?}", ssh, spec.provision.secrets);
+        // secretsFrom: their values are masked too; a rotation makes a new pool.
+        let (redactor, secrets_key) = self.secrets.redactor(name, redactor);
+        let key = format!("{:?}|{:?}|{secrets_key}", ssh, spec.provision.secrets);
         let mut pools = lock(&self.ssh_pools);
         if let Some((k, pool)) = pools.get(name) {
             if *k == key {
@@ -340,6 +346,22 @@ impl Operator {
         let now = Utc::now();
         let cloud = self.clouds.cloud(&spec.region).await?;
         let before = self.status(name);
+        // secretsFrom (runtime/secrets.rs): unreadable secrets hold the
+        // cluster as it is; read ones join the config hash.
+        let effective;
+        let entry = match self.read_secrets(entry, &cloud).await {
+            Ok(Some(e)) => {
+                effective = e;
+                &effective
+            }
+            Ok(None) => entry,
+            Err(error) => {
+                let mut status = before.clone().unwrap_or_else(|| ClusterStatus::new(name));
+                crate::runtime::secrets::hold(&mut status, &error, now);
+                self.save_status(before.as_ref(), status);
+                return Ok(Action::requeue(self.settings.resync));
+            }
+        };
         let memory = before
             .as_ref()
             .map(|s| s.memory.clone())
@@ -400,6 +422,14 @@ impl Operator {
         let now = Utc::now();
         let cloud = self.clouds.cloud(&spec.region).await?;
         let before = self.status(name);
+        let effective;
+        let entry = match self.read_secrets(entry, &cloud).await {
+            Ok(Some(e)) => {
+                effective = e;
+                &effective
+            }
+            _ => entry,
+        };
         let memory = before
             .as_ref()
             .map(|s| s.memory.clone())
@@ -459,6 +489,26 @@ impl Operator {
         status.show_fleet(&obs.instances, &obs.running, &decision.diff.notes, now);
         self.save_status(Some(&before), status);
         Ok(Action::requeue(self.settings.busy_requeue))
+    }
+
+    /// `entry` with the config hash its secrets make (`None`: it names
+    /// none), or why they cannot be read.
+    async fn read_secrets(
+        &self,
+        entry: &ClusterSpecEntry,
+        cloud: &Cloud,
+    ) -> Result<Option<ClusterSpecEntry>, hangar_cloud::SecretsError> {
+        use crate::runtime::secrets::{with_secrets, SecretsRead};
+        let sources = &entry.loaded.cluster.spec.provision.secrets_from;
+        match self
+            .secrets
+            .read(entry.name(), sources, cloud.secrets.as_ref())
+            .await
+        {
+            SecretsRead::None => Ok(None),
+            SecretsRead::Ready(env) => Ok(Some(with_secrets(entry, &env))),
+            SecretsRead::Unreadable(e) => Err(e),
+        }
     }
 
     /// The spec's identity in status; a spec that came back after being
