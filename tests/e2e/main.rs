@@ -18,4 +18,5 @@ mod page;
 mod php;
 mod releases;
 mod scaling;
+mod secrets;
 mod walkthrough;
