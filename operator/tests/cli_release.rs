@@ -72,7 +72,11 @@ fn artifact(dir: &Path) -> (PathBuf, String) {
     std::fs::write(&path, b"not really a tarball, but bytes to hash\n").unwrap();
     // sha256sum of the bytes above, computed independently.
     let sum = Command::new("sha256sum").arg(&path).output().unwrap();
-    let sha = text(&sum.stdout).split_whitespace().next().unwrap().to_string();
+    let sha = text(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
     (path, sha)
 }
 
@@ -94,7 +98,11 @@ fn computes_the_sha256_and_changes_nothing_else() {
     assert_eq!(edited, expected);
     let mode = std::fs::metadata(d.spec()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640, "the file's mode is kept");
-    assert!(text(&out.stdout).contains("release v2"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("release v2"),
+        "{}",
+        text(&out.stdout)
+    );
     // No temporary file is left beside it.
     let names: Vec<String> = std::fs::read_dir(d.dir.path())
         .unwrap()
@@ -131,7 +139,10 @@ fn a_plain_path_becomes_a_file_url_and_a_given_sha256_is_used_as_is() {
         edited.contains(&format!("artifact: file://{}\n", canonical.display())),
         "{edited}"
     );
-    assert!(edited.contains(&format!("sha256: {}\n", "ab".repeat(32))), "{edited}");
+    assert!(
+        edited.contains(&format!("sha256: {}\n", "ab".repeat(32))),
+        "{edited}"
+    );
 }
 
 #[test]
@@ -140,26 +151,67 @@ fn bad_input_exits_1_and_leaves_the_file_alone() {
     let sha = "ab".repeat(32);
     let cases: [(&[&str], &str); 4] = [
         (
-            &["web", "--id", "v2", "--artifact", "s3://b/k", "--sha256", &sha],
+            &[
+                "web",
+                "--id",
+                "v2",
+                "--artifact",
+                "s3://b/k",
+                "--sha256",
+                &sha,
+            ],
             "no valid cluster named `web`",
         ),
         (
-            &["shop", "--id", "v2", "--artifact", "s3://b/k", "--sha256", "abc"],
+            &[
+                "shop",
+                "--id",
+                "v2",
+                "--artifact",
+                "s3://b/k",
+                "--sha256",
+                "abc",
+            ],
             "--sha256: `abc` is not a sha256",
         ),
         (
-            &["shop", "--id", "v2", "--artifact", "http://x/a.tgz", "--sha256", &sha],
+            &[
+                "shop",
+                "--id",
+                "v2",
+                "--artifact",
+                "http://x/a.tgz",
+                "--sha256",
+                &sha,
+            ],
             "plain http:// is refused",
         ),
         (
-            &["shop", "--id", "v 2/../x", "--artifact", "s3://b/k", "--sha256", &sha],
+            &[
+                "shop",
+                "--id",
+                "v 2/../x",
+                "--artifact",
+                "s3://b/k",
+                "--sha256",
+                &sha,
+            ],
             "spec.release.id",
         ),
     ];
     for (args, said) in cases {
         let out = d.release(args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out.stderr));
-        assert!(text(&out.stderr).contains(said), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(said),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
         assert_eq!(std::fs::read_to_string(d.spec()).unwrap(), SPEC);
     }
 }
@@ -167,7 +219,13 @@ fn bad_input_exits_1_and_leaves_the_file_alone() {
 #[test]
 fn an_unreadable_artifact_exits_2() {
     let d = Dir::new(SPEC);
-    let out = d.release(&["shop", "--id", "v2", "--artifact", "file:///nonexistent/a.tar.gz"]);
+    let out = d.release(&[
+        "shop",
+        "--id",
+        "v2",
+        "--artifact",
+        "file:///nonexistent/a.tar.gz",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("cannot read the artifact file:///nonexistent/a.tar.gz"),
@@ -185,9 +243,20 @@ fn a_flow_style_release_is_refused_with_file_and_line() {
     );
     let d = Dir::new(&spec);
     let sha = "ab".repeat(32);
-    let out = d.release(&["shop", "--id", "v2", "--artifact", "s3://b/k", "--sha256", &sha]);
+    let out = d.release(&[
+        "shop",
+        "--id",
+        "v2",
+        "--artifact",
+        "s3://b/k",
+        "--sha256",
+        &sha,
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let err = text(&out.stderr);
-    assert!(err.contains("shop.yaml: line 19: spec.release: written in flow style"), "{err}");
+    assert!(
+        err.contains("shop.yaml: line 19: spec.release: written in flow style"),
+        "{err}"
+    );
     assert_eq!(std::fs::read_to_string(d.spec()).unwrap(), spec);
 }

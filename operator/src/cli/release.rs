@@ -125,7 +125,8 @@ pub fn run(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
 /// The one spec file under `dir` that defines `cluster` validly (a broken
 /// spec is reported with its problems: fix it first).
 fn find_spec_file(dir: &Path, cluster: &str) -> anyhow::Result<PathBuf> {
-    let report = hangar_crds::load_dir(dir).with_context(|| format!("loading {}", dir.display()))?;
+    let report =
+        hangar_crds::load_dir(dir).with_context(|| format!("loading {}", dir.display()))?;
     let hits: Vec<&hangar_crds::LoadedCluster> = report
         .clusters
         .iter()

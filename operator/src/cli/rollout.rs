@@ -220,10 +220,12 @@ async fn follow(args: StatusArgs, server: String) -> anyhow::Result<ExitCode> {
     loop {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let answer = match remaining {
-            Some(left) => match tokio::time::timeout(left, look(&client, &server, &args.cluster)).await {
-                Ok(a) => a,
-                Err(_) => Err(anyhow::anyhow!("no answer from {server} in time")),
-            },
+            Some(left) => {
+                match tokio::time::timeout(left, look(&client, &server, &args.cluster)).await {
+                    Ok(a) => a,
+                    Err(_) => Err(anyhow::anyhow!("no answer from {server} in time")),
+                }
+            }
             None => look(&client, &server, &args.cluster).await,
         };
         match answer {

@@ -59,10 +59,13 @@ fn a_rollout_in_progress_names_the_count_and_the_node_being_updated() {
 #[test]
 fn every_serving_node_on_the_release_is_done() {
     let p = assess(&done(), &[], None);
-    assert_eq!(p, Progress {
-        state: State::Done,
-        line: "web: release v2: 5/5 nodes, rolled out".into()
-    });
+    assert_eq!(
+        p,
+        Progress {
+            state: State::Done,
+            line: "web: release v2: 5/5 nodes, rolled out".into()
+        }
+    );
     // Draining leftovers of a scale-in do not hold it up.
     let mut c = done();
     c.nodes.push(node("i-06", "draining", "v1"));
