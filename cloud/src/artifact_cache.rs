@@ -192,11 +192,19 @@ pub fn normalize_sha256(sha256: &str) -> Result<String, CloudError> {
 
 async fn hash_file(path: &Path, artifact: &str) -> Result<String, CloudError> {
     let mut chunks = FileChunks::open(path, artifact).await?;
+    Ok(digest(&mut chunks).await?.0)
+}
+
+/// Lowercase hex sha256 and size of everything `source` yields (for
+/// `hangar release`, which writes the checksum the spec will demand).
+pub async fn digest(source: &mut impl ChunkSource) -> Result<(String, u64), CloudError> {
     let mut hasher = Sha256::new();
-    while let Some(chunk) = chunks.next_chunk().await? {
+    let mut size = 0u64;
+    while let Some(chunk) = source.next_chunk().await? {
+        size += chunk.len() as u64;
         hasher.update(&chunk);
     }
-    Ok(hex::encode(hasher.finalize()))
+    Ok((hex::encode(hasher.finalize()), size))
 }
 
 pub(crate) fn io_error(artifact: &str, doing: &str, e: &std::io::Error) -> CloudError {

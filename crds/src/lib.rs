@@ -9,6 +9,7 @@
 
 pub mod artifact;
 pub mod duration;
+pub mod edit;
 pub mod load;
 pub mod schedule;
 pub mod schema;

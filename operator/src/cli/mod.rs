@@ -3,6 +3,8 @@
 
 mod init;
 mod plan;
+mod release;
+mod rollout;
 mod run;
 mod status;
 mod validate;
@@ -132,6 +134,13 @@ pub enum Command {
     Run(run::RunArgs),
     /// Show what a running operator reports (clusters, nodes, activity).
     Status(status::StatusArgs),
+    /// Point a cluster's spec at a new release: edits its file in place
+    /// (comments and formatting kept), computing the sha256 from the
+    /// artifact unless given. Exit 1: bad input; 2: artifact unreadable.
+    Release(release::ReleaseArgs),
+    /// Follow a rollout on a running operator.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -145,5 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan(args) => plan::run(args, &cli.global),
         Command::Run(args) => run::run(args, &cli.global),
         Command::Status(args) => status::run(args, &cli.global),
+        Command::Release(args) => release::run(args),
+        Command::Rollout(cmd) => rollout::run(cmd, &cli.global),
     }
 }

@@ -24,37 +24,13 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<ExitCode> {
-    let server = match args
-        .server
-        .clone()
-        .or_else(|| std::env::var("HANGAR_SERVER").ok())
-    {
-        Some(s) => s,
-        None => format!("http://{}", args.settings.load(global)?.listen),
-    };
-    let server = server.trim_end_matches('/').to_string();
+    let server = server_url(args.server.clone(), &args.settings, global)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let client = reqwest::Client::builder().no_proxy().build()?;
-        let get = |path: String| {
-            let client = client.clone();
-            let url = format!("{server}{path}");
-            async move {
-                let resp = client
-                    .get(&url)
-                    .timeout(std::time::Duration::from_secs(10))
-                    .send()
-                    .await
-                    .with_context(|| format!("cannot reach the operator at {url} (is `hangar run` running? see --server)"))?;
-                if resp.status() == reqwest::StatusCode::NOT_FOUND {
-                    bail!("{}", resp.text().await.unwrap_or_default().trim());
-                }
-                let resp = resp.error_for_status().with_context(|| url.clone())?;
-                Ok::<_, anyhow::Error>(resp.bytes().await?)
-            }
-        };
+        let get = |path: String| get_body(&client, format!("{server}{path}"));
         let problems: Vec<ProblemView> = serde_json::from_slice(&get("/api/v1/problems".into()).await?)?;
         // Who leads; an operator that does not say (starting) is shown as unknown.
         let leader: Option<LeaderView> = match get("/api/v1/leader".into()).await {
@@ -124,6 +100,37 @@ fn source_line(v: &SourceView, now: chrono::DateTime<chrono::Utc>) -> String {
         out.push_str(&format!("\n  ! {problem}"));
     }
     out
+}
+
+/// The operator's base URL: `--server`, else `HANGAR_SERVER`, else the
+/// listen address from the settings.
+pub(super) fn server_url(
+    server: Option<String>,
+    settings: &SettingsFlags,
+    global: &Global,
+) -> anyhow::Result<String> {
+    let server = match server.or_else(|| std::env::var("HANGAR_SERVER").ok()) {
+        Some(s) => s,
+        None => format!("http://{}", settings.load(global)?.listen),
+    };
+    Ok(server.trim_end_matches('/').to_string())
+}
+
+/// `GET url` on the operator's API; a 404 is an error with the operator's text.
+pub(super) async fn get_body(client: &reqwest::Client, url: String) -> anyhow::Result<Vec<u8>> {
+    let resp = client
+        .get(&url)
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| {
+            format!("cannot reach the operator at {url} (is `hangar run` running? see --server)")
+        })?;
+    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        bail!("{}", resp.text().await.unwrap_or_default().trim());
+    }
+    let resp = resp.error_for_status().with_context(|| url.clone())?;
+    Ok(resp.bytes().await?.to_vec())
 }
 
 /// `leader: host-a-123-9f3c… (fence 4) via dynamodb:hangar-lease; this operator is a standby`.
