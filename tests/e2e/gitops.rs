@@ -107,9 +107,40 @@ fn commits_drive_the_fleet_and_a_bad_commit_changes_nothing() {
     assert_eq!(code, 401, "a bad signature is refused");
     assert_eq!(push(&s, "delivery-1"), 202);
     assert_eq!(push(&s, "delivery-1"), 409, "a replay is refused");
-    let st = s.wait_status("web", "every node on v2", Duration::from_secs(180), |st| {
-        settled_on(st, 2, "v2")
-    });
+    // What a CI job does to wait for its deploy.
+    let rollout = std::process::Command::new(crate::support::operator::hangar_bin())
+        .args([
+            "rollout",
+            "status",
+            "web",
+            "--release",
+            "v2",
+            "--watch",
+            "--timeout",
+            "3m",
+        ])
+        .arg("--server")
+        .arg(format!("http://{}", s.operator().listen))
+        .output()
+        .expect("hangar rollout status");
+    let said = String::from_utf8_lossy(&rollout.stdout);
+    assert_eq!(
+        rollout.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&rollout.stderr)
+    );
+    assert!(
+        said.lines()
+            .last()
+            .is_some_and(|l| l.contains("v2") && l.contains("2/2")),
+        "{said}"
+    );
+    let st = s.status("web").expect("status");
+    assert!(
+        settled_on(&st, 2, "v2"),
+        "rollout status exits 0 only once v2 is everywhere: {st:?}"
+    );
     assert_eq!(
         st.commit.as_ref().map(|c| c.sha.as_str()),
         Some(second.as_str())

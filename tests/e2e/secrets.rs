@@ -46,20 +46,25 @@ fn env_on_nodes(s: &Scenario) -> Vec<String> {
 fn secrets_reach_the_nodes_a_rotation_rolls_and_an_unreadable_one_holds() {
     let mut s = Scenario::start();
     put(&s, "first-value");
-    let spec = s
-        .spec()
-        .remove("spec.autoscaling")
-        .with_capacity(2, 2)
-        .set(
-            "spec.provision.secretsFrom",
-            Yaml::list([Yaml::map([("ssm", "/e2e/web/")])]),
-        );
+    let spec = s.spec().remove("spec.autoscaling").with_capacity(2, 2).set(
+        "spec.provision.secretsFrom",
+        Yaml::list([Yaml::map([("ssm", "/e2e/web/")])]),
+    );
     s.write_spec(&spec);
     s.start_operator();
-    s.wait_status("web", "2 in service with the secret", Duration::from_secs(120), |st| {
-        settled_on(st, 2, "v1")
-            && env_on_nodes(&s).iter().filter(|l| l.contains("first-value")).count() == 2
-    });
+    s.wait_status(
+        "web",
+        "2 in service with the secret",
+        Duration::from_secs(120),
+        |st| {
+            settled_on(st, 2, "v1")
+                && env_on_nodes(&s)
+                    .iter()
+                    .filter(|l| l.contains("first-value"))
+                    .count()
+                    == 2
+        },
+    );
     assert!(
         env_on_nodes(&s).iter().all(|l| l.starts_with("600 ")),
         "{:?}",
@@ -69,11 +74,24 @@ fn secrets_reach_the_nodes_a_rotation_rolls_and_an_unreadable_one_holds() {
 
     // Rotated in AWS: pushed to the serving nodes, no release, no launch.
     put(&s, "rotated-value");
-    s.wait_status("web", "the rotation on every node", Duration::from_secs(180), |st| {
-        settled_on(st, 2, "v1")
-            && env_on_nodes(&s).iter().filter(|l| l.contains("rotated-value")).count() == 2
-    });
-    assert_eq!(s.watcher.report().launched.len(), launched, "nothing launched");
+    s.wait_status(
+        "web",
+        "the rotation on every node",
+        Duration::from_secs(180),
+        |st| {
+            settled_on(st, 2, "v1")
+                && env_on_nodes(&s)
+                    .iter()
+                    .filter(|l| l.contains("rotated-value"))
+                    .count()
+                    == 2
+        },
+    );
+    assert_eq!(
+        s.watcher.report().launched.len(),
+        launched,
+        "nothing launched"
+    );
 
     // Access taken away: reported by source, nodes kept as they are.
     s.cloud.gateway().deny_secret("ssm", "/e2e/web/");
@@ -83,7 +101,10 @@ fn secrets_reach_the_nodes_a_rotation_rolls_and_an_unreadable_one_holds() {
     });
     let degraded = held.condition(ConditionType::Degraded).expect("condition");
     assert!(degraded.message.contains("/e2e/web/"), "{degraded:?}");
-    assert!(!degraded.message.contains("rotated-value"), "never a value: {degraded:?}");
+    assert!(
+        !degraded.message.contains("rotated-value"),
+        "never a value: {degraded:?}"
+    );
     assert!(settled_on(&held, 2, "v1"), "{held:?}");
     assert!(
         env_on_nodes(&s).iter().all(|l| l.contains("rotated-value")),
@@ -96,7 +117,8 @@ fn secrets_reach_the_nodes_a_rotation_rolls_and_an_unreadable_one_holds() {
     );
     s.cloud.gateway().allow_secret("ssm", "/e2e/web/");
     s.wait_status("web", "the hold lifted", Duration::from_secs(120), |st| {
-        !st.condition(ConditionType::Degraded).is_some_and(|c| c.status)
+        !st.condition(ConditionType::Degraded)
+            .is_some_and(|c| c.status)
     });
     s.watcher.assert_invariants();
 }

@@ -790,7 +790,8 @@ async fn sustained(
     concurrency: usize,
 ) -> Result<SustainedReport, BoxError> {
     let settings = hangar::runtime::settings::Settings {
-        specs: spec_dir.to_path_buf(),
+        specs: spec_dir.display().to_string(),
+        git: Default::default(),
         state_dir: root.join("state-runtime"),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         owner: steady_fleet::OWNER.into(),

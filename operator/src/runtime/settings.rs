@@ -155,7 +155,7 @@ impl LeaseSettings {
 }
 
 /// How specs are read from a git source (`specs = "git+…"`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GitSettings {
     /// How often the source is fetched; default 30s (a webhook call
     /// fetches at once).
@@ -183,6 +183,19 @@ pub struct GitSettings {
 
 fn default_git_poll() -> hangar_crds::Duration {
     hangar_crds::Duration::from_secs(30)
+}
+
+impl Default for GitSettings {
+    fn default() -> Self {
+        GitSettings {
+            git_poll_interval: default_git_poll(),
+            git_ssh_key: None,
+            git_known_hosts: None,
+            git_allowed_signers: None,
+            git_https_token_file: None,
+            webhook_secret_file: None,
+        }
+    }
 }
 
 /// Where specs come from.
