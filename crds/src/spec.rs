@@ -380,8 +380,9 @@ pub struct Provision {
     pub env_file: Option<PathBuf>,
     /// Secrets read from AWS and written into `<appRoot>/shared/.env` with
     /// the env file's lines; a secret's variable replaces an env file line
-    /// of the same name. Re-read every minute: a rotated value is pushed
-    /// to the nodes rolling, without a release. Values are never logged.
+    /// of the same name. Re-read every `secrets_refresh_interval` (default
+    /// a minute): a rotated value is pushed to the nodes rolling, without a
+    /// release. Values are never logged.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets_from: Vec<SecretSource>,
 }

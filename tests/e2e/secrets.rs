@@ -51,7 +51,13 @@ fn secrets_reach_the_nodes_a_rotation_rolls_and_an_unreadable_one_holds() {
         Yaml::list([Yaml::map([("ssm", "/e2e/web/")])]),
     );
     s.write_spec(&spec);
-    s.start_operator();
+    // Read again every 2 s instead of every minute: the rotation and the
+    // revoked access below are seen within seconds.
+    let specs = s.specs.display().to_string();
+    s.start_operator_from(
+        &specs,
+        &[("HANGAR_SECRETS_REFRESH_INTERVAL".into(), "2s".into())],
+    );
     s.wait_status(
         "web",
         "2 in service with the secret",

@@ -792,6 +792,7 @@ async fn sustained(
     let settings = hangar::runtime::settings::Settings {
         specs: spec_dir.display().to_string(),
         git: Default::default(),
+        secrets_refresh_interval: hangar_crds::Duration::from_secs(60),
         state_dir: root.join("state-runtime"),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         owner: steady_fleet::OWNER.into(),

@@ -139,8 +139,10 @@ pub async fn run_with(
         ))
     });
 
-    let loop_settings = loop_settings
-        .unwrap_or_else(|| LoopSettings::new(settings.state_dir.clone(), settings.owner.clone()));
+    let loop_settings = loop_settings.unwrap_or_else(|| LoopSettings {
+        secrets_refresh: settings.secrets_refresh_interval.get(),
+        ..LoopSettings::new(settings.state_dir.clone(), settings.owner.clone())
+    });
     let mut result = Ok(());
     while let Some(term) = leadership.wait_term(&shutdown).await {
         let served = serve_term(

@@ -1,5 +1,6 @@
 //! `provision.secretsFrom` at run time: each cluster's secrets read from
-//! AWS at most once a [`TTL`], folded into the config hash so a rotation
+//! AWS at most once a refresh interval (`secrets_refresh_interval`,
+//! default [`TTL`]), folded into the config hash so a rotation
 //! re-provisions the nodes rolling, and a hold when they cannot be read.
 //!
 //! The effective config hash (the `hangar:config` tag) is the spec's hash
@@ -28,9 +29,9 @@ use crate::effects::ssh::Redactor;
 use crate::runtime::specs::ClusterSpecEntry;
 use crate::runtime::status::{ClusterStatus, ConditionType};
 
-/// How long a successful read is used before the stores are asked again:
-/// a rotated value reaches the nodes' config hash within this (plus one
-/// resync).
+/// How long a successful read is used before the stores are asked again,
+/// by default: a rotated value reaches the nodes' config hash within this
+/// (plus one resync).
 pub const TTL: Duration = Duration::from_secs(60);
 /// How soon a failed read is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
@@ -60,12 +61,26 @@ struct Cached {
 }
 
 /// Per cluster, the last read. Shared by every pass of the process.
-#[derive(Default)]
 pub struct SecretCache {
     entries: Mutex<HashMap<String, Cached>>,
+    ttl: Duration,
+}
+
+impl Default for SecretCache {
+    fn default() -> Self {
+        SecretCache::new(TTL)
+    }
 }
 
 impl SecretCache {
+    /// A cache that asks the stores again once a read is `ttl` old.
+    pub fn new(ttl: Duration) -> SecretCache {
+        SecretCache {
+            entries: Mutex::default(),
+            ttl,
+        }
+    }
+
     /// The cluster's secrets: from the cache while fresh, else read from
     /// `store` (all sources, all pages). The lock is not held across the
     /// read.
@@ -82,7 +97,7 @@ impl SecretCache {
         let now = Instant::now();
         if let Some(c) = self.lock().get(cluster) {
             let fresh = match &c.result {
-                Ok(_) => now.duration_since(c.at) < TTL,
+                Ok(_) => now.duration_since(c.at) < self.ttl,
                 Err(_) => now.duration_since(c.at) < RETRY_AFTER,
             };
             if fresh && c.sources == sources {

@@ -13,8 +13,9 @@ use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
 /// Environment variables read, each the upper-cased key with `HANGAR_`.
-pub const ENV_VARS: [&str; 16] = [
+pub const ENV_VARS: [&str; 17] = [
     "HANGAR_SPECS",
+    "HANGAR_SECRETS_REFRESH_INTERVAL",
     "HANGAR_GIT_POLL_INTERVAL",
     "HANGAR_GIT_SSH_KEY",
     "HANGAR_GIT_KNOWN_HOSTS",
@@ -181,6 +182,10 @@ pub struct GitSettings {
     pub webhook_secret_file: Option<PathBuf>,
 }
 
+fn default_secrets_refresh() -> hangar_crds::Duration {
+    hangar_crds::Duration::from_secs(60)
+}
+
 fn default_git_poll() -> hangar_crds::Duration {
     hangar_crds::Duration::from_secs(30)
 }
@@ -212,6 +217,10 @@ pub struct Settings {
     pub specs: String,
     #[serde(flatten)]
     pub git: GitSettings,
+    /// How often `provision.secretsFrom` values are read again (a rotation
+    /// reaches the nodes within it); default 60s.
+    #[serde(default = "default_secrets_refresh")]
+    pub secrets_refresh_interval: hangar_crds::Duration,
     /// Where status, pinned host keys, the artifact cache and the lease live.
     pub state_dir: PathBuf,
     /// Address of the HTTP server (metrics, health, status API).
@@ -233,6 +242,7 @@ pub struct Settings {
 #[allow(dead_code)] // parsed only to reject what the merged view would ignore
 struct FileSettings {
     specs: Option<String>,
+    secrets_refresh_interval: Option<hangar_crds::Duration>,
     git_poll_interval: Option<hangar_crds::Duration>,
     git_ssh_key: Option<PathBuf>,
     git_known_hosts: Option<PathBuf>,
@@ -411,6 +421,11 @@ impl Settings {
             ));
         }
         self.spec_source()?;
+        if self.secrets_refresh_interval.get() < std::time::Duration::from_secs(1) {
+            return Err(SettingsError::Invalid(
+                "secrets_refresh_interval must be at least 1s".into(),
+            ));
+        }
         if self.git.git_poll_interval.get() < std::time::Duration::from_secs(1) {
             return Err(SettingsError::Invalid(
                 "git_poll_interval must be at least 1s".into(),
@@ -486,6 +501,43 @@ mod tests {
         assert_eq!(s.owner, "from-env");
         assert_eq!(s.concurrency, 3);
         assert_eq!(s.listen.to_string(), "127.0.0.1:9999");
+    }
+
+    #[test]
+    fn a_git_source_and_its_settings_are_read_and_a_bad_source_refused() {
+        let flags = Overrides {
+            specs: Some("git+ssh://git@h/infra.git//clusters?ref=prod".into()),
+            ..Overrides::default()
+        };
+        let e = env(&[
+            ("HANGAR_GIT_POLL_INTERVAL", "5m"),
+            ("HANGAR_GIT_KNOWN_HOSTS", "/etc/hangar/known_hosts"),
+            ("HANGAR_SECRETS_REFRESH_INTERVAL", "10s"),
+        ]);
+        let s = Settings::load_with_env(None, e, &flags).unwrap();
+        match s.spec_source().unwrap() {
+            SpecSource::Git(g) => {
+                assert_eq!((g.dir.as_str(), g.reference.as_str()), ("clusters", "prod"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.git.git_poll_interval.get().as_secs(), 300);
+        assert_eq!(
+            s.git.git_known_hosts.as_deref(),
+            Some(Path::new("/etc/hangar/known_hosts"))
+        );
+        assert_eq!(s.secrets_refresh_interval.get().as_secs(), 10);
+        let offline = s.specs_dir().unwrap_err().to_string();
+        assert!(offline.contains("is a git source"), "{offline}");
+
+        let bad = Overrides {
+            specs: Some("git+ftp://h/r.git".into()),
+            ..Overrides::default()
+        };
+        let e = Settings::load_with_env(None, env(&[]), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("transport `ftp`"), "{e}");
     }
 
     #[test]

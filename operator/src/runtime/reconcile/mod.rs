@@ -68,6 +68,9 @@ pub struct LoopSettings {
     pub busy_requeue: Duration,
     pub state_dir: PathBuf,
     pub owner: String,
+    /// How long read secrets (`provision.secretsFrom`) are used before
+    /// they are read again.
+    pub secrets_refresh: Duration,
 }
 
 impl LoopSettings {
@@ -78,6 +81,7 @@ impl LoopSettings {
             busy_requeue: Duration::from_secs(5),
             state_dir,
             owner,
+            secrets_refresh: crate::runtime::secrets::TTL,
         }
     }
 }
@@ -141,6 +145,7 @@ impl Operator {
         Operator {
             inventory: Inventory::new(settings.inventory_max_age),
             tasks: Tasks::new(move |cluster| triggers.now(cluster)),
+            secrets: crate::runtime::secrets::SecretCache::new(settings.secrets_refresh),
             settings,
             clouds,
             specs: RwLock::new(Arc::new(SpecSet::default())),
@@ -157,7 +162,6 @@ impl Operator {
             probes: Probes::default(),
             persisted_at: Mutex::default(),
             failures: Mutex::default(),
-            secrets: Default::default(),
         }
     }
 
