@@ -242,7 +242,7 @@ impl Mirror {
             options,
         };
         if !mirror.dir.join("HEAD").exists() {
-            std::fs::create_dir_all(&mirror.dir).map_err(|e| io(&mirror.dir, e))?;
+            std::fs::create_dir_all(&mirror.dir).map_err(|e| GitError::io(&mirror.dir, e))?;
             mirror
                 .git("init", &["init", "--bare", "--quiet"], LOCAL_TIMEOUT)
                 .await?;
@@ -406,10 +406,10 @@ impl Mirror {
             .await?;
         let dest = dest.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dest).map_err(|e| io(&dest, e))?;
+            std::fs::create_dir_all(&dest).map_err(|e| GitError::io(&dest, e))?;
             let mut archive = tar::Archive::new(std::io::Cursor::new(tar));
             archive.set_preserve_permissions(false);
-            archive.unpack(&dest).map_err(|e| io(&dest, e))
+            archive.unpack(&dest).map_err(|e| GitError::io(&dest, e))
         })
         .await
         .map_err(|e| GitError::Command {
@@ -452,7 +452,7 @@ impl Mirror {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         if let Some(file) = &self.options.https_token_file {
-            let token = std::fs::read_to_string(file).map_err(|e| io(file, e))?;
+            let token = std::fs::read_to_string(file).map_err(|e| GitError::io(file, e))?;
             cmd.env("GIT_CONFIG_COUNT", "1")
                 .env("GIT_CONFIG_KEY_0", "http.extraHeader")
                 .env(
@@ -525,10 +525,13 @@ fn quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
 
-fn io(path: &Path, source: std::io::Error) -> GitError {
-    GitError::Io {
-        path: path.display().to_string(),
-        source,
+impl GitError {
+    /// A file or directory of the mirror or a checkout that failed.
+    pub fn io(path: &Path, source: std::io::Error) -> GitError {
+        GitError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 }
 

@@ -216,15 +216,15 @@ impl GitSync {
         if !dest.exists() {
             let tmp = trees.join(format!(".{}.tmp", info.sha));
             if tmp.exists() {
-                std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+                std::fs::remove_dir_all(&tmp).map_err(|e| GitError::io(&tmp, e))?;
             }
             self.mirror.export(&info.sha, &tmp).await?;
-            std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| GitError::io(&dest, e))?;
         }
         let meta = trees.join(format!("{}.json", info.sha));
         let json = serde_json::to_vec(info).unwrap_or_default();
-        std::fs::write(&meta, json).map_err(|e| io(&meta, e))?;
-        switch(&self.root, &dest).map_err(|e| io(&self.root.join("current"), e))
+        std::fs::write(&meta, json).map_err(|e| GitError::io(&meta, e))?;
+        switch(&self.root, &dest).map_err(|e| GitError::io(&self.root.join("current"), e))
     }
 
     /// Reads the specs below `current`.
@@ -294,13 +294,6 @@ fn backoff(poll: Duration, failures: u32) -> Duration {
     }
     poll.saturating_mul(1 << failures.min(10))
         .min(MAX_BACKOFF.max(poll))
-}
-
-fn io(path: &Path, source: std::io::Error) -> GitError {
-    GitError::Io {
-        path: path.display().to_string(),
-        source,
-    }
 }
 
 #[cfg(test)]
