@@ -260,3 +260,40 @@ fn a_flow_style_release_is_refused_with_file_and_line() {
     );
     assert_eq!(std::fs::read_to_string(d.spec()).unwrap(), spec);
 }
+
+/// An `s3://` artifact is read through the cloud (the local cloud's S3,
+/// as the AWS chain in the environment names it) and hashed.
+#[test]
+fn an_s3_artifact_is_hashed_as_the_operator_would_fetch_it() {
+    let cloud = hangar_local::LocalCloud::start(hangar_local::LocalCloudOptions::default())
+        .expect("local cloud starts (run infra/local/setup first)");
+    let v2 = cloud
+        .upload_release("v2", hangar_local::ReleaseKind::Good)
+        .expect("upload v2");
+    let d = Dir::new(&SPEC.replace("us-east-1", cloud.region()));
+    let out = Command::new(env!("CARGO_BIN_EXE_hangar"))
+        .args([
+            "release",
+            "shop",
+            "--id",
+            "v2",
+            "--artifact",
+            &v2.url,
+            "--specs",
+        ])
+        .arg(d.dir.path())
+        .env_remove("HANGAR_SPECS")
+        .envs(cloud.env())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let edited = std::fs::read_to_string(d.spec()).unwrap();
+    assert!(
+        edited.contains(&format!("sha256: {}\n", v2.sha256)),
+        "{edited}"
+    );
+    assert!(
+        edited.contains(&format!("artifact: {}\n", v2.url)),
+        "{edited}"
+    );
+}
