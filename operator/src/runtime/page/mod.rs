@@ -212,6 +212,16 @@ fn cluster_section(s: &ClusterStatus, series: &Series, hours: u32, now: DateTime
         in_service(s),
         esc(&traffic)
     );
+    if let Some(c) = &s.commit {
+        let _ = write!(
+            out,
+            r#"<div>spec from commit <code data-field="commit" title="{}">{}</code> {} <span class="muted">{}</span></div>"#,
+            esc(&c.sha),
+            esc(c.short()),
+            esc(&c.subject),
+            esc(&c.author)
+        );
+    }
     if let Some(d) = &m.last_decision {
         let _ = write!(
             out,
@@ -359,8 +369,19 @@ mod tests {
             Some("i-1"),
             "boom <img src=x onerror=alert(1)>",
         );
+        s.commit = Some(crate::effects::git::CommitInfo {
+            sha: "1a2b3c4d5e".into(),
+            author: "Mallory <m@x>".into(),
+            time: "2026-11-23T11:00:00Z".into(),
+            subject: "<script>alert(2)</script>".into(),
+        });
         let html = cluster(&s, &Series::default(), 6, now);
         assert!(!html.contains("<script>alert"), "{html}");
+        assert!(
+            html.contains(r#"<code data-field="commit" title="1a2b3c4d5e">1a2b3c4</code>"#),
+            "{html}"
+        );
+        assert!(html.contains("Mallory &lt;m@x&gt;"), "{html}");
         assert!(!html.contains("<img src=x"), "{html}");
         assert!(html.contains(r#"<tr data-node="i-1">"#));
     }
