@@ -218,10 +218,25 @@ async fn what_cannot_load_leaves_the_last_good_commit_in_place() {
 }
 
 #[tokio::test]
-async fn a_server_away_or_a_changed_host_key_fails_the_fetch_and_nothing_else() {
+async fn a_server_away_a_bad_key_or_a_changed_host_key_fails_the_fetch_and_nothing_else() {
     let mut fx = Fx::new();
     let mut sync = fx.sync().await;
     let good = sync.sync().await.unwrap().unwrap();
+
+    // A key the server does not know: refused, reported, nothing loaded.
+    let stranger = fx.dir.path().join("stranger");
+    keygen(&stranger, "stranger").unwrap();
+    let mut refused = fx
+        .sync_with(
+            "stranger-state",
+            GitOptions {
+                ssh_key: Some(stranger),
+                ..fx.options()
+            },
+        )
+        .await;
+    let e = refused.sync().await.unwrap_err().to_string();
+    assert!(e.contains("Permission denied"), "{e}");
 
     fx.server.stop();
     fx.work.write("clusters/web.yaml", &spec("web", 2)).unwrap();

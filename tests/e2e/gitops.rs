@@ -216,5 +216,15 @@ fn commits_drive_the_fleet_and_a_bad_commit_changes_nothing() {
         metrics.contains("hangar_webhooks_total{result=\"replayed\"} 1"),
         "{metrics}"
     );
+
+    // A commit that deletes the spec: `deletionPolicy: retain` (the
+    // default) leaves the fleet running, unmanaged.
+    std::fs::remove_file(clusters.join("web.yaml")).expect("delete the spec");
+    work.commit("web: no longer managed here").expect("commit");
+    assert_eq!(push(&s, "delivery-5"), 202);
+    let st = s.wait_status("web", "the spec removed", Duration::from_secs(30), |st| {
+        st.spec_removed
+    });
+    assert!(settled_on(&st, 2, "v2"), "retained: {st:?}");
     s.watcher.assert_invariants();
 }
