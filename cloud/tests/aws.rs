@@ -796,8 +796,10 @@ async fn stop_and_start_move_owned_instances_and_refuse_foreign_ones() {
     cloud.stop(&id).await.expect("stopping again is harmless");
     let listed = cloud.list(Some("web")).await.unwrap();
     assert!(
-        listed.iter().any(|i| i.id == id
-            && matches!(i.state, InstanceState::Stopping | InstanceState::Stopped)),
+        listed
+            .iter()
+            .any(|i| i.id == id
+                && matches!(i.state, InstanceState::Stopping | InstanceState::Stopped)),
         "a stopped instance stays listed: {listed:?}"
     );
 

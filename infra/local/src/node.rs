@@ -1020,7 +1020,10 @@ mod tests {
             "v1\nkept\nhome\n"
         );
         assert!(!again.exec_inside("cat /tmp/t").unwrap().status.success());
-        assert!(!Path::new("/srv/app/releases/v1").exists(), "/srv leaked to the host");
+        assert!(
+            !Path::new("/srv/app/releases/v1").exists(),
+            "/srv leaked to the host"
+        );
         drop(again);
         drop(node);
         let _ = fs::remove_dir_all(dir);
