@@ -92,6 +92,10 @@ impl From<CloudError> for Fail {
     }
 }
 
+/// How long a stopped warm node's task waits for the listing to show it
+/// stopping (EC2 lists a state change within seconds).
+const STOP_LISTED_DEADLINE: Duration = Duration::from_secs(60);
+
 pub async fn run(ctx: NodeContext, instance: Instance, task: Task, handle: TaskHandle) -> Outcome {
     let facts = NodeFacts {
         config_outdated: ctx
@@ -818,6 +822,21 @@ impl NodeRun {
             Ok(()) => {}
             Err(e) if e.is_terminated() => return Err(Fail::Gone),
             Err(e) => return Err(e.into()),
+        }
+        // Done only once the shared listing shows it: until then every
+        // pass would see a running warm node and stop it again.
+        let deadline = Instant::now() + STOP_LISTED_DEADLINE;
+        while !matches!(
+            self.instance.state,
+            InstanceState::Stopping | InstanceState::Stopped
+        ) {
+            if Instant::now() >= deadline {
+                return Err(Fail::Retry(
+                    "stopped, but the listing does not show it yet".to_string(),
+                ));
+            }
+            self.pause(Duration::from_millis(500)).await?;
+            self.refresh_instance().await?;
         }
         self.handle
             .note("stop", "stopped into the warm pool".to_string());
