@@ -1,4 +1,4 @@
-//! Instances: launch, list, tag, terminate.
+//! Instances: launch, list, tag, stop, start, terminate.
 
 use std::collections::BTreeMap;
 
@@ -74,4 +74,23 @@ pub trait Compute: Send + Sync {
     /// Terminates owned instances; refuses the whole call with
     /// [`CloudError::NotOwned`] if any id is not this owner's.
     async fn terminate(&self, ids: &[String]) -> Result<(), CloudError>;
+
+    /// Stops an owned instance, keeping its disk (a warm-pool node).
+    /// Stopping a stopped or stopping instance is not an error. Refuses
+    /// with [`CloudError::NotOwned`] like [`Compute::terminate`].
+    async fn stop(&self, id: &str) -> Result<(), CloudError> {
+        Err(CloudError::InvalidInput {
+            code: Some("Unsupported".into()),
+            message: format!("this cloud cannot stop instance {id}"),
+        })
+    }
+
+    /// Starts an owned, stopped instance again (same disk). Starting a
+    /// running or pending instance is not an error.
+    async fn start(&self, id: &str) -> Result<(), CloudError> {
+        Err(CloudError::InvalidInput {
+            code: Some("Unsupported".into()),
+            message: format!("this cloud cannot start instance {id}"),
+        })
+    }
 }

@@ -41,10 +41,14 @@ pub enum Phase {
     InService,
     Draining,
     Terminating,
+    /// Ready (provisioned, released, health-checked) but kept out of the
+    /// target group and out of the counted capacity: a warm-pool node,
+    /// stopped or running as the pool's `state` says.
+    Warm,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Launching,
         Phase::Provisioning,
         Phase::Releasing,
@@ -52,6 +56,7 @@ impl Phase {
         Phase::InService,
         Phase::Draining,
         Phase::Terminating,
+        Phase::Warm,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +68,7 @@ impl Phase {
             Phase::InService => "in-service",
             Phase::Draining => "draining",
             Phase::Terminating => "terminating",
+            Phase::Warm => "warm",
         }
     }
 }

@@ -772,6 +772,44 @@ async fn terminate_refuses_the_whole_call_when_any_instance_is_not_ours() {
     cloud.terminate(&ids).await.expect("idempotent");
 }
 
+/// Warm pools: stop keeps the instance (stopped, still listed with its
+/// tags), start brings it back; both refuse foreign instances and are
+/// harmless to repeat.
+#[tokio::test]
+async fn stop_and_start_move_owned_instances_and_refuse_foreign_ones() {
+    let w = World::new().await;
+    let cloud = w.cloud(OWNER);
+    let ours = cloud
+        .launch(&w.launch_request("web", 1, "tok-stop"))
+        .await
+        .unwrap();
+    let id = ours[0].id.clone();
+    let foreign = w.foreign_instance().await;
+    assert_not_owned(cloud.stop(&foreign).await, &foreign);
+    assert_not_owned(cloud.start(&foreign).await, &foreign);
+    assert_eq!(w.describe(&foreign).await.0, "running", "untouched");
+    assert_eq!(cloud.api_calls().get("ec2", "StopInstances").calls, 0);
+
+    cloud.stop(&id).await.expect("stop ours");
+    let state = w.describe(&id).await.0;
+    assert!(state == "stopping" || state == "stopped", "{state}");
+    cloud.stop(&id).await.expect("stopping again is harmless");
+    let listed = cloud.list(Some("web")).await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|i| i.id == id
+                && matches!(i.state, InstanceState::Stopping | InstanceState::Stopped)),
+        "a stopped instance stays listed: {listed:?}"
+    );
+
+    cloud.start(&id).await.expect("start ours");
+    let state = w.describe(&id).await.0;
+    assert!(state == "pending" || state == "running", "{state}");
+    cloud.start(&id).await.expect("starting again is harmless");
+    assert_eq!(cloud.api_calls().get("ec2", "StartInstances").calls, 2);
+}
+
 // ---------------------------------------------------------------------------
 // Load balancer
 // ---------------------------------------------------------------------------

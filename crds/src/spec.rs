@@ -95,6 +95,38 @@ pub struct ClusterSpec {
     /// registered; `delete` drains and terminates them.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Extra nodes kept provisioned, released and health-checked but out of
+    /// the target group (phase `warm`), so a scale-out takes one of them
+    /// instead of waiting for a cold launch. Without it: no pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool: Option<WarmPool>,
+}
+
+/// Ready nodes kept out of service for the next scale-out (EC2 Auto
+/// Scaling's warm pool). They are not counted as capacity: `capacity.max`
+/// bounds the serving fleet, `max + size` every machine of the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WarmPool {
+    /// Nodes kept in the pool (refilled in the background).
+    pub size: u32,
+    /// What a pool node is once ready: `stopped` (default; pays for its
+    /// disk only, starts in a boot) or `running` (pays for the instance,
+    /// serves within a health check).
+    #[serde(default)]
+    pub state: WarmPoolState,
+    /// A scale-in victim is drained, deregistered and stopped back into the
+    /// pool while the pool is below `size`, instead of being terminated.
+    #[serde(default)]
+    pub reuse_on_scale_in: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum WarmPoolState {
+    #[default]
+    Stopped,
+    Running,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

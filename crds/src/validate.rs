@@ -471,6 +471,21 @@ pub fn validate(cluster: &Cluster, spec_dir: Option<&Path>) -> Vec<FieldError> {
         "spec.selfHealing.unhealthyAfter",
         "must be greater than 0s",
     );
+    if let Some(pool) = &spec.warm_pool {
+        e.check(
+            pool.size >= 1,
+            "spec.warmPool.size",
+            "must be at least 1 (leave warmPool out for no pool)",
+        );
+        e.check(
+            pool.size <= MAX_NODES.saturating_sub(cap.max),
+            "spec.warmPool.size",
+            format!(
+                "capacity.max + size must be at most {MAX_NODES} (max is {})",
+                cap.max
+            ),
+        );
+    }
 
     e.0
 }

@@ -20,3 +20,4 @@ mod releases;
 mod scaling;
 mod secrets;
 mod walkthrough;
+mod warm_pool;

@@ -1,5 +1,6 @@
 //! [`Compute`] on EC2: RunInstances with tags at launch, tag-filtered
-//! DescribeInstances, CreateTags and TerminateInstances on owned instances.
+//! DescribeInstances, CreateTags, StopInstances, StartInstances and
+//! TerminateInstances on owned instances.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -263,6 +264,32 @@ impl Compute for AwsCloud {
         }
         self.forget_owned(&ids);
         tracing::info!(ids = ?ids, "terminated instances");
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), CloudError> {
+        self.verify_owned(&[id.to_string()]).await?;
+        self.inner
+            .ec2
+            .stop_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .map_err(|e| from_sdk("ec2", || format!("instance {id}"), e))?;
+        tracing::info!(id, "stopped instance");
+        Ok(())
+    }
+
+    async fn start(&self, id: &str) -> Result<(), CloudError> {
+        self.verify_owned(&[id.to_string()]).await?;
+        self.inner
+            .ec2
+            .start_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .map_err(|e| from_sdk("ec2", || format!("instance {id}"), e))?;
+        tracing::info!(id, "started instance");
         Ok(())
     }
 }

@@ -93,6 +93,7 @@ mod tests {
             "DeleteTags",
             "TerminateInstances",
             "StopInstances",
+            "StartInstances",
             "RegisterTargets",
             "DeregisterTargets",
             "ModifyTargetGroupAttributes",

@@ -18,8 +18,12 @@
 //!
 //! Lifecycle: [`Node::start`] runs
 //! `unshare --mount --uts --propagation private` with a small script that
-//! mounts the private tmpfs's, bind-mounts the node's state directory at
-//! [`NODE_DIR`] and execs `sshd` in daemon mode. Sessions, and whatever
+//! mounts the private tmpfs's (`/run`, `/tmp`), bind-mounts the node's
+//! state directory at [`NODE_DIR`] and its "disk" (`<state_dir>/disk`:
+//! `/srv`, `/var/tmp`, `/root`) over the host's, and execs `sshd` in daemon
+//! mode. The disk outlives the node: a stopped instance started again
+//! (StopInstances, StartInstances) finds its releases where it left them,
+//! like an EBS root volume; terminating deletes the state directory. Sessions, and whatever
 //! daemons they start, are plain processes in the node's mount namespace;
 //! [`Node::stop`] (and `Drop`) kill every process whose `/proc/PID/ns/mnt`
 //! is the node's, by PID, until none is left — killing only the listener
@@ -576,10 +580,16 @@ hostname "$HANGAR_NODE_NAME"
 mount -t tmpfs -o mode=0755 hangar-node-run /run
 mkdir -p /run/sshd /run/hangar-node
 mount --bind "$HANGAR_NODE_STATE" /run/hangar-node
-for d in /srv /tmp /var/tmp /root; do
-  mkdir -p "$d"
-  mount -t tmpfs -o mode=0755 hangar-node "$d"
+mkdir -p /tmp
+mount -t tmpfs -o mode=0755 hangar-node /tmp
+for d in srv var-tmp root; do
+  mkdir -p "/run/hangar-node/disk/$d"
 done
+chmod 0755 /run/hangar-node/disk/srv
+mkdir -p /srv /var/tmp /root
+mount --bind /run/hangar-node/disk/srv /srv
+mount --bind /run/hangar-node/disk/var-tmp /var/tmp
+mount --bind /run/hangar-node/disk/root /root
 chmod 1777 /tmp /var/tmp
 chmod 0700 /root
 cd /
@@ -982,6 +992,40 @@ mod tests {
         kill_node(&state).unwrap();
         assert!(pids_in_namespace(&ns1).is_empty());
         drop(nodes);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    /// Stop then start (what StopInstances/StartInstances do to a lite
+    /// node): no sshd in between, then the same host key and the same
+    /// files under `/srv`, `/var/tmp`, `/root`; `/tmp` starts empty.
+    #[test]
+    fn a_stopped_node_started_again_keeps_its_disk() {
+        let dir = std::env::temp_dir().join(format!("hangar-node-disk-{}", std::process::id()));
+        let mut node = TestNode::start(&dir, "d0", &[]).unwrap();
+        node.exec_inside_ok(
+            "mkdir -p /srv/app/releases/v1 && echo v1 > /srv/app/releases/v1/id \
+             && echo kept > /var/tmp/k && echo home > /root/h && echo gone > /tmp/t",
+        )
+        .unwrap();
+        let key = node.host_public_key().unwrap();
+        let addr = node.addr();
+        node.stop().unwrap();
+        assert!(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err());
+        let again = Node::start(NodeConfig::new("d0", node.ip(), dir.join("d0"))).unwrap();
+        assert_eq!(again.host_public_key().unwrap(), key);
+        assert_eq!(
+            again
+                .exec_inside_ok("cat /srv/app/releases/v1/id /var/tmp/k /root/h")
+                .unwrap(),
+            "v1\nkept\nhome\n"
+        );
+        assert!(!again.exec_inside("cat /tmp/t").unwrap().status.success());
+        assert!(
+            !Path::new("/srv/app/releases/v1").exists(),
+            "/srv leaked to the host"
+        );
+        drop(again);
+        drop(node);
         let _ = fs::remove_dir_all(dir);
     }
 }

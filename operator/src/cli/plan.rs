@@ -367,6 +367,13 @@ impl ClusterPlan {
                     Task::Once { release } => {
                         format!("run the once hooks of {release} on `{node}`")
                     }
+                    Task::Warm { stop: true } => {
+                        format!("bring `{node}` into the warm pool, stopped")
+                    }
+                    Task::Warm { stop: false } => {
+                        format!("bring `{node}` into the warm pool, running")
+                    }
+                    Task::Serve => format!("take `{node}` from the warm pool into service"),
                 },
                 Action::Cancel { node, reason } => {
                     format!("cancel the task on `{node}` ({reason})")

@@ -157,6 +157,8 @@ pub fn decide_removed(obs: &Observation, memory: &Memory) -> Decision {
         launch: None,
         max_lifetime: None,
         now: obs.now,
+        warm_pool: None,
+        max: 0,
     };
     // Launches a deleted cluster intended are not made any more; if any
     // were, their instances are drained once listed.
@@ -300,7 +302,7 @@ impl<'o> Pass<'o> {
                     m.node_errors.remove(&f.node);
                     m.node_retries.remove(&f.node);
                     m.retry_after.remove(&f.node);
-                    if matches!(f.task, Task::Advance) {
+                    if brings_up(&f.task) {
                         m.node_failures = 0;
                         m.launch_backoff_until = None;
                     }
@@ -335,7 +337,7 @@ impl<'o> Pass<'o> {
                     // Like any node that never came up, it counts toward the
                     // launch backoff: a first release that never gets
                     // healthy must not launch and terminate in a loop.
-                    let new_node = matches!(f.task, Task::Advance);
+                    let new_node = brings_up(&f.task);
                     if new_node {
                         m.failed_nodes.insert(f.node.clone(), reason.clone());
                     }
@@ -551,6 +553,8 @@ impl<'o> Pass<'o> {
                 .max_lifetime
                 .and_then(|d| chrono::Duration::from_std(d.get()).ok()),
             now,
+            warm_pool: spec.warm_pool,
+            max: m.window.as_ref().map_or(spec.capacity.max, |w| w.max),
         };
         let mut diff = fleet::diff(&nodes, &target);
         if let Some(why) = m.launches.describe_avoided(now) {
@@ -792,6 +796,13 @@ fn per_target_metric(spec: &ClusterSpec) -> Option<chrono::Duration> {
     }
 }
 
+/// A task bringing a node up that serves nothing yet: a new node, one
+/// going into the warm pool, or one taken out of it. Its failures are the
+/// node's (it is replaced), never the serving fleet's.
+fn brings_up(task: &Task) -> bool {
+    matches!(task, Task::Advance | Task::Warm { .. } | Task::Serve)
+}
+
 /// Counts a node's retried `Advance` attempts and turns the one that
 /// reaches [`MAX_ADVANCE_RETRIES`] into a node failure. Updates, drains and
 /// rollbacks of nodes that are (or were) serving keep retrying: replacing
@@ -803,7 +814,7 @@ fn give_up_after_retries(
     outcome: &Outcome,
 ) -> Outcome {
     match outcome {
-        Outcome::Retry(why) if matches!(task, Task::Advance) => {
+        Outcome::Retry(why) if brings_up(task) => {
             let n = memory.node_retries.entry(node.to_string()).or_default();
             *n += 1;
             if *n >= MAX_ADVANCE_RETRIES {

@@ -20,6 +20,8 @@ use hangar_cloud::{InstanceState, Phase};
 use hangar_crds::{Rollout, ScaleInPolicy, SelfHealing};
 use serde::{Deserialize, Serialize};
 
+use crate::core::warm_pool;
+
 /// Long work hangar runs for one node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -42,6 +44,13 @@ pub enum Task {
     /// Ship `release` to the node without activating it and run its
     /// `once` hooks there (the node keeps serving what it runs).
     Once { release: String },
+    /// Bring the node into the warm pool: ready but not registered (a new
+    /// node), or drained out of service (a scale-in victim); then tag it
+    /// `warm` and stop it (`stop`) or leave it running.
+    Warm { stop: bool },
+    /// Take a warm node into service: start it, re-run the runbook, ship
+    /// the target release if it lacks it, health-check, register.
+    Serve,
 }
 
 impl Task {
@@ -53,6 +62,8 @@ impl Task {
             Task::Drain { .. } => "drain",
             Task::Prepare => "prepare",
             Task::Once { .. } => "once",
+            Task::Warm { .. } => "warm",
+            Task::Serve => "serve",
         }
     }
 }
@@ -102,7 +113,7 @@ impl Node {
     /// launched with other settings, or it lived past its lifetime (each
     /// node a little earlier than the last tenth of it, by its id, so a
     /// fleet launched together is replaced over time).
-    fn stale(&self, t: &Target<'_>) -> Option<&'static str> {
+    pub(crate) fn stale(&self, t: &Target<'_>) -> Option<&'static str> {
         if let (Some(have), Some(want)) = (self.launch.as_deref(), t.launch) {
             if have != want {
                 return Some("launch settings changed");
@@ -116,7 +127,9 @@ impl Node {
     }
 
     fn is_leaving(&self) -> bool {
-        matches!(self.phase, Phase::Draining | Phase::Terminating)
+        // A `Warm` task drains a serving node back into the warm pool.
+        (matches!(self.phase, Phase::Draining | Phase::Terminating)
+            && !matches!(self.task, Some(Task::Warm { .. })))
             || matches!(self.task, Some(Task::Drain { .. }))
     }
 }
@@ -157,6 +170,11 @@ pub struct Target<'a> {
     /// `instances.maxLifetime`.
     pub max_lifetime: Option<chrono::Duration>,
     pub now: DateTime<Utc>,
+    /// `warmPool`; `None`: no pool (warm nodes left over are terminated).
+    pub warm_pool: Option<hangar_crds::WarmPool>,
+    /// The effective `capacity.max`: the pool refills within `max + size`
+    /// machines.
+    pub max: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +209,9 @@ pub struct Diff {
     /// Nodes to be replaced by new machines (launch settings changed, or
     /// older than `maxLifetime`), not yet leaving.
     pub stale: u32,
+    /// Warm-pool nodes ready (tagged `warm`, no task): not counted.
+    #[serde(default)]
+    pub warm: u32,
     pub notes: Vec<String>,
 }
 
@@ -200,6 +221,8 @@ pub fn count_toward_capacity(instances: &[hangar_cloud::Instance]) -> u32 {
         .iter()
         .filter(|i| matches!(i.state, InstanceState::Pending | InstanceState::Running))
         .filter(|i| !matches!(i.phase, Some(Phase::Draining | Phase::Terminating)))
+        // Warm-pool nodes are not capacity.
+        .filter(|i| i.phase != Some(Phase::Warm))
         .count() as u32
 }
 
@@ -214,6 +237,8 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
         .copied()
         .filter(|n| !leaving.contains(n.id.as_str()))
         .collect();
+    // Warm-pool members are not the fleet's (see `warm_pool`).
+    let (staying, pool) = warm_pool::split(&staying);
     let rollout = out.rollout_accounting(nodes, &staying, t);
     // A refresh surges by `maxSurge` (at least 1) machines above desired,
     // counting those still on their way out: at most desired + maxSurge
@@ -222,7 +247,10 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
         .saturating_sub(leaving.len() as u32)
         .min(out.stale);
     out.surge = out.surge.max(refresh_surge);
-    let chosen = out.capacity(&staying, t);
+    let served = warm_pool::serve_first(&mut out, &staying, &pool, t);
+    let mut room = warm_pool::room(&pool, served.len(), t);
+    let chosen = out.capacity(&staying, served.len() as u32, &mut room, t);
+    warm_pool::tend(&mut out, &staying, &pool, &served, room, t);
     out.emergency_rollback(&rollout, &chosen, t);
     out.rolling_update(&staying, &rollout, &chosen, t);
     // Every other node that is not yet in service keeps walking (up to
@@ -275,7 +303,9 @@ impl Diff {
                         },
                     );
                 }
-            } else if matches!(n.state, InstanceState::Stopping | InstanceState::Stopped) {
+            } else if matches!(n.state, InstanceState::Stopping | InstanceState::Stopped)
+                && !warm_pool::may_be_stopped(n)
+            {
                 leaving.insert(n.id.as_str());
                 self.replace(n, format!("instance is {:?}", n.state).to_lowercase());
             } else if let Some(why) = &n.failed {
@@ -433,9 +463,17 @@ impl Diff {
 
     /// Step 4, capacity: launch the missing, drain the surplus. Returns the
     /// nodes chosen for scale-in.
-    fn capacity<'n>(&mut self, staying: &[&'n Node], t: &Target<'_>) -> BTreeSet<&'n str> {
+    /// `served` warm-pool nodes are on their way into service and count;
+    /// a victim the pool has `room` for goes there instead of being drained.
+    fn capacity<'n>(
+        &mut self,
+        staying: &[&'n Node],
+        served: u32,
+        room: &mut u32,
+        t: &Target<'_>,
+    ) -> BTreeSet<&'n str> {
         let pending: u32 = t.pending.iter().map(|(_, n)| n).sum();
-        self.counted = staying.len() as u32 + pending;
+        self.counted = staying.len() as u32 + pending + served;
         let want = t.desired + self.surge;
         if self.counted < want {
             let missing = want - self.counted;
@@ -460,7 +498,7 @@ impl Diff {
         let mut chosen = BTreeSet::new();
         // Launches in flight are not for scale-in to pick: their instances
         // are drained once listed, if still too many.
-        let listed = self.counted - pending;
+        let listed = self.counted - pending - served;
         if listed > want {
             let surplus = listed - want;
             let victims = pick_victims(staying, surplus as usize, t);
@@ -478,12 +516,17 @@ impl Diff {
                         reason: "scale-in".into(),
                     });
                 } else if n.task.is_none() {
-                    self.start(
-                        n,
-                        Task::Drain {
+                    let task = match warm_pool::take_victim(n, room, t) {
+                        Some(task) => {
+                            // Into the pool: no longer capacity.
+                            self.counted -= 1;
+                            task
+                        }
+                        None => Task::Drain {
                             reason: "scale-in".into(),
                         },
-                    );
+                    };
+                    self.start(n, task);
                 }
             }
         }
@@ -580,7 +623,7 @@ impl Diff {
 
     /// Starts `task` unless the node rests after a retry (a later pass
     /// starts it).
-    fn start(&mut self, node: &Node, task: Task) {
+    pub(crate) fn start(&mut self, node: &Node, task: Task) {
         if node.resting {
             self.notes
                 .push(format!("{}: {} retried shortly", node.id, task.name()));

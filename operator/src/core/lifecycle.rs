@@ -48,6 +48,12 @@ pub enum Step {
     /// Run the spec's drain hooks on the node.
     DrainHooks,
     Terminate,
+    /// Stop the instance, keeping its disk (warm pool). Repeating it on a
+    /// stopped instance is harmless.
+    StopInstance,
+    /// Start a stopped instance again (taking a node from the warm pool);
+    /// harmless on a running one.
+    StartInstance,
     /// Write the phase tag (and the release tag when given).
     SetPhase {
         phase: Phase,
@@ -103,8 +109,19 @@ pub fn steps(task: &Task, phase: Phase, facts: NodeFacts) -> Vec<Step> {
             s
         }
         Task::Once { .. } => vec![AwaitReachable, Ship, RunOnce],
+        Task::Warm { stop } => to_pool(phase, facts, *stop),
+        Task::Serve => from_pool(phase, facts),
         Task::Drain { .. } => match phase {
             Phase::Terminating => vec![Terminate],
+            // Never registered (or deregistered before it was pooled), and
+            // possibly stopped: nothing to drain, no hooks to run over SSH.
+            Phase::Warm => vec![
+                SetPhase {
+                    phase: Phase::Terminating,
+                    release: false,
+                },
+                Terminate,
+            ],
             Phase::Draining => drain_tail(),
             _ => {
                 let mut s = vec![SetPhase {
@@ -185,7 +202,88 @@ fn advance_from(phase: Phase, facts: NodeFacts) -> Vec<Step> {
         Phase::Verifying => [vec![CheckActive], verify()].concat(),
         // Nothing to advance: in service already, or on its way out.
         Phase::InService | Phase::Draining | Phase::Terminating => Vec::new(),
+        // A warm node advances only with `Task::Serve`.
+        Phase::Warm => Vec::new(),
     }
+}
+
+// --- warm pool -------------------------------------------------------------
+
+/// `Task::Warm`: bring a node into the warm pool. A new node walks the
+/// usual path up to its health check but stops short of the target group
+/// (and of the warm-up: that is for when it serves); a serving node (a
+/// scale-in victim with `reuseOnScaleIn`) is drained like any victim. The
+/// `warm` tag is written before the stop: a crash in between leaves a
+/// running warm node, which the next pass stops.
+fn to_pool(phase: Phase, facts: NodeFacts, stop: bool) -> Vec<Step> {
+    use Step::*;
+    let mut s = match phase {
+        Phase::Launching | Phase::Provisioning | Phase::Releasing | Phase::Verifying => {
+            let mut s = advance_from(
+                phase,
+                NodeFacts {
+                    warmup: false,
+                    ..facts
+                },
+            );
+            let Some(at) = s.iter().position(|x| *x == Register) else {
+                return Vec::new();
+            };
+            s.truncate(at);
+            s
+        }
+        Phase::InService => [
+            vec![SetPhase {
+                phase: Phase::Draining,
+                release: false,
+            }],
+            vec![Deregister, DrainHooks],
+        ]
+        .concat(),
+        Phase::Draining => vec![Deregister, DrainHooks],
+        Phase::Warm => Vec::new(),
+        Phase::Terminating => return Vec::new(),
+    };
+    if phase != Phase::Warm {
+        s.push(SetPhase {
+            phase: Phase::Warm,
+            release: false,
+        });
+    }
+    s.push(if stop { StopInstance } else { StartInstance });
+    s
+}
+
+/// `Task::Serve`: take a warm node into service. Start it, re-run the
+/// runbook (its unchanged steps are skipped), then the usual release path
+/// from `releasing`: the target release is shipped only if the node lacks
+/// it, activated, health-checked (and warmed up) before it registers — so
+/// a pool node whose release or config went stale is brought up to date
+/// before it serves. The tag leaves `warm` only once the instance runs and
+/// answers SSH; a crash before that leaves a warm node, which is started
+/// (again) or stopped (again) harmlessly.
+fn from_pool(phase: Phase, facts: NodeFacts) -> Vec<Step> {
+    use Step::*;
+    if phase != Phase::Warm {
+        return advance_from(phase, facts);
+    }
+    let provisioned = NodeFacts {
+        config_outdated: false,
+        ..facts
+    };
+    [
+        vec![
+            StartInstance,
+            AwaitReachable,
+            Provision,
+            SetPhase {
+                phase: Phase::Releasing,
+                release: false,
+            },
+        ],
+        advance_from(Phase::Releasing, provisioned),
+    ]
+    .concat()
 }
 
 #[cfg(test)]
@@ -392,7 +490,9 @@ mod tests {
                 .iter()
                 .position(|x| *x == Terminate)
                 .expect("drain terminates");
-            if phase != Phase::Terminating {
+            // A warm node never serves (it was deregistered before it
+            // was pooled): it is terminated without SSH.
+            if phase != Phase::Terminating && phase != Phase::Warm {
                 let dereg = s.iter().position(|x| *x == Deregister).unwrap();
                 let hooks = s.iter().position(|x| *x == DrainHooks).unwrap();
                 assert!(dereg < hooks && hooks < term, "{phase}: {s:?}");
@@ -421,6 +521,87 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_pool_node_is_health_checked_then_tagged_warm_then_stopped_and_never_registered() {
+        for phase in [Phase::Launching, Phase::Releasing, Phase::Verifying] {
+            let s = steps(&Task::Warm { stop: true }, phase, FRESH);
+            assert!(!s.contains(&Register) && !s.contains(&Warmup), "{s:?}");
+            let n = s.len();
+            assert_eq!(&s[n - 3..], [HealthCheck, set(Phase::Warm), StopInstance]);
+        }
+        let running = steps(&Task::Warm { stop: false }, Phase::Launching, FRESH);
+        assert_eq!(running.last(), Some(&StartInstance));
+        // Resumed after a crash between the tag and the stop.
+        assert_eq!(
+            steps(&Task::Warm { stop: true }, Phase::Warm, FRESH),
+            [StopInstance]
+        );
+    }
+
+    #[test]
+    fn a_serving_node_returns_to_the_pool_only_after_it_left_the_target_group() {
+        let s = steps(&Task::Warm { stop: true }, Phase::InService, FRESH);
+        assert_eq!(
+            s,
+            [
+                set(Phase::Draining),
+                Deregister,
+                DrainHooks,
+                set(Phase::Warm),
+                StopInstance
+            ]
+        );
+    }
+
+    #[test]
+    fn a_warm_node_is_started_reprovisioned_released_and_checked_before_it_registers() {
+        let s = steps(
+            &Task::Serve,
+            Phase::Warm,
+            NodeFacts {
+                warmup: true,
+                ..FRESH
+            },
+        );
+        assert_eq!(
+            s,
+            [
+                StartInstance,
+                AwaitReachable,
+                Provision,
+                set(Phase::Releasing),
+                LeaveService,
+                Ship,
+                Activate,
+                SetPhase {
+                    phase: Phase::Verifying,
+                    release: true
+                },
+                HealthCheck,
+                Warmup,
+                Register,
+                set(Phase::InService),
+            ]
+        );
+        // Crashed after the tag moved on: the usual path from there.
+        assert_eq!(
+            steps(&Task::Serve, Phase::Releasing, FRESH),
+            steps(&Task::Advance, Phase::Releasing, FRESH)
+        );
+    }
+
+    #[test]
+    fn a_warm_node_is_terminated_without_ssh() {
+        let s = steps(
+            &Task::Drain {
+                reason: "refresh".into(),
+            },
+            Phase::Warm,
+            FRESH,
+        );
+        assert_eq!(s, [set(Phase::Terminating), Terminate]);
     }
 
     #[test]

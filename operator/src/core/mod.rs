@@ -12,6 +12,7 @@ pub mod memory;
 pub mod observation;
 pub mod planner;
 pub mod rollout;
+pub mod warm_pool;
 
 pub use decide::{decide, Decision};
 pub use memory::Memory;

@@ -92,6 +92,10 @@ impl From<CloudError> for Fail {
     }
 }
 
+/// How long a stopped warm node's task waits for the listing to show it
+/// stopping (EC2 lists a state change within seconds).
+const STOP_LISTED_DEADLINE: Duration = Duration::from_secs(60);
+
 pub async fn run(ctx: NodeContext, instance: Instance, task: Task, handle: TaskHandle) -> Outcome {
     let facts = NodeFacts {
         config_outdated: ctx
@@ -166,6 +170,8 @@ impl NodeRun {
             Step::Deregister => self.drain().await,
             Step::DrainHooks => self.drain_hooks().await,
             Step::Terminate => self.terminate().await,
+            Step::StopInstance => self.stop_instance().await,
+            Step::StartInstance => self.start_instance().await,
             Step::SetPhase { phase, release } => self.set_phase(*phase, *release).await,
         }
     }
@@ -802,6 +808,53 @@ impl NodeRun {
                     .note("drain-hooks", format!("drain hook `{hook}`: {e}")),
             }
         }
+        Ok(())
+    }
+
+    /// Stops the instance into the warm pool; its SSH connection goes
+    /// (the next session after a start is a new one).
+    async fn stop_instance(&mut self) -> Result<(), Fail> {
+        self.session = None;
+        if let Ok(t) = self.target() {
+            self.ctx.ssh.forget(&t).await;
+        }
+        match self.ctx.cloud.compute.stop(&self.instance.id).await {
+            Ok(()) => {}
+            Err(e) if e.is_terminated() => return Err(Fail::Gone),
+            Err(e) => return Err(e.into()),
+        }
+        // Done only once the shared listing shows it: until then every
+        // pass would see a running warm node and stop it again.
+        let deadline = Instant::now() + STOP_LISTED_DEADLINE;
+        while !matches!(
+            self.instance.state,
+            InstanceState::Stopping | InstanceState::Stopped
+        ) {
+            if Instant::now() >= deadline {
+                return Err(Fail::Retry(
+                    "stopped, but the listing does not show it yet".to_string(),
+                ));
+            }
+            self.pause(Duration::from_millis(500)).await?;
+            self.refresh_instance().await?;
+        }
+        self.handle
+            .note("stop", "stopped into the warm pool".to_string());
+        Ok(())
+    }
+
+    /// Starts a warm node; the next step waits until it runs and answers SSH.
+    async fn start_instance(&mut self) -> Result<(), Fail> {
+        match self.ctx.cloud.compute.start(&self.instance.id).await {
+            Ok(()) => {}
+            Err(e) if e.is_terminated() => return Err(Fail::Gone),
+            Err(e) => return Err(e.into()),
+        }
+        if self.instance.state != InstanceState::Running {
+            self.instance.state = InstanceState::Pending;
+        }
+        self.handle
+            .note("start", "started from the warm pool".to_string());
         Ok(())
     }
 

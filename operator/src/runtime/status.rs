@@ -326,7 +326,10 @@ impl ClusterStatus {
 
 fn phase_label(i: &Instance) -> String {
     match i.state {
-        InstanceState::Stopped | InstanceState::Stopping => "stopped".into(),
+        // A warm-pool node is stopped on purpose: it counts as `warm`.
+        InstanceState::Stopped | InstanceState::Stopping if i.phase != Some(Phase::Warm) => {
+            "stopped".into()
+        }
         InstanceState::ShuttingDown => "terminating".into(),
         _ => i.phase.unwrap_or(Phase::Launching).to_string(),
     }

@@ -444,6 +444,24 @@ impl Sim {
                     Task::Prepare => moved.phase(Phase::Releasing).configured(CONFIG),
                     // Shipped, hooks run: the node serves what it served.
                     Task::Once { .. } => moved,
+                    Task::Warm { stop } => {
+                        let released = if moved.phase == Some(Phase::InService) {
+                            moved.release.clone().unwrap_or_default()
+                        } else {
+                            target.clone()
+                        };
+                        let state = if *stop {
+                            InstanceState::Stopped
+                        } else {
+                            InstanceState::Running
+                        };
+                        moved
+                            .phase(Phase::Warm)
+                            .on(&released)
+                            .configured(CONFIG)
+                            .state(state)
+                    }
+                    Task::Serve => moved.serving(&target).state(InstanceState::Running),
                 };
             }
         }

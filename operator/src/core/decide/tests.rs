@@ -985,3 +985,280 @@ fn an_update_still_running_when_an_auto_rollback_starts_is_rolled_back_too() {
             .collect::<Vec<_>>()
     );
 }
+
+// --- warm pool -------------------------------------------------------------
+
+/// Capacity `[min, max]` with a warm pool of `size` (`extra`: more
+/// `warmPool` fields, e.g. `reuseOnScaleIn: true`).
+fn with_pool(min: u32, max: u32, size: u32, extra: &str) -> hangar_crds::ClusterSpec {
+    let mut s = spec(&format!("  warmPool: {{ size: {size}{extra} }}\n"));
+    s.capacity.min = min;
+    s.capacity.max = max;
+    s
+}
+
+fn warm(sim: &Sim) -> Vec<&Instance> {
+    sim.cloud
+        .iter()
+        .filter(|i| i.phase == Some(Phase::Warm) && i.state != InstanceState::Terminated)
+        .collect()
+}
+
+fn machines(sim: &Sim) -> usize {
+    sim.cloud
+        .iter()
+        .filter(|i| i.state != InstanceState::Terminated)
+        .count()
+}
+
+/// Passes (finishing every task with `Done`) until nothing moves, checking
+/// after each that at most `ceiling` machines exist, at least `floor`
+/// serve, and no pool node is counted or serving.
+fn pool_within(sim: &mut Sim, floor: usize, ceiling: usize, passes: usize) {
+    for _ in 0..passes {
+        let d = sim.pass();
+        let quiet = d.diff.actions.is_empty();
+        let counted = d.diff.counted;
+        let desired = d.memory.desired;
+        assert!(machines(sim) <= ceiling, "{} machines", machines(sim));
+        assert!(
+            sim.serving().len() >= floor,
+            "{} serving",
+            sim.serving().len()
+        );
+        assert!(
+            counted <= desired + 1,
+            "counted {counted}, desired {desired}"
+        );
+        for i in warm(sim) {
+            assert!(!sim.serving().iter().any(|s| s.id == i.id));
+        }
+        if quiet && sim.running.is_empty() {
+            return;
+        }
+        let names: Vec<&'static str> = sim.running.values().map(Task::name).collect();
+        for name in names {
+            sim.finish_all(name, Outcome::Done);
+        }
+    }
+    panic!("not settled after {passes} passes");
+}
+
+#[test]
+fn the_warm_pool_fills_after_the_fleet_is_in_service_and_never_exceeds_max_plus_size() {
+    let mut sim = Sim::new(with_pool(3, 3, 2, ""));
+    let d = sim.pass();
+    let first: u32 = launches(d).iter().map(|(_, n)| n).sum();
+    assert_eq!(first, 3, "the fleet first, the pool later");
+    sim.pass();
+    sim.finish_all("advance", Outcome::Done);
+    assert_eq!(sim.serving().len(), 3);
+    let d = sim.pass();
+    let pool: u32 = launches(d).iter().map(|(_, n)| n).sum();
+    assert_eq!(pool, 2, "{:?}", d.diff.notes);
+    // Listed: the pool nodes go to the pool, not into service.
+    let d = sim.pass();
+    assert_eq!(
+        starts(d),
+        [("i-004".to_string(), "warm"), ("i-005".to_string(), "warm")]
+    );
+    assert_eq!(d.diff.counted, 3, "pool nodes are not capacity");
+    pool_within(&mut sim, 3, 5, 20);
+    assert_eq!(sim.serving().len(), 3);
+    let w = warm(&sim);
+    assert_eq!(w.len(), 2);
+    assert!(w.iter().all(|i| i.state == InstanceState::Stopped));
+    let d = sim.pass();
+    assert!(d.diff.actions.is_empty(), "{:?}", d.diff);
+    assert_eq!((d.diff.counted, d.diff.warm), (3, 2));
+    assert!(
+        d.diff
+            .notes
+            .iter()
+            .any(|n| n == "warm pool: 2 of 2 ready (stopped), 0 on the way"),
+        "{:?}",
+        d.diff.notes
+    );
+    assert_eq!(sim.launched.iter().map(|(_, n)| n).sum::<u32>(), 5);
+}
+
+#[test]
+fn scale_out_takes_warm_nodes_before_launching_then_refills_the_pool() {
+    let mut sim = Sim::new(with_pool(2, 4, 2, ""));
+    pool_within(&mut sim, 0, 4, 20);
+    let pooled: Vec<String> = warm(&sim).iter().map(|i| i.id.clone()).collect();
+    let launched = sim.launched.len();
+    sim.spec.capacity.min = 4;
+    let d = sim.pass();
+    assert!(launches(d).is_empty(), "no cold launch: {:?}", d.diff);
+    let mut want: Vec<(String, &str)> = pooled.iter().map(|id| (id.clone(), "serve")).collect();
+    want.sort();
+    assert_eq!(starts(d), want);
+    sim.finish_all("serve", Outcome::Done);
+    assert!(pooled
+        .iter()
+        .all(|id| sim.serving().iter().any(|s| &s.id == id)));
+    assert_eq!(sim.launched.len(), launched);
+    // Then the pool refills, within max + size.
+    pool_within(&mut sim, 4, 6, 20);
+    assert_eq!((sim.serving().len(), warm(&sim).len()), (4, 2));
+}
+
+#[test]
+fn a_warm_node_on_an_old_release_is_left_alone_by_the_rollout_and_updated_when_it_serves() {
+    let mut sim = Sim::new(with_pool(2, 4, 1, ""));
+    pool_within(&mut sim, 0, 5, 20);
+    let pooled = warm(&sim)[0].id.clone();
+    sim.spec = with_release(sim.spec.clone(), "v2");
+    pool_within(&mut sim, 1, 5, 40);
+    assert!(sim
+        .serving()
+        .iter()
+        .all(|i| i.release.as_deref() == Some("v2")));
+    let w = warm(&sim);
+    assert_eq!(w[0].id, pooled, "the rollout does not touch the pool");
+    assert_eq!(w[0].release.as_deref(), Some("v1"));
+    sim.spec.capacity.min = 3;
+    let d = sim.pass();
+    assert_eq!(starts(d), [(pooled.clone(), "serve")]);
+    // It serves the target release, shipped by the task before it registers.
+    assert_eq!(d.memory.release.target, "v2");
+    let steps = crate::core::lifecycle::steps(
+        &Task::Serve,
+        Phase::Warm,
+        crate::core::lifecycle::NodeFacts {
+            config_outdated: true,
+            warmup: false,
+        },
+    );
+    use crate::core::lifecycle::Step;
+    let at = |s: &Step| steps.iter().position(|x| x == s).expect("present");
+    assert!(at(&Step::Provision) < at(&Step::Activate));
+    assert!(at(&Step::Ship) < at(&Step::HealthCheck));
+    assert!(at(&Step::HealthCheck) < at(&Step::Register));
+    sim.finish(&pooled, Outcome::Done);
+    assert!(sim
+        .serving()
+        .iter()
+        .any(|i| i.id == pooled && i.release.as_deref() == Some("v2")));
+}
+
+#[test]
+fn reuse_on_scale_in_returns_a_drained_victim_to_the_pool_and_terminates_it_when_the_pool_is_full()
+{
+    let mut sim = Sim::new(with_pool(3, 4, 2, ", reuseOnScaleIn: true"));
+    pool_within(&mut sim, 0, 6, 20);
+    // One warm node goes into service; before the pool refills, traffic falls.
+    sim.spec.capacity.min = 4;
+    sim.pass();
+    sim.finish_all("serve", Outcome::Done);
+    assert_eq!((sim.serving().len(), warm(&sim).len()), (4, 1));
+    sim.spec.capacity.min = 3;
+    let d = sim.pass();
+    assert!(launches(d).is_empty());
+    let back: Vec<(String, &str)> = starts(d);
+    assert_eq!(back.len(), 1);
+    assert_eq!(
+        back[0].1, "warm",
+        "drained back into the pool: {:?}",
+        d.diff
+    );
+    let victim = back[0].0.clone();
+    assert!(matches!(
+        sim.running.get(&victim),
+        Some(Task::Warm { stop: true })
+    ));
+    // Drained first: the Warm task from in-service deregisters before the stop.
+    let steps = crate::core::lifecycle::steps(
+        &Task::Warm { stop: true },
+        Phase::InService,
+        Default::default(),
+    );
+    use crate::core::lifecycle::Step;
+    let at = |s: &Step| steps.iter().position(|x| x == s).expect("present");
+    assert!(at(&Step::Deregister) < at(&Step::StopInstance));
+    sim.finish(&victim, Outcome::Done);
+    assert_eq!((sim.serving().len(), warm(&sim).len()), (3, 2));
+    // The pool is full now: the next victim is terminated.
+    sim.spec.capacity.min = 2;
+    let d = sim.pass();
+    let gone = starts(d);
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].1, "drain", "{:?}", d.diff);
+    pool_within(&mut sim, 2, 6, 20);
+    assert_eq!((sim.serving().len(), warm(&sim).len()), (2, 2));
+}
+
+#[test]
+fn crashes_on_the_way_into_and_out_of_the_pool_converge() {
+    let mut sim = Sim::new(with_pool(2, 3, 2, ""));
+    sim.pass();
+    sim.pass();
+    sim.finish_all("advance", Outcome::Done);
+    sim.pass(); // pool launches
+    sim.pass(); // Warm tasks start
+    assert_eq!(running(&sim, "warm").len(), 2);
+    // Killed while bringing nodes into the pool: the tasks are gone, the
+    // nodes are surplus again and sent on to the pool.
+    sim.crash();
+    sim.catch_up();
+    let d = sim.pass();
+    assert_eq!(starts(d).iter().filter(|(_, t)| *t == "warm").count(), 2);
+    assert!(launches(d).is_empty());
+    pool_within(&mut sim, 2, 5, 20);
+    // Killed between the `warm` tag and the stop: the next pass stops it.
+    let id = warm(&sim)[0].id.clone();
+    if let Some(i) = sim.cloud.iter_mut().find(|i| i.id == id) {
+        i.state = InstanceState::Running;
+    }
+    sim.crash();
+    let d = sim.pass();
+    assert_eq!(starts(d), [(id.clone(), "warm")]);
+    pool_within(&mut sim, 2, 5, 20);
+    // Killed while taking a warm node into service (it was started): the
+    // same node is taken again, nothing is launched for it.
+    sim.spec.capacity.min = 3;
+    let d = sim.pass();
+    let served = starts(d);
+    assert_eq!(served.len(), 1);
+    let node = served[0].0.clone();
+    if let Some(i) = sim.cloud.iter_mut().find(|i| i.id == node) {
+        i.state = InstanceState::Running;
+    }
+    let launched = sim.launched.len();
+    sim.crash();
+    let d = sim.pass();
+    assert_eq!(starts(d), [(node, "serve")]);
+    assert!(launches(d).is_empty());
+    assert_eq!(sim.launched.len(), launched);
+    pool_within(&mut sim, 2, 5, 20);
+    assert_eq!((sim.serving().len(), warm(&sim).len()), (3, 2));
+}
+
+#[test]
+fn a_warm_node_stale_by_launch_settings_is_terminated_and_the_pool_refills() {
+    let mut sim = Sim::new(with_pool(2, 3, 1, ""));
+    pool_within(&mut sim, 0, 4, 20);
+    let old = warm(&sim)[0].id.clone();
+    sim.spec.instances.instance_type = Some("m7i.large".into());
+    pool_within(&mut sim, 2, 5, 80);
+    let w = warm(&sim);
+    assert_eq!(w.len(), 1);
+    assert_ne!(w[0].id, old);
+    assert!(sim
+        .cloud
+        .iter()
+        .any(|i| i.id == old && i.state == InstanceState::Terminated));
+}
+
+#[test]
+fn without_a_pool_leftover_warm_nodes_are_terminated() {
+    let mut sim = Sim::new(with_pool(2, 3, 2, ""));
+    pool_within(&mut sim, 0, 5, 20);
+    sim.spec.warm_pool = None;
+    let d = sim.pass();
+    assert_eq!(starts(d).iter().filter(|(_, t)| *t == "drain").count(), 2);
+    pool_within(&mut sim, 2, 5, 20);
+    assert!(warm(&sim).is_empty());
+    assert_eq!(sim.serving().len(), 2);
+}

@@ -58,6 +58,8 @@ fn target(desired: u32) -> Target<'static> {
         hold_at_releasing: false,
         launch: Some("ls1"),
         max_lifetime: None,
+        warm_pool: None,
+        max: 6,
         now: now(),
     }
 }
