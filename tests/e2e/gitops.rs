@@ -218,8 +218,10 @@ fn commits_drive_the_fleet_and_a_bad_commit_changes_nothing() {
     );
 
     // A commit that deletes the spec: `deletionPolicy: retain` (the
-    // default) leaves the fleet running, unmanaged.
+    // default) leaves the fleet running, unmanaged. (The directory stays:
+    // a commit without it is refused, so a moved directory deletes nothing.)
     std::fs::remove_file(clusters.join("web.yaml")).expect("delete the spec");
+    std::fs::write(clusters.join("README.md"), "Specs live here.\n").expect("readme");
     work.commit("web: no longer managed here").expect("commit");
     assert_eq!(push(&s, "delivery-5"), 202);
     let st = s.wait_status("web", "the spec removed", Duration::from_secs(30), |st| {
