@@ -40,6 +40,9 @@ pub mod delta;
 pub mod manifest;
 pub mod memo;
 pub mod plan;
+pub mod stamps;
+#[cfg(test)]
+mod test_tar;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -268,6 +271,10 @@ pub enum ShipMethod {
         files_sent: usize,
         files_reused: usize,
         bytes_reused: u64,
+        /// Files the node hashed to verify the tree: those it received or
+        /// copied, and linked ones whose stat stamp no longer held
+        /// ([`stamps`]); the others took their sha256 from the stamp.
+        files_hashed: usize,
     },
 }
 
@@ -547,11 +554,15 @@ async fn ship_delta(
         }
     }
     let uploaded = stdout.lines().any(|l| l.trim() == "shipped");
+    let files_hashed = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("hashed ")?.trim().parse().ok())
+        .unwrap_or(0);
     memo::NODE_MANIFESTS.insert(&new.sha256, new.clone());
     let plan = &payload.plan;
     tracing::info!(
         node = %session.node(), release = id, base = %base_id, bytes = payload.stdin.len(),
-        files_sent = plan.files_sent, files_reused = plan.files_reused(),
+        files_sent = plan.files_sent, files_reused = plan.files_reused(), files_hashed,
         elapsed = ?started.elapsed(), "release shipped as a delta"
     );
     Ok(Ok(ShipReport {
@@ -568,6 +579,7 @@ async fn ship_delta(
             files_sent: plan.files_sent,
             files_reused: plan.files_reused(),
             bytes_reused: plan.bytes_reused,
+            files_hashed,
         },
         delta_skipped: None,
     }))
