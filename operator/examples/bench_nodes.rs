@@ -1169,11 +1169,12 @@ async fn delta_ship(b: &Bench, args: &Args, r1: &Release) -> Result<(), BoxError
             files_sent,
             files_reused,
             bytes_reused,
+            files_hashed,
             ..
         } = &r.method
         {
             println!(
-                "\nper node: {files_sent} files sent, {files_reused} linked or copied on the node ({:.1} MB), {} kB of payload (manifest {} kB gzip'd)",
+                "\nper node: {files_sent} files sent, {files_reused} linked or copied on the node ({:.1} MB), {files_hashed} files hashed to verify (the rest by stat stamp), {} kB of payload (manifest {} kB gzip'd)",
                 *bytes_reused as f64 / 1e6,
                 r.bytes / 1000,
                 manifest_gz / 1000
