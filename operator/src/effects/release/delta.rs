@@ -17,13 +17,16 @@
 //!
 //! Deletions need nothing: what the new manifest lacks is never linked.
 //! The node then links `sharedPaths` as for a full ship and checks the
-//! **whole** tree against the new manifest — every file hashed, every
-//! mode, mtime, symlink target, and no extra or missing entry — before it
+//! **whole** tree against the new manifest — every file's sha256 (hashed,
+//! or for a linked file whose [`stamps`] entry still holds, taken from the
+//! base's manifest without reading it), every mode, mtime, symlink target,
+//! and no extra or missing entry — before it
 //! renames `releases/<id>.tmp` into place. Any difference (a previous
 //! release edited in place on the node, whose inode a link would share; a
 //! damaged payload) aborts the delta and the release is shipped whole, so
 //! a node never activates a tree that differs from the artifact. Hard
-//! links are verified, never trusted.
+//! links are verified, never trusted: by content, or by a stat stamp
+//! whose ctime changes with any write.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};

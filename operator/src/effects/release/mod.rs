@@ -13,10 +13,13 @@
 //! .hangar/artifacts/<id>  sha256 of the artifact releases/<id> came from
 //! .hangar/manifests/<id>  what releases/<id> holds, file by file (the
 //!                         base of the next release's delta)
+//! .hangar/stamps/<id>     stat stamps of releases/<id>'s files, recorded
+//!                         when it was verified ([`stamps`])
 //! ```
 //!
-//! [`ship`] streams the artifact over SSH into `releases/<id>.tmp`, hashing
-//! it on the node (sha256) while `tar` extracts it, links `sharedPaths`, and
+//! [`ship`] streams the artifact over SSH into `releases/<id>.tmp` (its
+//! sha256 checked on the operator, once per file stamp) while `tar`
+//! extracts it, links `sharedPaths`, and
 //! only then renames the tree to `releases/<id>`: a release directory exists
 //! only once it is verified and complete, so a dropped connection or a bad
 //! checksum can never leave something activatable behind, and a retry starts
