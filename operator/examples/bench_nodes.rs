@@ -1041,13 +1041,16 @@ async fn delta_ship(b: &Bench, args: &Args, r1: &Release) -> Result<(), BoxError
     let r1_artifact = Artifact::new(&r1.tarball, &r1.sha);
     let reset = |root: &str, drop_manifests: bool| -> Result<(), BoxError> {
         let manifests = if drop_manifests {
-            format!(" {root}/.hangar/manifests")
+            format!(" && rm -rf {root}/.hangar/manifests")
         } else {
             String::new()
         };
-        b.on_nodes(&format!(
-            "rm -rf {root}/releases/r2 {root}/.hangar/artifacts/r2 {root}/.hangar/manifests/r2{manifests} && {}",
-            swap_cmd(root, "r1")
+        // r1 is current again; r2 goes the way hangar prunes a release
+        // (which renews the stat stamps of the releases sharing its inodes).
+        b.on_nodes(&format!("{}{manifests}", swap_cmd(root, "r1")))?;
+        b.on_nodes(&release::plan::prune_script(
+            &ReleaseConfig::new(root),
+            &["r2".to_string()],
         ))?;
         Ok(())
     };
@@ -1166,11 +1169,12 @@ async fn delta_ship(b: &Bench, args: &Args, r1: &Release) -> Result<(), BoxError
             files_sent,
             files_reused,
             bytes_reused,
+            files_hashed,
             ..
         } = &r.method
         {
             println!(
-                "\nper node: {files_sent} files sent, {files_reused} linked or copied on the node ({:.1} MB), {} kB of payload (manifest {} kB gzip'd)",
+                "\nper node: {files_sent} files sent, {files_reused} linked or copied on the node ({:.1} MB), {files_hashed} files hashed to verify (the rest by stat stamp), {} kB of payload (manifest {} kB gzip'd)",
                 *bytes_reused as f64 / 1e6,
                 r.bytes / 1000,
                 manifest_gz / 1000

@@ -1015,7 +1015,8 @@ async fn a_delta_ship_builds_the_same_tree_as_a_full_ship_for_every_kind_of_chan
     let (delta_node, full_node) = (&fx.nodes[0], &fx.nodes[1]);
     let on_delta = pool.session(&fx.target(0)).await.unwrap();
     let on_full = pool.session(&fx.target(1)).await.unwrap();
-    let config = release_config(5);
+    // keep 2: activating r3 prunes r1 (see the end).
+    let config = release_config(2);
     let releases = [
         ("r1", tree_tarball(&fx, "r1", corpus_r1)),
         ("r2", tree_tarball(&fx, "r2", corpus_r2)),
@@ -1036,6 +1037,7 @@ async fn a_delta_ship_builds_the_same_tree_as_a_full_ship_for_every_kind_of_chan
             base,
             files_sent,
             files_reused,
+            files_hashed,
             ..
         } = &report.method
         else {
@@ -1044,6 +1046,13 @@ async fn a_delta_ship_builds_the_same_tree_as_a_full_ship_for_every_kind_of_chan
         assert_eq!(base, releases[n - 1].0);
         assert!(*files_reused >= 300, "{report:?}");
         assert!(*files_sent <= 12, "{report:?}");
+        // Linked files are verified by their stat stamps, not read: only
+        // what was sent or copied on the node is hashed.
+        eprintln!("{id}: {report:?}");
+        assert!(
+            *files_hashed >= *files_sent && *files_hashed <= *files_sent + 6,
+            "{report:?}"
+        );
         assert!(
             report.bytes < std::fs::metadata(&artifact.path).unwrap().len() / 4,
             "{report:?}"
@@ -1076,6 +1085,24 @@ async fn a_delta_ship_builds_the_same_tree_as_a_full_ship_for_every_kind_of_chan
     let state = release::read_state(&on_delta, &config).await.unwrap();
     assert!(state.staging.is_empty(), "{state:?}");
     assert_eq!(state.active.as_deref(), Some("r3"));
+    // Pruning r1 unlinked inodes r3 shares, which changed their ctime; the
+    // prune renewed r3's stamps under the lock (they held before it), so a
+    // delta from r3 still hashes only what it receives.
+    assert_eq!(state.releases, vec!["r2", "r3"], "{state:?}");
+    let r4 = tree_tarball(&fx, "r4", corpus_r2);
+    let report = release::ship(&on_delta, &config, "r4", &r4).await.unwrap();
+    let ShipMethod::Delta {
+        files_sent,
+        files_hashed,
+        ..
+    } = report.method
+    else {
+        panic!("r4 was not shipped as a delta: {report:?}");
+    };
+    assert!(files_hashed <= files_sent + 6, "{report:?}");
+    ship_whole(&on_full, full_node, "r4", &r4).await;
+    let dir = format!("{APP_ROOT}/releases/r4");
+    assert_eq!(listing(delta_node, &dir), listing(full_node, &dir));
 }
 
 /// Returns the manifest text a node keeps for `id`.
@@ -1100,23 +1127,20 @@ async fn a_previous_release_changed_on_the_node_is_caught_and_the_new_one_ships_
     }
     let want = |id: &str| listing(reference, &format!("{APP_ROOT}/releases/{id}"));
 
-    // 1. r1 is edited in place on the node: the byte is caught, r2 ships whole.
+    // 1. One byte of r1 is rewritten in place, its size, mtime and inode
+    //    kept: only the ctime tells, and the stat stamp must not hold.
     release::deploy(&session, &config, "r1", &r1).await.unwrap();
+    let f = format!("{APP_ROOT}/releases/r1/vendor/pkg3/File3.php");
+    let stat = format!("stat -c '%i %s %Y' {f}");
+    let before = node.exec_inside_ok(&stat).unwrap();
     node.exec_inside_ok(&format!(
-        "printf x >> {APP_ROOT}/releases/r1/vendor/pkg3/File3.php"
+        "m=$(stat -c %Y {f}) && dd if={f} bs=1 count=1 2>/dev/null | tr '\\000-\\377' '\\001-\\377\\000' > /tmp/byte \
+         && dd if=/tmp/byte of={f} bs=1 conv=notrunc 2>/dev/null && touch -d @$m {f} && rm /tmp/byte"
     ))
     .unwrap();
+    assert_eq!(node.exec_inside_ok(&stat).unwrap(), before);
     let report = release::ship(&session, &config, "r2", &r2).await.unwrap();
-    assert_eq!(report.method, ShipMethod::Whole, "{report:?}");
-    let why = report.delta_skipped.clone().unwrap_or_default();
-    assert!(
-        why.contains("differs vendor/pkg3/File3.php"),
-        "the verification names the file: {why}"
-    );
-    assert_eq!(
-        listing(node, &format!("{APP_ROOT}/releases/r2")),
-        want("r2")
-    );
+    assert_shipped_whole(&report, "differs vendor/pkg3/File3.php", node, &want("r2"));
     release::activate(&session, &config, "r2").await.unwrap();
 
     // 2. A delta r3 shares inodes with r2; an in-place edit of the active
@@ -1141,19 +1165,7 @@ async fn a_previous_release_changed_on_the_node_is_caught_and_the_new_one_ships_
         .unwrap();
     // r2 again (removed above), now diffed against the edited r3.
     let report = release::ship(&session, &config, "r2", &r2).await.unwrap();
-    assert_eq!(report.method, ShipMethod::Whole, "{report:?}");
-    assert!(
-        report
-            .delta_skipped
-            .as_deref()
-            .unwrap_or("")
-            .contains("vendor/pkg5/File5.php"),
-        "{report:?}"
-    );
-    assert_eq!(
-        listing(node, &format!("{APP_ROOT}/releases/r2")),
-        want("r2")
-    );
+    assert_shipped_whole(&report, "vendor/pkg5/File5.php", node, &want("r2"));
 
     // 3. A directory of the base swapped for a symlink to a copy of itself
     //    (every file identical): never linked through, shipped whole.
@@ -1164,19 +1176,7 @@ async fn a_previous_release_changed_on_the_node_is_caught_and_the_new_one_ships_
     ))
     .unwrap();
     let report = release::ship(&session, &config, "r3", &r3).await.unwrap();
-    assert_eq!(report.method, ShipMethod::Whole, "{report:?}");
-    assert!(
-        report
-            .delta_skipped
-            .as_deref()
-            .unwrap_or("")
-            .contains("symlink"),
-        "{report:?}"
-    );
-    assert_eq!(
-        listing(node, &format!("{APP_ROOT}/releases/r3")),
-        want("r3")
-    );
+    assert_shipped_whole(&report, "symlink", node, &want("r3"));
 
     // 4. The manifest kept for the base is garbage: no delta, whole ship,
     //    and the next release has a good manifest to diff against again.
@@ -1186,12 +1186,22 @@ async fn a_previous_release_changed_on_the_node_is_caught_and_the_new_one_ships_
     ))
     .unwrap();
     let report = release::ship(&session, &config, "r2", &r2).await.unwrap();
-    assert_eq!(report.method, ShipMethod::Whole, "{report:?}");
-    assert_eq!(
-        listing(node, &format!("{APP_ROOT}/releases/r2")),
-        want("r2")
-    );
+    assert_shipped_whole(&report, "unreadable", node, &want("r2"));
     assert!(kept_manifest(node, "r2").starts_with(manifest::HEADER));
+}
+
+/// The release went whole, the delta refused for a reason naming `why`,
+/// and the node's tree is the reference one (`want`, a [`listing`]).
+#[track_caller]
+fn assert_shipped_whole(report: &release::ShipReport, why: &str, node: &TestNode, want: &str) {
+    assert_eq!(report.method, ShipMethod::Whole, "{report:?}");
+    let skipped = report.delta_skipped.as_deref().unwrap_or("");
+    assert!(
+        skipped.contains(why),
+        "the reason names {why:?}: {report:?}"
+    );
+    let dir = format!("{APP_ROOT}/releases/{}", report.id);
+    assert_eq!(listing(node, &dir), want, "{dir}");
 }
 
 /// The delta's payload for shipping `new` onto a node whose current

@@ -17,13 +17,16 @@
 //!
 //! Deletions need nothing: what the new manifest lacks is never linked.
 //! The node then links `sharedPaths` as for a full ship and checks the
-//! **whole** tree against the new manifest — every file hashed, every
-//! mode, mtime, symlink target, and no extra or missing entry — before it
+//! **whole** tree against the new manifest — every file's sha256 (hashed,
+//! or for a linked file whose [`stamps`] entry still holds, taken from the
+//! base's manifest without reading it), every mode, mtime, symlink target,
+//! and no extra or missing entry — before it
 //! renames `releases/<id>.tmp` into place. Any difference (a previous
 //! release edited in place on the node, whose inode a link would share; a
 //! damaged payload) aborts the delta and the release is shipped whole, so
 //! a node never activates a tree that differs from the artifact. Hard
-//! links are verified, never trusted.
+//! links are verified, never trusted: by content, or by a stat stamp
+//! whose ctime changes with any write.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
@@ -32,6 +35,7 @@ use std::sync::{Arc, Mutex};
 
 use super::manifest::{Kind, Manifest};
 use super::plan::{self, ReleaseConfig};
+use super::stamps;
 use crate::effects::ssh::shell_quote;
 
 /// Exit code of the delta script when the node cannot take a delta (its
@@ -317,6 +321,7 @@ pub fn delta_script(
 ) -> String {
     let mut s = String::from("set -u\n");
     s.push_str(&plan::lock_prelude(config));
+    s.push_str(stamps::FUNCTIONS);
     s.push_str(&format!(
         "id={id}\nwant={want}\nbase={base}\nbman={bman}\nnman={nman}\nhash={hash}\n",
         id = shell_quote(id),
@@ -334,7 +339,7 @@ art="$root/.hangar/artifacts/$id"
 man="$root/.hangar/manifests"
 tab=$(printf '\t')
 if [ -d "$rel" ] && [ "$(cat "$art" 2>/dev/null)" = "$want" ]; then echo present; exit 0; fi
-no() {{ cd /; rm -rf "$tmp"; echo "delta: $*"; exit {EXIT_NO_DELTA}; }}
+no() {{ cd /; rm -rf "$tmp"; stamp_renew; echo "delta: $*"; exit {EXIT_NO_DELTA}; }}
 rm -rf "$tmp"
 mkdir -p "$tmp/tree" || no "cannot create $tmp"
 [ -d "$src" ] || no "release $base is gone"
@@ -350,7 +355,11 @@ gzip -dc < "$tmp/plan.gz" > "$tmp/plan" 2>/dev/null || no "plan damaged in trans
 LC_ALL=C awk -F "$tab" 'FNR == NR {{ if ($2 == "l") want[$1] = $7; next }}
   !($1 in want) || want[$1] != $2 {{ print $1; exit 1 }}' "$man/$base" "$tmp/base.links" > "$tmp/odd" \
   || no "$base has a symlink its manifest does not list: $(cat "$tmp/odd")"
-if grep -q "^L$tab" "$tmp/plan"; then
+# Linking changes the ctime of the base's inodes: note which stamps hold
+# now (those name content known without reading it), renew them after.
+rm -f "$stamps/$id"
+stamp_hold || no "cannot check the stamps of the kept releases"
+{KNOWN}if grep -q "^L$tab" "$tmp/plan"; then
   awk -F "$tab" '$1 == "L" {{ print $2 }}' "$tmp/plan" | tr '\n' '\0' \
     | (cd "$src" && xargs -0 -r cp -al --parents -t "$tmp/tree" --) || no "linking from $base failed"
 fi
@@ -377,37 +386,49 @@ if grep -q "^C$tab" "$tmp/plan"; then
   done
 fi
 tar -xzf - -C "$tmp/tree" 2>"$tmp/tar.err" || no "extracting the changes failed: $(tail -c 300 "$tmp/tar.err")"
-"#
+"#,
+        KNOWN = stamps::known_snippet("\"$tmp\""),
     ));
     s.push_str(&plan::link_shared_script(config, "$tmp/tree"));
     s.push_str(&verify_snippet("$tmp/tree", "$tmp/manifest", "$tmp"));
     s.push_str(
-        r#"if [ "$verified" != yes ]; then cat "$tmp/verify"; no "the tree differs from the manifest"; fi
+        &r#"if [ "$verified" != yes ]; then cat "$tmp/verify"; no "the tree differs from the manifest"; fi
+hashed=$(wc -l < "$tmp/tohash")
 cd /
 if [ -e "$rel" ]; then mv -T "$rel" "$tmp/replaced" || exit 71; fi
 mv -T "$tmp/tree" "$rel" || exit 71
 mkdir -p "$man" "$root/.hangar/artifacts" && mv -f "$tmp/manifest" "$man/$id" \
   && printf '%s\n' "$want" > "$art.tmp" && mv -f "$art.tmp" "$art" || exit 72
+mkdir -p "$stamps" && LC_ALL=C awk -F "$tab" 'STAMPS' "$tmp/list" > "$stamps/$id.tmp" \
+  && mv -f "$stamps/$id.tmp" "$stamps/$id" || rm -f "$stamps/$id.tmp" "$stamps/$id"
 rm -rf "$tmp"
+stamp_renew
 { grep -vxF "$id" "$root/.hangar/shipped" 2>/dev/null; echo "$id"; } > "$root/.hangar/shipped.tmp" \
   && mv -f "$root/.hangar/shipped.tmp" "$root/.hangar/shipped" || exit 72
+echo "hashed $hashed"
 echo shipped
-"#,
+"#
+        .replace("'STAMPS'", &format!("'{}'", stamps::FROM_LIST_AWK)),
     );
     s
 }
 
 /// Checks the tree at `tree` against the manifest at `manifest` (both
 /// shell words); sets `verified=yes` or leaves the differences (at most
-/// 20) in `<work>/verify`. Needs `$hash` and `$tab`.
+/// 20) in `<work>/verify`. Files whose inode `<work>/known` names (see
+/// [`stamps`]) take its sha256; every other file is hashed. Needs `$hash`
+/// and `$tab`.
 fn verify_snippet(tree: &str, manifest: &str, work: &str) -> String {
     format!(
         r#"verified=no
-(cd {tree} && LC_ALL=C find . -mindepth 1 -printf '%P\t%y\t%m\t%T@\t%s\t%l\n') > {work}/list \
-  && (cd {tree} && LC_ALL=C find . -type f -print0 | xargs -0 -r $hash) > {work}/sums \
+: > {work}/sums
+(cd {tree} && LC_ALL=C find . -mindepth 1 -printf '%P\t%y\t%m\t%T@\t%s\t%l\t%D\t%i\t%C@\n') > {work}/list \
+  && LC_ALL=C awk -F "$tab" -v known={work}/known -v sums={work}/sums '{TRUST_AWK}' {work}/list > {work}/tohash \
+  && (cd {tree} && tr '\n' '\0' < {work}/tohash | xargs -0 -r $hash) >> {work}/sums \
   && LC_ALL=C awk -F "$tab" -v list={work}/list -v sums={work}/sums '{VERIFY_AWK}' {manifest} > {work}/verify \
   && verified=yes
-"#
+"#,
+        TRUST_AWK = stamps::TRUST_AWK,
     )
 }
 
@@ -468,24 +489,10 @@ mod tests {
     use crate::effects::release::manifest::{list_members, NodeView};
     use tar::EntryType as T;
 
-    type Member<'a> = (&'a str, T, u32, &'a [u8], Option<&'a str>);
+    use crate::effects::release::test_tar::{self, Member};
 
     fn tar_of(members: &[Member]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, kind, mode, data, link) in members {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(*kind);
-            h.set_mode(*mode);
-            h.set_mtime(1_704_067_200);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_size(data.len() as u64);
-            match link {
-                Some(l) => b.append_link(&mut h, path, l).unwrap(),
-                None => b.append_data(&mut h, path, *data).unwrap(),
-            }
-        }
-        b.into_inner().unwrap()
+        test_tar::tar_of(members, 0)
     }
 
     fn view() -> NodeView {
@@ -614,6 +621,12 @@ mod tests {
         let rename = s.find("mv -T \"$tmp/tree\" \"$rel\"").unwrap();
         let extract = s.find("tar -xzf -").unwrap();
         assert!(extract < verify && verify < rename, "{s}");
+        // Stamps are checked before linking changes the base's ctimes, and
+        // renewed once the new release is in place.
+        let hold = s.find("stamp_hold ||").unwrap();
+        let link = s.find("cp -al").unwrap();
+        let renew = s.rfind("stamp_renew\n").unwrap();
+        assert!(hold < link && rename < renew, "{s}");
         assert!(s.contains("hash='openssl dgst -sha256 -r'"), "{s}");
     }
 }

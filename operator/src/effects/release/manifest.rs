@@ -614,26 +614,10 @@ impl io::Write for HashSink<'_> {
 mod tests {
     use super::*;
 
-    /// One tar member: path, kind, mode, data, link target.
-    type Member<'a> = (&'a str, tar::EntryType, u32, &'a [u8], Option<&'a str>);
+    use crate::effects::release::test_tar::{self, Member};
 
-    /// A tar built member by member with the `tar` crate.
     fn tar_of(members: &[Member<'_>]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, kind, mode, data, link) in members {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(*kind);
-            h.set_mode(*mode);
-            h.set_mtime(1_704_067_200);
-            h.set_uid(1000);
-            h.set_gid(1000);
-            h.set_size(data.len() as u64);
-            match link {
-                Some(l) => b.append_link(&mut h, path, l).unwrap(),
-                None => b.append_data(&mut h, path, *data).unwrap(),
-            }
-        }
-        b.into_inner().unwrap()
+        test_tar::tar_of(members, 1000)
     }
 
     fn list(members: &[Member<'_>]) -> Result<Manifest, String> {

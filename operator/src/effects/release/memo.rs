@@ -115,6 +115,9 @@ pub(super) static NODE_MANIFESTS: LazyLock<Memo<Arc<NodeManifest>>> = LazyLock::
 /// needs, or why a delta is not worth it.
 pub(super) static PAYLOADS: LazyLock<Memo<Result<Arc<Payload>, String>>> = LazyLock::new(Memo::new);
 
+/// Artifact sha256, path and file stamp → how the file read when checked.
+pub(super) static CHECKED: LazyLock<Memo<super::Checked>> = LazyLock::new(Memo::new);
+
 /// Forgets every manifest and payload this process derived, as if it had
 /// just started (a benchmark's cold operator; nodes keep theirs).
 pub fn forget_all() {
@@ -122,6 +125,7 @@ pub fn forget_all() {
     FOR_NODE.clear();
     NODE_MANIFESTS.clear();
     PAYLOADS.clear();
+    CHECKED.clear();
 }
 
 #[cfg(test)]

@@ -13,10 +13,13 @@
 //! .hangar/artifacts/<id>  sha256 of the artifact releases/<id> came from
 //! .hangar/manifests/<id>  what releases/<id> holds, file by file (the
 //!                         base of the next release's delta)
+//! .hangar/stamps/<id>     stat stamps of releases/<id>'s files, recorded
+//!                         when it was verified ([`stamps`])
 //! ```
 //!
-//! [`ship`] streams the artifact over SSH into `releases/<id>.tmp`, hashing
-//! it on the node (sha256) while `tar` extracts it, links `sharedPaths`, and
+//! [`ship`] streams the artifact over SSH into `releases/<id>.tmp` (its
+//! sha256 checked on the operator, once per file stamp) while `tar`
+//! extracts it, links `sharedPaths`, and
 //! only then renames the tree to `releases/<id>`: a release directory exists
 //! only once it is verified and complete, so a dropped connection or a bad
 //! checksum can never leave something activatable behind, and a retry starts
@@ -40,6 +43,9 @@ pub mod delta;
 pub mod manifest;
 pub mod memo;
 pub mod plan;
+pub mod stamps;
+#[cfg(test)]
+mod test_tar;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -268,6 +274,10 @@ pub enum ShipMethod {
         files_sent: usize,
         files_reused: usize,
         bytes_reused: u64,
+        /// Files the node hashed to verify the tree: those it received or
+        /// copied, and linked ones whose stat stamp no longer held
+        /// ([`stamps`]); the others took their sha256 from the stamp.
+        files_hashed: usize,
     },
 }
 
@@ -547,11 +557,15 @@ async fn ship_delta(
         }
     }
     let uploaded = stdout.lines().any(|l| l.trim() == "shipped");
+    let files_hashed = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("hashed ")?.trim().parse().ok())
+        .unwrap_or(0);
     memo::NODE_MANIFESTS.insert(&new.sha256, new.clone());
     let plan = &payload.plan;
     tracing::info!(
         node = %session.node(), release = id, base = %base_id, bytes = payload.stdin.len(),
-        files_sent = plan.files_sent, files_reused = plan.files_reused(),
+        files_sent = plan.files_sent, files_reused = plan.files_reused(), files_hashed,
         elapsed = ?started.elapsed(), "release shipped as a delta"
     );
     Ok(Ok(ShipReport {
@@ -568,6 +582,7 @@ async fn ship_delta(
             files_sent: plan.files_sent,
             files_reused: plan.files_reused(),
             bytes_reused: plan.bytes_reused,
+            files_hashed,
         },
         delta_skipped: None,
     }))
@@ -597,9 +612,97 @@ async fn keep_manifest(
     Ok(())
 }
 
-/// Streams the whole artifact, hashing every byte as it leaves; the node
-/// only extracts (`tar -xzf -`), and the staged tree is renamed into place
-/// (with the manifest the node keeps) once the hash matched.
+/// What identifies a file's exact content without reading it (see
+/// [`stamps`] for why ctime makes that hold): the operator's copy of an
+/// artifact, checked once per process instead of once per node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// How the artifact file read when its sha256 was checked.
+#[derive(Clone, Debug)]
+enum Checked {
+    /// It hashed to its sha256 and kept this stamp while it was read.
+    Verified(FileStamp),
+    /// It hashed to this.
+    Mismatch(String),
+    /// It changed while it was read: every ship hashes what it sends.
+    Unstable,
+}
+
+/// Checks the artifact's sha256 once per process and file stamp: a fan-out
+/// hashes 50 MB once, not once per node.
+async fn check_artifact(artifact: &Artifact) -> Result<Checked, ReleaseError> {
+    let err = |e: std::io::Error| ReleaseError::Artifact {
+        path: artifact.path.clone(),
+        reason: e.to_string(),
+    };
+    let meta = tokio::fs::metadata(&artifact.path).await.map_err(err)?;
+    if !meta.is_file() {
+        // A pipe can be read once: whoever streams it hashes it.
+        return Ok(Checked::Unstable);
+    }
+    let stamp = FileStamp::of(&meta);
+    let key = format!("{}|{}|{stamp:?}", artifact.sha256, artifact.path.display());
+    let (path, sha) = (artifact.path.clone(), artifact.sha256.clone());
+    memo::CHECKED
+        .get_or_try_init(&key, || async move {
+            tokio::task::spawn_blocking(move || -> std::io::Result<Checked> {
+                use sha2::Digest;
+                let mut file = std::fs::File::open(&path)?;
+                if FileStamp::of(&file.metadata()?) != stamp {
+                    return Ok(Checked::Unstable);
+                }
+                let mut hasher = sha2::Sha256::new();
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = file.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                }
+                if FileStamp::of(&file.metadata()?) != stamp {
+                    return Ok(Checked::Unstable);
+                }
+                let actual = hex::encode(hasher.finalize());
+                Ok(if actual == sha {
+                    Checked::Verified(stamp)
+                } else {
+                    Checked::Mismatch(actual)
+                })
+            })
+            .await
+            .map_err(std::io::Error::other)?
+        })
+        .await
+        .map_err(err)
+}
+
+/// Streams the whole artifact; the node only extracts (`tar -xzf -`), and
+/// the staged tree is renamed into place (with the manifest the node
+/// keeps) once the bytes sent are known to be the artifact's: the file
+/// kept the stamp it had when this process checked its sha256 (before and
+/// after the stream), or, when it did not, the bytes hashed as they left.
 async fn ship_whole(
     session: &Session,
     config: &ReleaseConfig,
@@ -616,7 +719,24 @@ async fn ship_whole(
             path: artifact.path.clone(),
             reason: e.to_string(),
         })?;
-    let mut reader = HashingReader::new(file);
+    let checked = match check_artifact(artifact).await? {
+        Checked::Verified(stamp) => Some(stamp),
+        Checked::Mismatch(actual) => {
+            return Err(ReleaseError::ChecksumMismatch {
+                node,
+                id: id.to_string(),
+                expected: artifact.sha256.clone(),
+                actual,
+            })
+        }
+        Checked::Unstable => None,
+    };
+    let opened = match file.metadata().await {
+        Ok(m) => Some(FileStamp::of(&m)),
+        Err(_) => None,
+    };
+    let trusted = checked.filter(|c| opened == Some(*c));
+    let mut reader = HashingReader::new(file, trusted.is_none());
     let token = staging_token();
     let script = plan::ship_script(config, id, &artifact.sha256, &token);
     // The manifest is derived while the artifact streams.
@@ -658,10 +778,18 @@ async fn ship_whole(
             delta_skipped: None,
         });
     }
-    let (bytes, actual) = reader.finish().await.map_err(|e| ReleaseError::Artifact {
+    let (bytes, hashed, file) = reader.finish().await.map_err(|e| ReleaseError::Artifact {
         path: artifact.path.clone(),
         reason: e.to_string(),
     })?;
+    let actual = match (hashed, trusted) {
+        (Some(sha), _) => sha,
+        (None, Some(stamp)) => match file.metadata().await {
+            Ok(m) if FileStamp::of(&m) == stamp => artifact.sha256.clone(),
+            _ => "unknown (the file changed while it was sent)".into(),
+        },
+        (None, None) => "unknown".into(),
+    };
     if actual != artifact.sha256 {
         session
             .run_checked(&plan::abort_script(config, id, &token))
@@ -723,31 +851,35 @@ fn staging_token() -> String {
     format!("{}-{nanos:x}-{n}", std::process::id())
 }
 
-/// Hashes (sha256) and counts what is read through it.
+/// Counts what is read through it and, when asked to, hashes it (sha256).
 struct HashingReader<R> {
     inner: R,
-    hasher: sha2::Sha256,
+    hasher: Option<sha2::Sha256>,
     bytes: u64,
 }
 
 impl<R> HashingReader<R> {
-    fn new(inner: R) -> Self {
+    fn new(inner: R, hash: bool) -> Self {
         HashingReader {
             inner,
-            hasher: sha2::Digest::new(),
+            hasher: hash.then(sha2::Digest::new),
             bytes: 0,
         }
     }
 
-    /// Bytes read, and the sha256 (hex) of everything the reader holds:
-    /// what `tar` left unread at the end still counts.
-    async fn finish(mut self) -> std::io::Result<(u64, String)>
+    /// Bytes read, the sha256 (hex) of everything the reader holds when it
+    /// hashes (what `tar` left unread at the end still counts), and the
+    /// reader.
+    async fn finish(mut self) -> std::io::Result<(u64, Option<String>, R)>
     where
         R: tokio::io::AsyncRead + Unpin,
     {
         let sent = self.bytes;
-        tokio::io::copy(&mut self, &mut tokio::io::sink()).await?;
-        Ok((sent, hex::encode(sha2::Digest::finalize(self.hasher))))
+        if self.hasher.is_some() {
+            tokio::io::copy(&mut self, &mut tokio::io::sink()).await?;
+        }
+        let sha = self.hasher.map(|h| hex::encode(sha2::Digest::finalize(h)));
+        Ok((sent, sha, self.inner))
     }
 }
 
@@ -760,9 +892,12 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HashingReader<R> 
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if let std::task::Poll::Ready(Ok(())) = &polled {
-            let new = &buf.filled()[before..];
-            self.bytes += new.len() as u64;
-            sha2::Digest::update(&mut self.hasher, new);
+            let n = buf.filled().len() - before;
+            self.bytes += n as u64;
+            let this = &mut *self;
+            if let Some(h) = this.hasher.as_mut() {
+                sha2::Digest::update(h, &buf.filled()[before..]);
+            }
         }
         polled
     }

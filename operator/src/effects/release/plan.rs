@@ -327,6 +327,7 @@ pub fn commit_script(
 ) -> String {
     let mut s = String::from("set -u\n");
     s.push_str(&lock_prelude(config));
+    s.push_str(super::stamps::FUNCTIONS);
     let (msha, hash) = manifest.unwrap_or(("", "sha256sum"));
     s.push_str(&format!(
         "id={id}\nwant={want}\ntoken={token}\nmsha={msha}\nhash={hash}\n",
@@ -345,8 +346,10 @@ man="$root/.hangar/manifests"
 # A release of this id from another artifact is replaced (the node is
 # out of service while it ships; the activation that follows runs hooks).
 if [ -e "$rel" ]; then mv -T "$rel" "$tmp/replaced" || exit 71; fi
-rm -f "$man/$id"
+rm -f "$man/$id" "$stamps/$id"
 mv -T "$tmp/tree" "$rel" || exit 71
+# Extracted from bytes whose sha256 matched: the tree is the artifact's.
+stamp_record "$rel" "$id"
 mkdir -p "$root/.hangar/artifacts" && printf '%s\n' "$want" > "$art.tmp" && mv -f "$art.tmp" "$art" || exit 72
 if [ -n "$msha" ]; then
   mkdir -p "$man" && gzip -dc > "$man/$id.tmp" 2>/dev/null \
@@ -502,13 +505,17 @@ pub fn once_log_script(config: &ReleaseConfig, id: &str) -> String {
 pub fn prune_script(config: &ReleaseConfig, victims: &[String]) -> String {
     let mut s = String::from("set -u\n");
     s.push_str(&lock_prelude(config));
-    s.push_str("cur=$(readlink \"$root/current\" 2>/dev/null || true)\n");
+    s.push_str(super::stamps::FUNCTIONS);
+    // Unlinking a release changes the ctime of the inodes it shares with
+    // the kept ones: their stamps are renewed if they held before.
+    s.push_str("cur=$(readlink \"$root/current\" 2>/dev/null || true)\nstamp_hold || rm -rf \"$stamps\" \"$stamps.hold\"\n");
     for v in victims {
         s.push_str(&format!(
-            "v={v}\n[ \"$cur\" = \"$root/releases/$v\" ] || rm -rf \"$root/releases/$v\" \"$root/.hangar/artifacts/$v\" \"$root/.hangar/manifests/$v\"\n",
+            "v={v}\n[ \"$cur\" = \"$root/releases/$v\" ] || rm -rf \"$root/releases/$v\" \"$root/.hangar/artifacts/$v\" \"$root/.hangar/manifests/$v\" \"$stamps/$v\"\n",
             v = shell_quote(v)
         ));
     }
+    s.push_str("stamp_renew\n");
     s.push_str(
         "ids=$(ls -1 \"$root/releases\")\n\
          grep -xF \"$ids\" \"$root/.hangar/shipped\" > \"$root/.hangar/shipped.tmp\" 2>/dev/null; \
