@@ -35,17 +35,19 @@ fn source(s: &Scenario) -> SourceView {
         .expect("source JSON")
 }
 
+/// Waits for the source view to satisfy `pred` (a process just started
+/// has none until its first fetch is over).
 fn wait_source(s: &Scenario, what: &str, pred: impl Fn(&SourceView) -> bool) -> SourceView {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let v = source(s);
-        if pred(&v) {
+        let v = s
+            .operator()
+            .get("/api/v1/source")
+            .and_then(|body| serde_json::from_str::<SourceView>(&body).ok());
+        if let Some(v) = v.filter(|v| pred(v)) {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {v:?}"
-        );
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -65,18 +67,16 @@ fn commits_drive_the_fleet_and_a_bad_commit_changes_nothing() {
     // Polling is slow on purpose: every change below arrives by webhook.
     let url = format!("git+{}//clusters?ref=main", server.url("infra"));
     let env = |k: &str, v: &str| (k.to_string(), v.to_string());
-    s.start_operator_from(
-        &url,
-        &[
-            env("HANGAR_GIT_SSH_KEY", &server.key.display().to_string()),
-            env(
-                "HANGAR_GIT_KNOWN_HOSTS",
-                &server.known_hosts.display().to_string(),
-            ),
-            env("HANGAR_GIT_POLL_INTERVAL", "1h"),
-            env("HANGAR_WEBHOOK_SECRET", SECRET),
-        ],
-    );
+    let git_env = [
+        env("HANGAR_GIT_SSH_KEY", &server.key.display().to_string()),
+        env(
+            "HANGAR_GIT_KNOWN_HOSTS",
+            &server.known_hosts.display().to_string(),
+        ),
+        env("HANGAR_GIT_POLL_INTERVAL", "1h"),
+        env("HANGAR_WEBHOOK_SECRET", SECRET),
+    ];
+    s.start_operator_from(&url, &git_env);
     let st = s.wait_status(
         "web",
         "2 in service on v1",
@@ -201,7 +201,7 @@ fn commits_drive_the_fleet_and_a_bad_commit_changes_nothing() {
     let v = wait_source(&s, "the source healthy again", |v| {
         v.error.is_none() && v.problems == 0
     });
-    assert_eq!(v.commit.map(|c| c.sha), Some(reverted));
+    assert_eq!(v.commit.map(|c| c.sha), Some(reverted.clone()));
     assert!(s.operator().problems().expect("problems").is_empty());
     let metrics = s.operator().metrics().expect("metrics");
     assert!(
@@ -216,6 +216,33 @@ fn commits_drive_the_fleet_and_a_bad_commit_changes_nothing() {
         metrics.contains("hangar_webhooks_total{result=\"replayed\"} 1"),
         "{metrics}"
     );
+
+    // A restart with no commit of its own (a fresh state directory, a
+    // standby that never fetched) while the server is away waits for one:
+    // "no specs yet" is not "every spec deleted".
+    s.stop_operator();
+    std::fs::remove_dir_all(s.state.join("git")).expect("forget the mirror");
+    server.stop();
+    s.start_operator_from(&url, &git_env);
+    wait_source(&s, "the failed first fetch reported", |v| {
+        v.error.is_some() && v.commit.is_none()
+    });
+    assert!(
+        s.operator().get("/readyz").is_none(),
+        "not ready without specs"
+    );
+    let waiting = s.status("web").expect("the status it had");
+    assert!(!waiting.spec_removed, "{waiting:?}");
+    assert!(settled_on(&waiting, 2, "v2"), "{waiting:?}");
+    server.resume().expect("server back");
+    assert_eq!(push(&s, "delivery-4b"), 202);
+    wait_source(&s, "the commit fetched again", |v| {
+        v.commit.as_ref().is_some_and(|c| c.sha == reverted)
+    });
+    let st = s.wait_status("web", "reconciled again", Duration::from_secs(30), |st| {
+        st.updated_at > waiting.updated_at
+    });
+    assert!(!st.spec_removed && settled_on(&st, 2, "v2"), "{st:?}");
 
     // A commit that deletes the spec: `deletionPolicy: retain` (the
     // default) leaves the fleet running, unmanaged. (The directory stays:

@@ -258,12 +258,27 @@ async fn serve_term(
 
     let initial = match feed {
         Feed::Dir(dir) => SpecSet::load(dir)?,
-        Feed::Git(git) => git
-            .applied
-            .borrow()
-            .as_ref()
-            .map(|a| (*a.specs).clone())
-            .unwrap_or_default(),
+        Feed::Git(git) => {
+            // No commit yet (a first start, or a standby that never
+            // fetched): no spec set is not "every spec was deleted" — that
+            // would mark every known cluster removed, and drain those with
+            // `deletionPolicy: delete`. Nothing is reconciled until one is.
+            let mut applied = git.applied.clone();
+            if applied.borrow().is_none() {
+                tracing::info!(specs = %settings.specs_display(), "waiting for the first commit of the git source");
+            }
+            let first = tokio::select! {
+                _ = stop.cancelled() => None,
+                got = applied.wait_for(Option::is_some) => got.ok().and_then(|a| a.clone()),
+            };
+            match first {
+                Some(a) => (*a.specs).clone(),
+                None => {
+                    ends.abort();
+                    return Ok(());
+                }
+            }
+        }
     };
     tracing::info!(
         specs = %settings.specs_display(),
