@@ -717,6 +717,22 @@ async fn commands_have_timeouts_capped_output_and_a_node_cap() {
 #[derive(Clone, Default)]
 struct LogSink(Arc<Mutex<Vec<u8>>>);
 
+impl LogSink {
+    /// Every trace line of this thread goes into the sink while the guard lives.
+    fn capture() -> (LogSink, tracing::subscriber::DefaultGuard) {
+        let sink = LogSink::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer({
+                let sink = sink.clone();
+                move || sink.clone()
+            })
+            .with_ansi(false)
+            .finish();
+        (sink, tracing::subscriber::set_default(subscriber))
+    }
+}
+
 impl Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
@@ -731,16 +747,7 @@ impl Write for LogSink {
 fn secrets_never_reach_logs_reports_or_errors() {
     const SECRET: &str = "pa55-Sw0rdfish-42";
     const ENV_SECRET: &str = "base64:Zm9vYmFyYmF6";
-    let sink = LogSink::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer({
-            let sink = sink.clone();
-            move || sink.clone()
-        })
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (sink, _guard) = LogSink::capture();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1721,16 +1728,7 @@ fn secrets_from_aws_land_in_the_env_file_and_never_in_errors_or_logs() {
     use hangar_cloud::SecretValue;
     const DB: &str = "r0tated-Db-Pa55 \"x\"";
     const KEY: &str = "sk_live_Zm9vYmFy";
-    let sink = LogSink::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer({
-            let sink = sink.clone();
-            move || sink.clone()
-        })
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (sink, _guard) = LogSink::capture();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
