@@ -514,24 +514,63 @@ pub fn pids_in_namespace(namespace: &str) -> Vec<u32> {
 fn kill_namespace(name: &str, namespace: &str) -> Result<()> {
     ensure_not_host_namespace(namespace)?;
     let started = Instant::now();
+    // An exiting process drops its namespace link before its sockets close,
+    // so a killed listener can still accept for a moment after it has left
+    // the namespace: wait for every killed process to finish as well.
+    let mut killed: Vec<(u32, u64)> = Vec::new();
     loop {
         let pids = pids_in_namespace(namespace);
-        if pids.is_empty() {
+        killed.retain(|&(pid, since)| !process_finished(pid, since));
+        if pids.is_empty() && killed.is_empty() {
             return Ok(());
         }
         if started.elapsed() > STOP_TIMEOUT {
+            let mut left: Vec<u32> = killed.iter().map(|&(pid, _)| pid).collect();
+            left.extend(pids);
+            left.sort_unstable();
+            left.dedup();
             return Err(NodeError::StopTimeout {
                 name: name.to_string(),
-                pids,
+                pids: left,
                 waited: started.elapsed(),
             });
         }
         for pid in pids {
+            if let Some(since) = process_start_time(pid) {
+                if !killed.iter().any(|&(p, _)| p == pid) {
+                    killed.push((pid, since));
+                }
+            }
             // SAFETY: kill(2); the pid was just seen in the node's namespace.
             // ESRCH (already gone) is fine.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// `(state, start time)` from `/proc/PID/stat`; the start time tells a
+/// reused pid from the process that was killed.
+fn process_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // `starttime` is field 22 of stat; `state` was field 3.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn process_start_time(pid: u32) -> Option<u64> {
+    process_stat(pid).map(|(_, start)| start)
+}
+
+/// Gone, reused by another process, or a zombie (whose files are closed).
+fn process_finished(pid: u32, since: u64) -> bool {
+    match process_stat(pid) {
+        None => true,
+        Some((state, start)) => start != since || matches!(state, 'Z' | 'X'),
     }
 }
 
@@ -992,6 +1031,24 @@ mod tests {
         kill_node(&state).unwrap();
         assert!(pids_in_namespace(&ns1).is_empty());
         drop(nodes);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    /// A stopped node's address refuses connections the moment `stop`
+    /// returns: an exiting process loses its namespace link before its
+    /// sockets close, so "no process in the namespace" alone is not enough.
+    #[test]
+    fn stop_returns_only_after_the_listener_is_closed() {
+        let dir = std::env::temp_dir().join(format!("hangar-node-closed-{}", std::process::id()));
+        for round in 0..40 {
+            let mut node = TestNode::start(&dir, &format!("c{round}"), &[]).unwrap();
+            node.stop().unwrap();
+            assert!(
+                TcpStream::connect_timeout(&node.addr(), Duration::from_millis(200)).is_err(),
+                "round {round}: {} still accepts after stop",
+                node.addr()
+            );
+        }
         let _ = fs::remove_dir_all(dir);
     }
 
