@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod moto;
 pub mod node;
 pub mod php_app;
+pub(crate) mod procfs;
 pub mod seed;
 pub mod services;
 pub mod slot;

@@ -46,6 +46,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::procfs::{pin_namespace, process_start};
+
 /// Where a node's state directory is bind-mounted inside its namespace.
 /// The sshd config refers to files there, so the state directory may live
 /// anywhere on the host — even under `/tmp`, which the node hides.
@@ -188,6 +190,11 @@ pub struct Node {
     /// `mnt:[inode]` as `/proc/PID/ns/mnt` reads.
     namespace: String,
     listener_pid: u32,
+    /// An open `/proc/PID/ns/mnt`: keeps the namespace, and so its inode
+    /// number, alive while this handle lives. The kernel reuses a freed
+    /// namespace's number at once, and a scan by a reused number would
+    /// find (and kill) another node's processes.
+    _pin: Option<File>,
     /// False once stopped or detached: nothing left to kill on drop.
     owned: bool,
 }
@@ -265,6 +272,8 @@ impl Node {
         .ok_or_else(|| not_ready(format!("no pid file {}", pid_file.display())))?;
         let namespace = mount_namespace_of(listener_pid)
             .ok_or_else(|| not_ready(format!("sshd (pid {listener_pid}) exited")))?;
+        let pin = pin_namespace(listener_pid, "mnt", &namespace)
+            .ok_or_else(|| not_ready(format!("sshd (pid {listener_pid}) exited")))?;
         let mut node = Node {
             name: config.name.clone(),
             ip: config.ip,
@@ -272,6 +281,7 @@ impl Node {
             state_dir: dir.clone(),
             namespace,
             listener_pid,
+            _pin: Some(pin),
             owned: true,
         };
         // Never kill by a namespace that turns out to be the host's.
@@ -297,6 +307,7 @@ impl Node {
         let info = NodeInfo::read(&state_dir)?;
         ensure_not_host_namespace(&info.namespace)?;
         Ok(Node {
+            _pin: pin_namespace(info.listener_pid, "mnt", &info.namespace),
             name: info.name,
             ip: info.ip,
             port: info.port,
@@ -437,7 +448,8 @@ impl Node {
     }
 
     /// Kills every process in the node (listener, sessions, their daemons)
-    /// and waits until none is left; the private mounts vanish with them.
+    /// and waits until none is left; the private mounts go once this
+    /// handle, which pins the namespace, is dropped too.
     pub fn stop(&mut self) -> Result<()> {
         self.owned = false;
         kill_namespace(&self.name, &self.namespace)
@@ -490,6 +502,9 @@ impl Drop for Node {
 /// A node that is already gone is not an error.
 pub fn kill_node(state_dir: &Path) -> Result<()> {
     let info = NodeInfo::read(state_dir)?;
+    // Unpinned (the listener is gone) the scan is by number alone, as it
+    // was; a daemon left in the node still keeps that number its own.
+    let _pin = pin_namespace(info.listener_pid, "mnt", &info.namespace);
     kill_namespace(&info.name, &info.namespace)
 }
 
@@ -520,7 +535,9 @@ fn kill_namespace(name: &str, namespace: &str) -> Result<()> {
     let mut killed: Vec<(u32, u64)> = Vec::new();
     loop {
         let pids = pids_in_namespace(namespace);
-        killed.retain(|&(pid, since)| !process_finished(pid, since));
+        // Kept while the killed process itself still runs: not gone, not a
+        // zombie (its files are closed by then), its pid not reused.
+        killed.retain(|&(pid, since)| process_start(pid) == Some(since));
         if pids.is_empty() && killed.is_empty() {
             return Ok(());
         }
@@ -536,7 +553,7 @@ fn kill_namespace(name: &str, namespace: &str) -> Result<()> {
             });
         }
         for pid in pids {
-            if let Some(since) = process_start_time(pid) {
+            if let Some(since) = process_start(pid) {
                 if !killed.iter().any(|&(p, _)| p == pid) {
                     killed.push((pid, since));
                 }
@@ -546,31 +563,6 @@ fn kill_namespace(name: &str, namespace: &str) -> Result<()> {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// `(state, start time)` from `/proc/PID/stat`; the start time tells a
-/// reused pid from the process that was killed.
-fn process_stat(pid: u32) -> Option<(char, u64)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // `starttime` is field 22 of stat; `state` was field 3.
-    let start = fields.nth(18)?.parse().ok()?;
-    Some((state, start))
-}
-
-fn process_start_time(pid: u32) -> Option<u64> {
-    process_stat(pid).map(|(_, start)| start)
-}
-
-/// Gone, reused by another process, or a zombie (whose files are closed).
-fn process_finished(pid: u32, since: u64) -> bool {
-    match process_stat(pid) {
-        None => true,
-        Some((state, start)) => start != since || matches!(state, 'Z' | 'X'),
     }
 }
 

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use super::image::Image;
 use super::net::{Bridge, NodeNet};
 use super::{io_err, DebianError, Result};
+use crate::procfs::{pin_namespace, process_start};
 use crate::slot::BridgedVpc;
 
 pub const NSPAWN: &str = "/usr/bin/systemd-nspawn";
@@ -85,6 +86,9 @@ pub struct Machine {
     leader_start: u64,
     /// `pid:[inode]`: every process of the machine shows it.
     pid_namespace: String,
+    /// Keeps `pid_namespace`'s number from being reused while this handle
+    /// lives (see [`crate::procfs::pin_namespace`]).
+    _pin: Option<std::fs::File>,
     /// nspawn, when this process started it (so it can be reaped).
     child: Mutex<Option<Child>>,
     exit: Mutex<Option<ExitStatus>>,
@@ -155,7 +159,7 @@ impl Machine {
             reason: format!("bad {what}"),
         };
         let ip: Ipv4Addr = get("ip")?.parse().map_err(|_| bad("ip"))?;
-        Ok(Machine {
+        let mut machine = Machine {
             name: get("name")?,
             ip,
             net: NodeNet {
@@ -172,11 +176,14 @@ impl Machine {
                 .parse()
                 .map_err(|_| bad("leader_start"))?,
             pid_namespace: get("pid_namespace")?,
+            _pin: None,
             state_dir,
             child: Mutex::new(None),
             exit: Mutex::new(None),
             owned: true,
-        })
+        };
+        machine._pin = pin_namespace(machine.leader_pid, "pid", &machine.pid_namespace);
+        Ok(machine)
     }
 
     /// A handle that never stops the machine (for looking and `exec`).
@@ -617,6 +624,7 @@ fn spawn(config: &MachineConfig, net: &NodeNet, root: &Path) -> Result<Machine> 
         nspawn_start,
         leader_pid,
         leader_start,
+        _pin: pin_namespace(leader_pid, "pid", &pid_namespace),
         pid_namespace,
         child: Mutex::new(Some(child)),
         exit: Mutex::new(None),
@@ -953,19 +961,6 @@ pub fn pids_in_pid_namespace(namespace: &str) -> Vec<u32> {
     pids
 }
 
-/// Start time (clock ticks since boot) of a live, non-zombie process.
-fn process_start(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may contain spaces) in parentheses.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // fields[0] is the state (field 3), start time is field 22.
-    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
-}
-
 pub(crate) fn pss_kib(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
@@ -1025,12 +1020,5 @@ mod tests {
             "127.0.0.1 localhost\n"
         );
         fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn process_start_reads_past_a_command_with_spaces() {
-        let me = std::process::id();
-        assert!(process_start(me).is_some());
-        assert!(process_start(u32::MAX).is_none());
     }
 }
