@@ -9,7 +9,8 @@
 //! - **Nothing serving is killed**: an instance seen terminating must no
 //!   longer be a registered target with requests in flight.
 //! - **Nothing serving is stopped**: the same for an instance seen stopping
-//!   (a scale-in victim going back to the warm pool).
+//!   (a scale-in victim going back to the warm pool), which must also be
+//!   past the ALB's deregistration delay (drained, not just deregistered).
 //! - **Capacity stays within bounds**: the most instances ever alive at once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -176,6 +177,8 @@ fn watch(lb: Lb, reader: AwsCloud, report: Arc<Mutex<Report>>, stop: Arc<AtomicB
                     .into_iter()
                     .map(|t| (t.instance_id.clone(), t))
                     .collect();
+                let lingering: BTreeSet<String> =
+                    lb.lingering().into_iter().map(|(id, _)| id).collect();
                 let mut r = lock(&report);
                 let mut now_alive: BTreeSet<String> = BTreeSet::new();
                 let mut now_running: BTreeSet<String> = BTreeSet::new();
@@ -196,7 +199,9 @@ fn watch(lb: Lb, reader: AwsCloud, report: Arc<Mutex<Report>>, stop: Arc<AtomicB
                             now_running.insert(i.id.clone());
                         }
                         // Stopped since the last look: it must have left
-                        // the target group first, with nothing in flight.
+                        // the target group first and drained — nothing in
+                        // flight, and no longer `draining` to the ALB (a
+                        // drain waits out the deregistration delay).
                         InstanceState::Stopping | InstanceState::Stopped
                             if running.contains(&i.id) =>
                         {
@@ -209,6 +214,12 @@ fn watch(lb: Lb, reader: AwsCloud, report: Arc<Mutex<Report>>, stop: Arc<AtomicB
                                         i.id, t.registered, t.in_flight
                                     ));
                                 }
+                            }
+                            if ours && lingering.contains(&i.id) {
+                                r.violations.push(format!(
+                                    "{} stopped while the ALB still drained it (deregistered less than the deregistration delay ago)",
+                                    i.id
+                                ));
                             }
                         }
                         _ => {}
