@@ -4,13 +4,14 @@
 //! at the delicate moments.
 //!
 //! One scenario walks issue 16's cases in order on one cloud and one pool
-//! fill (CI time), under steady load from the first rollout on:
+//! fill (CI time), under steady load from the first scale-out on:
 //!
 //! 1. the pool fills on v1, a rollout to v2 leaves it alone, and a
 //!    scale-out takes the stale warm node: started, v2 shipped, health
 //!    checked, and only then registered;
 //! 2. `reuseOnScaleIn`: a scale-in victim is drained and stopped back into
-//!    the pool, same instance;
+//!    the pool, same instance (while the fleet rolls to v3: the pool stays
+//!    on v2, stale for 3a);
 //! 3. kill -9 while a stale warm node is taken out (started, not yet
 //!    registered: once before its tag leaves `warm`, once after), and while
 //!    a scale-in victim returns to the pool: the restarted operator
@@ -49,13 +50,19 @@ fn warm_nodes_serve_scale_outs_only_once_current_take_back_scale_in_victims_and_
     // Stopped once, not once a pass while the listing still said running.
     assert_eq!(api_calls(&s, "StopInstances"), 1.0, "StopInstances calls");
     let filled = started.elapsed();
-    let load = s.cloud.start_load(5.0, None).expect("load");
 
     // --- 1. a rollout leaves the pool alone; a scale-out takes the stale
     //        warm node, which serves v2 only ------------------------------
+    // Both nodes at once, before the load starts: this rollout only makes
+    // the pool stale (rollouts under load are releases.rs'), and CI time.
     let v2 = s.cloud.upload_release("v2", ReleaseKind::Good).expect("v2");
     let on_v2 = base.clone().with_release(&v2);
-    s.write_spec(&on_v2.clone().with_capacity(2, 2));
+    s.write_spec(
+        &on_v2
+            .clone()
+            .set("spec.release.rollout.maxUnavailable", 2u64)
+            .with_capacity(2, 2),
+    );
     let st = s.wait_status(
         "web",
         "the fleet on v2, the pool untouched",
@@ -82,6 +89,7 @@ fn warm_nodes_serve_scale_outs_only_once_current_take_back_scale_in_victims_and_
         3,
         "a rollout launches nothing"
     );
+    let load = s.cloud.start_load(5.0, None).expect("load");
 
     s.write_spec(&on_v2.clone().with_capacity(3, 3));
     // The pool refills in the background: step 2 goes on meanwhile.
