@@ -554,7 +554,7 @@ mod tests {
     /// phase a node enters the pool from, it leaves service before the
     /// `warm` tag and the stop.
     #[test]
-    fn every_way_into_the_pool_leaves_the_target_group_before_the_warm_tag() {
+    fn every_way_into_the_warm_pool_leaves_the_target_group_before_the_warm_tag() {
         for phase in Phase::ALL {
             for stop in [true, false] {
                 for config_outdated in [false, true] {
