@@ -45,7 +45,7 @@ fn warm_nodes_serve_scale_outs_only_once_current_take_back_scale_in_victims_and_
     );
     let warm = only(&pool_ids(&st), "the pool");
     // The cloud itself says the pool node is stopped (listing lag: wait).
-    wait_stopped_in_pool(&s, &[warm.clone()]);
+    wait_stopped_in_pool(&s, std::slice::from_ref(&warm));
     assert_eq!(s.watcher.report().launched.len(), 3, "fleet 2 + pool 1");
     // Stopped once, not once a pass while the listing still said running.
     assert_eq!(api_calls(&s, "StopInstances"), 1.0, "StopInstances calls");
