@@ -109,6 +109,11 @@ fn warm_nodes_serve_scale_outs_only_once_current_take_back_scale_in_victims_and_
         "{}",
         runs(&s, &warm)
     );
+    assert_eq!(
+        answered_by(&s, &warm, 0, "v1"),
+        0,
+        "no request reached it on v1"
+    );
     // The same disk: v1 is still there, v2 was shipped next to it.
     s.cloud
         .exec_inside(&warm, "test -d /srv/app/releases/v1")
@@ -165,6 +170,7 @@ fn warm_nodes_serve_scale_outs_only_once_current_take_back_scale_in_victims_and_
     // --- 3a. kill -9 while a stale warm node is taken out --------------------
     let pool = pool_ids(&st);
     let mark = s.watcher.report().registered_releases.len();
+    let seq = s.cloud.lb().next_seq();
     let before = st.clone();
     s.write_spec(&reuse.clone().with_capacity(3, 3));
     // Started (the cloud runs it) but still tagged `warm`.
@@ -201,6 +207,11 @@ fn warm_nodes_serve_scale_outs_only_once_current_take_back_scale_in_victims_and_
         registered_on(&s, &taken, mark),
         [Some("v3".to_string())],
         "registered once, answering on v3: never on v2"
+    );
+    assert_eq!(
+        answered_by(&s, &taken, seq, "v2"),
+        0,
+        "no request reached it on v2"
     );
     assert!(
         runs(&s, &taken).ends_with("/releases/v3"),
@@ -380,6 +391,17 @@ fn registered_on(s: &Scenario, id: &str, mark: usize) -> Vec<Option<String>> {
         .filter(|(i, _)| i == id)
         .map(|(_, r)| r.clone())
         .collect()
+}
+
+/// Requests from `seq` on that the LB sent to `id` and that came back
+/// from `release` (its `X-Release`).
+fn answered_by(s: &Scenario, id: &str, seq: u64, release: &str) -> usize {
+    s.cloud
+        .lb()
+        .requests_since(seq)
+        .iter()
+        .filter(|r| r.target.as_deref() == Some(id) && r.release.as_deref() == Some(release))
+        .count()
 }
 
 /// Where the node's `current` points (read inside it, not over hangar).
