@@ -230,6 +230,14 @@ fn to_pool(phase: Phase, facts: NodeFacts, stop: bool) -> Vec<Step> {
                 return Vec::new();
             };
             s.truncate(at);
+            // From `verifying` the path has no `LeaveService`, yet the node
+            // may be registered: a crash between `Register` and its
+            // `in-service` tag, or a serving node whose later tags the
+            // listing does not show yet. Out first: a pool node is never
+            // in the target group, and is never stopped undrained.
+            if !s.contains(&LeaveService) {
+                s.insert(0, LeaveService);
+            }
             s
         }
         Phase::InService => [
@@ -537,6 +545,45 @@ mod tests {
         assert_eq!(
             steps(&Task::Warm { stop: true }, Phase::Warm, FRESH),
             [StopInstance]
+        );
+    }
+
+    /// A `verifying` node may be in the target group already: registered
+    /// by a task that crashed before its `in-service` tag, or serving with
+    /// its later tags not yet listed (EC2's listing lags). Whatever the
+    /// phase a node enters the pool from, it leaves service before the
+    /// `warm` tag and the stop.
+    #[test]
+    fn every_way_into_the_warm_pool_leaves_the_target_group_before_the_warm_tag() {
+        for phase in Phase::ALL {
+            for stop in [true, false] {
+                for config_outdated in [false, true] {
+                    let facts = NodeFacts {
+                        config_outdated,
+                        ..FRESH
+                    };
+                    let s = steps(&Task::Warm { stop }, phase, facts);
+                    let Some(warm) = s.iter().position(|x| *x == set(Phase::Warm)) else {
+                        continue;
+                    };
+                    assert!(
+                        s[..warm]
+                            .iter()
+                            .any(|x| matches!(x, LeaveService | Deregister)),
+                        "from {phase:?}: {s:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            steps(&Task::Warm { stop: true }, Phase::Verifying, FRESH),
+            [
+                LeaveService,
+                CheckActive,
+                HealthCheck,
+                set(Phase::Warm),
+                StopInstance
+            ]
         );
     }
 

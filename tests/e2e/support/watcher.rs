@@ -8,6 +8,9 @@
 //!   load balancer, its node must already answer its health check.
 //! - **Nothing serving is killed**: an instance seen terminating must no
 //!   longer be a registered target with requests in flight.
+//! - **Nothing serving is stopped**: the same for an instance seen stopping
+//!   (a scale-in victim going back to the warm pool), which must also be
+//!   past the ALB's deregistration delay (drained, not just deregistered).
 //! - **Capacity stays within bounds**: the most instances ever alive at once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,8 +31,13 @@ pub struct Report {
     /// Targets as they appeared in the LB, with whether their node answered
     /// its health check at that moment.
     pub registrations: Vec<(String, bool)>,
+    /// The same registrations with the release the node's health answer
+    /// named (`X-Release`: where its `current` pointed at that moment).
+    pub registered_releases: Vec<(String, Option<String>)>,
     /// Instances seen terminating.
     pub terminated: BTreeSet<String>,
+    /// Instances seen stopping or stopped (each once per stop).
+    pub stopped: Vec<String>,
     /// The most of our instances alive at once (not terminating).
     pub max_alive: usize,
     /// Instances the scenario itself terminates (a node dying behind
@@ -124,29 +132,43 @@ fn watch(lb: Lb, reader: AwsCloud, report: Arc<Mutex<Report>>, stop: Arc<AtomicB
         .pool_max_idle_per_host(0)
         .build()
         .expect("http client");
+    // Registered at the last look. A drained target leaves the LB's list
+    // at once, so "registered now and not at the last look" is what tells
+    // a new registration — also a node's second one (back from the pool).
     let mut known_targets: BTreeSet<String> = BTreeSet::new();
     let mut alive: BTreeSet<String> = BTreeSet::new();
+    let mut running: BTreeSet<String> = BTreeSet::new();
     let mut tick = 0u64;
     while !stop.load(Ordering::SeqCst) {
         // The LB is in-process: look often, so a registration is seen at once.
+        let mut registered_now: BTreeSet<String> = BTreeSet::new();
         for t in lb.targets() {
-            if t.registered && known_targets.insert(t.instance_id.clone()) {
-                let healthy = match t.addr {
+            if t.registered {
+                registered_now.insert(t.instance_id.clone());
+            }
+            if t.registered && !known_targets.contains(&t.instance_id) {
+                let (healthy, release) = match t.addr {
                     Some(addr) => rt.block_on(async {
                         let url = format!("http://{}/health", addr);
-                        matches!(http.get(&url).timeout(Duration::from_secs(2)).send().await,
-                            Ok(r) if r.status().is_success())
+                        match http.get(&url).timeout(Duration::from_secs(2)).send().await {
+                            Ok(r) => (
+                                r.status().is_success(),
+                                r.headers()
+                                    .get("x-release")
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_string),
+                            ),
+                            Err(_) => (false, None),
+                        }
                     }),
-                    None => false,
+                    None => (false, None),
                 };
-                lock(&report)
-                    .registrations
-                    .push((t.instance_id.clone(), healthy));
-            }
-            if !t.registered {
-                known_targets.remove(&t.instance_id);
+                let mut r = lock(&report);
+                r.registrations.push((t.instance_id.clone(), healthy));
+                r.registered_releases.push((t.instance_id.clone(), release));
             }
         }
+        known_targets = registered_now;
         // The cloud costs moto CPU: every 250 ms.
         if tick.is_multiple_of(5) {
             if let Ok(list) = rt.block_on(reader.list(None)) {
@@ -155,8 +177,11 @@ fn watch(lb: Lb, reader: AwsCloud, report: Arc<Mutex<Report>>, stop: Arc<AtomicB
                     .into_iter()
                     .map(|t| (t.instance_id.clone(), t))
                     .collect();
+                let lingering: BTreeSet<String> =
+                    lb.lingering().into_iter().map(|(id, _)| id).collect();
                 let mut r = lock(&report);
                 let mut now_alive: BTreeSet<String> = BTreeSet::new();
+                let mut now_running: BTreeSet<String> = BTreeSet::new();
                 for i in &list {
                     r.launched.insert(i.id.clone());
                     if i.cluster.is_empty() || i.phase.is_none() {
@@ -169,7 +194,38 @@ fn watch(lb: Lb, reader: AwsCloud, report: Arc<Mutex<Report>>, stop: Arc<AtomicB
                     ) {
                         now_alive.insert(i.id.clone());
                     }
+                    match i.state {
+                        InstanceState::Pending | InstanceState::Running => {
+                            now_running.insert(i.id.clone());
+                        }
+                        // Stopped since the last look: it must have left
+                        // the target group first and drained — nothing in
+                        // flight, and no longer `draining` to the ALB (a
+                        // drain waits out the deregistration delay).
+                        InstanceState::Stopping | InstanceState::Stopped
+                            if running.contains(&i.id) =>
+                        {
+                            r.stopped.push(i.id.clone());
+                            let ours = !r.killed_by_test.contains(&i.id);
+                            if let Some(t) = targets.get(&i.id).filter(|_| ours) {
+                                if t.registered || t.in_flight > 0 {
+                                    r.violations.push(format!(
+                                        "{} stopped while registered={} with {} request(s) in flight",
+                                        i.id, t.registered, t.in_flight
+                                    ));
+                                }
+                            }
+                            if ours && lingering.contains(&i.id) {
+                                r.violations.push(format!(
+                                    "{} stopped while the ALB still drained it (deregistered less than the deregistration delay ago)",
+                                    i.id
+                                ));
+                            }
+                        }
+                        _ => {}
+                    }
                 }
+                running = now_running;
                 // Gone from the listing or shutting down: terminated now.
                 // It must have left the target group, with nothing in flight.
                 for id in alive.difference(&now_alive) {
