@@ -126,6 +126,10 @@ const PARTS: [&str; 8] = [
 struct Measured {
     node: String,
     bounds: Vec<SystemTime>,
+    /// When the machine's journal started (its init running): what comes
+    /// before is the local cloud bringing the machine up (overlay mount,
+    /// network namespace, systemd-nspawn).
+    init_started: Option<SystemTime>,
     /// When hangar's view of the cloud first listed the node running (from
     /// its `reachable` note; 0.1 s resolution): it tries SSH only then.
     listed_running: Option<SystemTime>,
@@ -136,6 +140,13 @@ struct Measured {
 impl Measured {
     fn part(&self, i: usize) -> f64 {
         secs_between(self.bounds[i], self.bounds[i + 1])
+    }
+
+    /// Of the boot: until the machine's init ran.
+    fn until_init(&self) -> f64 {
+        self.init_started
+            .map(|t| secs_between(self.bounds[2], t).max(0.0))
+            .unwrap_or(0.0)
     }
 
     /// Of the SSH connect part: sshd answered, but hangar's listing did
@@ -175,6 +186,15 @@ impl Drop for Operator {
 
 fn main() -> Result<(), BoxError> {
     let args = args()?;
+    // The local cloud's own events (a node up and how long its boot took, a
+    // start that failed) on stderr beside the progress lines.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("hangar_local::hosts=info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
     let load_before = loadavg();
     let cloud = LocalCloud::start(LocalCloudOptions {
         nodes: NodeKind::Debian {
@@ -270,15 +290,25 @@ fn main() -> Result<(), BoxError> {
             );
             let m = measure(&cloud, &api, &log_path, mode, &serving, args.rps)?;
             eprintln!(
-                "round {round} {}: {} healthy in the target group {:.1}s after the breach ({})",
+                "round {round} {}: {} healthy in the target group {:.1}s after the breach ({}; init ran {:.1}s into the boot, listing {:.1}s of SSH connect)",
                 mode.name(),
                 m.node,
                 m.total(),
                 (0..PARTS.len())
                     .map(|i| format!("{:.1}", m.part(i)))
                     .collect::<Vec<_>>()
-                    .join(" + ")
+                    .join(" + "),
+                m.until_init(),
+                m.listing_wait()
             );
+            // What the boot spent its time on, from the machine's own systemd.
+            if let Ok(chain) = cloud.machine(&m.node).and_then(|machine| {
+                Ok(machine.exec_ok(
+                    "systemd-analyze --no-pager critical-chain ssh.service 2>&1 | tail -n +3 | head -4",
+                )?)
+            }) {
+                eprintln!("  {} boot: {}", m.node, chain.trim().replace('\n', "\n  "));
+            }
             results.entry(mode.name()).or_default().push(m);
         }
     }
@@ -380,17 +410,23 @@ fn measure(
     let load = cloud.start_load(rps, None)?;
     let served = std::thread::scope(|scope| {
         // Boot's end, seen from outside: the first sshd banner of every
-        // machine that is not the serving node.
+        // machine that is not the serving node, at the address hangar's
+        // status gives it (known from the launch, or kept by a warm node).
         scope.spawn(|| {
             while !done.load(Ordering::Relaxed) {
-                for node in cloud.nodes() {
-                    if node.instance_id == serving
-                        || lock(&sshd_up).contains_key(&node.instance_id)
-                    {
+                let listed = api.status().ok().flatten().map(|st| st.nodes);
+                let candidates: BTreeMap<String, std::net::IpAddr> = listed
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|n| Some((n.id, n.address?.parse().ok()?)))
+                    .chain(cloud.nodes().into_iter().map(|n| (n.instance_id, n.ip.into())))
+                    .collect();
+                for (id, ip) in candidates {
+                    if id == serving || lock(&sshd_up).contains_key(&id) {
                         continue;
                     }
-                    if sshd_answers(SocketAddr::from((node.ip, 22))) {
-                        lock(&sshd_up).insert(node.instance_id, SystemTime::now());
+                    if sshd_answers(SocketAddr::new(ip, 22)) {
+                        lock(&sshd_up).insert(id, SystemTime::now());
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -457,6 +493,7 @@ fn measure(
     let provisioned = step("provision")?;
     let activated = step("activate")?;
     let healthy = step("healthy")?;
+    let init_started = journal_start(cloud, &node);
     Ok(Measured {
         node,
         bounds: vec![
@@ -470,6 +507,7 @@ fn measure(
             healthy,
             in_lb,
         ],
+        init_started,
         listed_running,
         failed_requests: load.errors,
     })
@@ -516,6 +554,18 @@ fn log_events(log: &Path, since: SystemTime) -> Result<Vec<Event>, BoxError> {
         });
     }
     Ok(out)
+}
+
+/// When the current boot's journal of the node's machine began.
+fn journal_start(cloud: &LocalCloud, node: &str) -> Option<SystemTime> {
+    let out = cloud
+        .machine(node)
+        .ok()?
+        .exec_ok("journalctl -b --no-pager -o short-iso-precise | head -n 1")
+        .ok()?;
+    let stamp = out.split_whitespace().next()?;
+    let at = chrono::DateTime::parse_from_str(stamp, "%Y-%m-%dT%H:%M:%S%.f%z").ok()?;
+    Some(SystemTime::from(at))
 }
 
 /// When the node was first listed running, from a `reachable` note:
@@ -605,6 +655,13 @@ fn report(
             med(cold, &|m| m.part(i)),
             med(warm, &|m| m.part(i))
         );
+        if i == 2 {
+            println!(
+                "| … of which until the machine's init runs (the local cloud: overlay, netns, nspawn) | {:.2} | {:.2} |",
+                med(cold, &Measured::until_init),
+                med(warm, &Measured::until_init)
+            );
+        }
         if i == 3 {
             println!(
                 "| … of which hangar's listing did not show it running yet | {:.2} | {:.2} |",
