@@ -162,14 +162,14 @@ impl Measured {
     }
 
     /// From the decision on: the node's path, without the metric's delay.
-    fn from_decision(&self) -> f64 {
+    fn node_path(&self) -> f64 {
         secs_between(self.bounds[1], self.bounds[PARTS.len()])
     }
 
     /// What hangar adds on the node path beyond the work that is not its
     /// own (the machine's boot, the runbook's and the release's commands).
     fn overhead(&self) -> f64 {
-        self.from_decision() - self.part(2) - self.part(4) - self.part(5)
+        self.node_path() - self.part(2) - self.part(4) - self.part(5)
     }
 }
 
@@ -302,11 +302,12 @@ fn main() -> Result<(), BoxError> {
                 m.listing_wait()
             );
             // What the boot spent its time on, from the machine's own systemd.
-            if let Ok(chain) = cloud.machine(&m.node).and_then(|machine| {
-                Ok(machine.exec_ok(
-                    "systemd-analyze --no-pager critical-chain ssh.service 2>&1 | tail -n +3 | head -4",
-                )?)
-            }) {
+            let chain = cloud.machine(&m.node).ok().and_then(|machine| {
+                machine
+                    .exec_ok("systemd-analyze --no-pager critical-chain ssh.service 2>&1 | tail -n +3 | head -4")
+                    .ok()
+            });
+            if let Some(chain) = chain {
                 eprintln!("  {} boot: {}", m.node, chain.trim().replace('\n', "\n  "));
             }
             results.entry(mode.name()).or_default().push(m);
@@ -419,7 +420,12 @@ fn measure(
                     .unwrap_or_default()
                     .into_iter()
                     .filter_map(|n| Some((n.id, n.address?.parse().ok()?)))
-                    .chain(cloud.nodes().into_iter().map(|n| (n.instance_id, n.ip.into())))
+                    .chain(
+                        cloud
+                            .nodes()
+                            .into_iter()
+                            .map(|n| (n.instance_id, n.ip.into())),
+                    )
                     .collect();
                 for (id, ip) in candidates {
                     if id == serving || lock(&sshd_up).contains_key(&id) {
@@ -434,9 +440,10 @@ fn measure(
         });
         let deadline = Instant::now() + DEADLINE;
         let found = loop {
-            let new = cloud.lb().targets().into_iter().find(|t| {
-                t.instance_id != serving && t.registered && t.health == Health::Healthy
-            });
+            let new =
+                cloud.lb().targets().into_iter().find(|t| {
+                    t.instance_id != serving && t.registered && t.health == Health::Healthy
+                });
             if let Some(t) = new {
                 break Ok((t.instance_id, SystemTime::now()));
             }
@@ -489,7 +496,7 @@ fn measure(
     let listed_running = events
         .iter()
         .find(|e| e.kind == "reachable" && e.node == node)
-        .and_then(|e| listed_running(e));
+        .and_then(listed_running);
     let provisioned = step("provision")?;
     let activated = step("activate")?;
     let healthy = step("healthy")?;
@@ -639,9 +646,8 @@ fn report(
     let empty = Vec::new();
     let cold = results.get("cold").unwrap_or(&empty);
     let warm = results.get("warm").unwrap_or(&empty);
-    let med = |rows: &[Measured], f: &dyn Fn(&Measured) -> f64| {
-        median(rows.iter().map(f).collect())
-    };
+    let med =
+        |rows: &[Measured], f: &dyn Fn(&Measured) -> f64| median(rows.iter().map(f).collect());
     println!(
         "time to serve on debian nodes, {} round(s) alternating, {} rps breach; median seconds",
         args.rounds, args.rps
@@ -677,8 +683,8 @@ fn report(
     );
     println!(
         "| total from the decision (the node path) | {:.2} | {:.2} |",
-        med(cold, &Measured::from_decision),
-        med(warm, &Measured::from_decision)
+        med(cold, &Measured::node_path),
+        med(warm, &Measured::node_path)
     );
     println!(
         "| hangar's own overhead (node path − boot − runbook − release) | {:.2} | {:.2} |",
@@ -698,7 +704,7 @@ fn report(
     }
     println!();
     // Goal 1: warm ≤ 1.5 × (boot + health check), on warm's own parts.
-    let warm_path = med(warm, &Measured::from_decision);
+    let warm_path = med(warm, &Measured::node_path);
     let warm_total = med(warm, &Measured::total);
     let bound = 1.5 * (med(warm, &|m| m.part(2)) + med(warm, &|m| m.part(6)));
     println!(
@@ -708,7 +714,7 @@ fn report(
         verdict(warm_total <= bound)
     );
     // Goal 2: cold ≤ runbook + release + boot + 3 s.
-    let cold_path = med(cold, &Measured::from_decision);
+    let cold_path = med(cold, &Measured::node_path);
     let cold_total = med(cold, &Measured::total);
     let allowed = med(cold, &|m| m.part(4)) + med(cold, &|m| m.part(5)) + med(cold, &|m| m.part(2));
     println!(
