@@ -432,6 +432,14 @@ fn stop_start_reboot_and_terminate_follow_ec2() {
         )
         .unwrap();
     let netns = cloud.machine(&id).unwrap().net().netns.clone();
+    let mac = |cloud: &LocalCloud| {
+        cloud
+            .ssh_ok(&id, DEPLOY_USER, "cat /sys/class/net/eth0/address")
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let mac_before = mac(&cloud);
 
     // Stop: the machine powers off, its namespace and mount go, the disk stays.
     let began = Instant::now();
@@ -466,6 +474,9 @@ fn stop_start_reboot_and_terminate_follow_ec2() {
     cloud.wait_ssh(&id, BOOT).unwrap();
     eprintln!("start to SSH: {:?}", began.elapsed());
     assert_eq!(cloud.node_ip(&id), Some(ip));
+    // Same MAC as before, as an ENI keeps it: a new one would leave the
+    // host's neighbour entry for the address stale for seconds.
+    assert_eq!(mac(&cloud), mac_before, "the MAC changed across stop/start");
     assert_eq!(
         cloud.host_key(&id).unwrap(),
         key,

@@ -331,17 +331,33 @@ impl NodeRun {
 
     /// Waits, up to the health-check deadline, for the instance to run and
     /// answer SSH (a fresh VM takes a while to boot).
+    /// Its note says how long that took and how much of it went to the
+    /// cloud's listing catching up (before it lists the instance running,
+    /// hangar does not try SSH), so a slow start can be told apart from a
+    /// slow boot.
     async fn await_reachable(&mut self) -> Result<(), Fail> {
-        let deadline = Instant::now() + self.spec().release.health_check.deadline.get();
+        let started = Instant::now();
+        let deadline = started + self.spec().release.health_check.deadline.get();
         let mut last;
+        let mut listed_running = None;
+        let mut attempts = 0u32;
         loop {
             if self.handle.cancelled() {
                 return Err(Fail::Cancelled);
             }
             if self.instance.state == InstanceState::Running && self.address().is_some() {
+                let listed = *listed_running.get_or_insert_with(|| started.elapsed());
+                attempts += 1;
                 match self.session().await {
                     Ok(_) => {
-                        self.handle.note("reachable", "answers SSH".to_string());
+                        self.handle.note(
+                            "reachable",
+                            format!(
+                                "answers SSH after {:.1}s (listed running after {:.1}s, attempt {attempts})",
+                                started.elapsed().as_secs_f64(),
+                                listed.as_secs_f64()
+                            ),
+                        );
                         return Ok(());
                     }
                     Err(Fail::Node(why)) => return Err(Fail::Node(why)),
