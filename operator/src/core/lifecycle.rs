@@ -114,8 +114,11 @@ pub fn steps(task: &Task, phase: Phase, facts: NodeFacts) -> Vec<Step> {
         Task::Drain { .. } => match phase {
             Phase::Terminating => vec![Terminate],
             // Never registered (or deregistered before it was pooled), and
-            // possibly stopped: nothing to drain, no hooks to run over SSH.
+            // possibly stopped: no hooks to run over SSH. Yet a node just
+            // taken out of the pool is registered while the listing may
+            // still show `warm`: out of the target group first.
             Phase::Warm => vec![
+                LeaveService,
                 SetPhase {
                     phase: Phase::Terminating,
                     release: false,
@@ -249,7 +252,9 @@ fn to_pool(phase: Phase, facts: NodeFacts, stop: bool) -> Vec<Step> {
         ]
         .concat(),
         Phase::Draining => vec![Deregister, DrainHooks],
-        Phase::Warm => Vec::new(),
+        // Listed `warm` may be a node just taken out of the pool and
+        // registered (the listing lags): out of the target group first.
+        Phase::Warm => vec![LeaveService],
         Phase::Terminating => return Vec::new(),
     };
     if phase != Phase::Warm {
@@ -544,7 +549,33 @@ mod tests {
         // Resumed after a crash between the tag and the stop.
         assert_eq!(
             steps(&Task::Warm { stop: true }, Phase::Warm, FRESH),
-            [StopInstance]
+            [LeaveService, StopInstance]
+        );
+    }
+
+    /// A node just taken out of the pool is registered while the listing
+    /// may still show its `warm` tag for a few seconds: whatever the pool
+    /// then does with a "warm" node (stop it, terminate it), it leaves the
+    /// target group first. For a node that really is warm that costs one
+    /// target-health read.
+    #[test]
+    fn a_node_listed_warm_leaves_the_target_group_before_it_is_stopped_or_terminated() {
+        for stop in [true, false] {
+            let s = steps(&Task::Warm { stop }, Phase::Warm, FRESH);
+            assert_eq!(s.first(), Some(&LeaveService), "{s:?}");
+        }
+        let s = steps(
+            &Task::Drain {
+                reason: "pool shrinks".into(),
+            },
+            Phase::Warm,
+            FRESH,
+        );
+        assert_eq!(s.first(), Some(&LeaveService), "{s:?}");
+        assert_eq!(s.last(), Some(&Terminate), "{s:?}");
+        assert!(
+            !s.iter().any(|x| matches!(x, DrainHooks | AwaitReachable)),
+            "no SSH: {s:?}"
         );
     }
 
@@ -648,7 +679,7 @@ mod tests {
             Phase::Warm,
             FRESH,
         );
-        assert_eq!(s, [set(Phase::Terminating), Terminate]);
+        assert_eq!(s, [LeaveService, set(Phase::Terminating), Terminate]);
     }
 
     #[test]
