@@ -142,6 +142,7 @@ fn a_new_launch_template_version_on_latest_replaces_every_node_surge_first_dropp
         .with_capacity(2, 2)
         .set("spec.instances.launchTemplateVersion", "$Latest");
     let stamp = launch_stamps(&s.write_spec(&spec));
+    s.operator_settings.push(fast_latest());
     s.start_operator();
     s.wait_status(
         "web",
@@ -166,7 +167,6 @@ fn a_new_launch_template_version_on_latest_replaces_every_node_surge_first_dropp
     s.wait_status(
         "web",
         "2 new machines in service",
-        // `$Latest` is read at most once a minute, then two surges.
         Duration::from_secs(240),
         |st| settled_on(st, 2, "v1") && st.nodes.iter().all(|n| !old.contains(&n.id)),
     );
@@ -212,6 +212,12 @@ fn launch_stamps(file: &std::path::Path) -> impl Fn(&str) -> String {
     move |version| hangar::core::launches::settings_hash(&cluster.spec.instances, version)
 }
 
+/// `$Latest` read again every 2 s, not every minute: a new template
+/// version is acted on at the next pass (at most 15 s for an idle cluster).
+fn fast_latest() -> (String, String) {
+    ("HANGAR_TEMPLATE_VERSION_TTL".into(), "2s".into())
+}
+
 /// The AMI of a launch template's second version: any id but the seeded one.
 const PATCHED_AMI: &str = "ami-0a1b2c3d4e5f60719";
 
@@ -237,6 +243,7 @@ fn a_template_version_that_never_gets_healthy_halts_the_refresh_and_a_fixed_one_
         // A machine that never answers is given up on in seconds, not a minute.
         .set("spec.release.healthCheck.deadline", "6s");
     let stamp = launch_stamps(&s.write_spec(&spec));
+    s.operator_settings.push(fast_latest());
     s.start_operator();
     let before = s.wait_status(
         "web",
