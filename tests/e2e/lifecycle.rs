@@ -170,8 +170,7 @@ fn a_new_launch_template_version_on_latest_replaces_every_node_surge_first_dropp
         Duration::from_secs(240),
         |st| settled_on(st, 2, "v1") && st.nodes.iter().all(|n| !old.contains(&n.id)),
     );
-    let report = load.stop();
-    assert_eq!(report.errors, 0, "{report:?}");
+    no_failed_request(&s, &load.stop());
     let now = s.instances("web");
     assert_eq!(now.len(), 2, "no orphan: {now:?}");
     for i in &now {
@@ -210,6 +209,25 @@ fn launch_stamps(file: &std::path::Path) -> impl Fn(&str) -> String {
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     let cluster = report.clusters[0].cluster.clone();
     move |version| hangar::core::launches::settings_hash(&cluster.spec.instances, version)
+}
+
+/// Zero failed requests; else the failed ones as the LB logged them (why
+/// it answered itself), the fewest targets it could route to, and what the
+/// operator did.
+fn no_failed_request(s: &Scenario, report: &hangar_local::load::LoadReport) {
+    assert_eq!(
+        report.errors,
+        0,
+        "{report:?}\nfewest routable: {:?}\nfailed: {:#?}\nactivities: {:#?}",
+        s.watcher.report().min_serving,
+        s.cloud
+            .lb()
+            .requests()
+            .into_iter()
+            .filter(|r| !r.ok())
+            .collect::<Vec<_>>(),
+        s.status("web").map(|st| st.activities)
+    );
 }
 
 /// `$Latest` read again every 2 s, not every minute: a new template
@@ -352,19 +370,7 @@ fn a_template_version_that_never_gets_healthy_halts_the_refresh_and_a_fixed_one_
         Duration::from_secs(240),
         |st| settled_on(st, 2, "v1") && st.nodes.iter().all(|n| !old.contains(&n.id)),
     );
-    let report = load.stop();
-    assert_eq!(
-        report.errors,
-        0,
-        "{report:?}\nfailed: {:#?}\nactivities: {:#?}",
-        s.cloud
-            .lb()
-            .requests()
-            .into_iter()
-            .filter(|r| !r.ok())
-            .collect::<Vec<_>>(),
-        s.status("web").map(|st| st.activities)
-    );
+    no_failed_request(&s, &load.stop());
     let now = s.instances("web");
     assert_eq!(now.len(), 2, "no orphan: {now:?}");
     assert!(
