@@ -25,9 +25,9 @@ const LIST_PAGE: i32 = 1000;
 const TERMINATE_BATCH: usize = 1000;
 /// Every state but `terminated`.
 const LIVE_STATES: [&str; 5] = ["pending", "running", "shutting-down", "stopping", "stopped"];
-/// How long a resolved `$Latest`/`$Default` is trusted: a new template
+/// How long a resolved `$Latest`/`$Default` is trusted by default: a new template
 /// version is noticed within this, at one Describe per template.
-const TEMPLATE_VERSION_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const TEMPLATE_VERSION_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 /// AWS's tag limits.
 const MAX_TAGS: usize = 50;
 const MAX_KEY: usize = 128;
@@ -140,7 +140,7 @@ impl Compute for AwsCloud {
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
         {
-            if at.elapsed() < TEMPLATE_VERSION_TTL {
+            if at.elapsed() < self.inner.template_version_ttl {
                 return Ok(v.clone());
             }
         }

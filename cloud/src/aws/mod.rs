@@ -110,9 +110,19 @@ pub struct AwsCloudBuilder {
     https_client: Option<reqwest::Client>,
     prometheus_client: Option<reqwest::Client>,
     fence: Arc<dyn Fence>,
+    template_version_ttl: std::time::Duration,
 }
 
 impl AwsCloudBuilder {
+    /// How long a `$Latest`/`$Default` launch template version, once
+    /// resolved to a number, is believed before `DescribeLaunchTemplates`
+    /// is asked again (default a minute): how soon a new template version
+    /// starts an instance refresh.
+    pub fn template_version_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.template_version_ttl = ttl;
+        self
+    }
+
     /// The lease guard: asked right before every mutating call (and each
     /// retry of it) goes out, told of every `hangar:epoch` read, and the
     /// source of the epoch stamped on what is written. Default: unfenced
@@ -245,6 +255,7 @@ impl AwsCloudBuilder {
                 load_balancer_of: Mutex::new(HashMap::new()),
                 owned: Mutex::new(HashMap::new()),
                 template_versions: Mutex::new(HashMap::new()),
+                template_version_ttl: self.template_version_ttl,
                 metric_batcher: Arc::default(),
                 fence: self.fence,
             }),
@@ -278,6 +289,7 @@ struct Inner {
     owned: Mutex<HashMap<String, std::time::Instant>>,
     /// (template, `$Latest`/`$Default`) → (when asked, version number).
     template_versions: Mutex<HashMap<(String, String), (std::time::Instant, String)>>,
+    template_version_ttl: std::time::Duration,
     /// ALB metric reads of this region, sharing `GetMetricData` calls.
     metric_batcher: Arc<crate::metric_batch::MetricBatcher>,
     fence: Arc<dyn Fence>,
@@ -311,6 +323,7 @@ impl AwsCloud {
             https_client: None,
             prometheus_client: None,
             fence: Arc::new(Unfenced),
+            template_version_ttl: compute::TEMPLATE_VERSION_TTL,
         }
     }
 

@@ -631,6 +631,41 @@ impl LocalCloud {
             .collect())
     }
 
+    /// Creates a new version of the seeded launch template, version 1's
+    /// settings booting `image_id` (a patched AMI, or
+    /// [`crate::seed::UNHEALTHY_AMI`]), and returns its number: what `$Latest`
+    /// names from now on. Through the gateway, like a person's `aws ec2
+    /// create-launch-template-version`. The data is spelled out: moto
+    /// ignores `SourceVersion`.
+    pub fn new_template_version(&self, image_id: &str) -> Result<i64, LocalCloudError> {
+        let ec2 = self.clients.ec2.clone();
+        let template = self.seeded.launch_template_id.clone();
+        let group = self.seeded.security_group_id.clone();
+        let image = image_id.to_string();
+        let out = self
+            .block_on(async move {
+                ec2.create_launch_template_version()
+                    .launch_template_id(template)
+                    .source_version("1")
+                    .launch_template_data(
+                        aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                            .image_id(image)
+                            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                            .security_group_ids(group)
+                            .build(),
+                    )
+                    .send()
+                    .await
+            })
+            .map_err(aws("CreateLaunchTemplateVersion"))?;
+        out.launch_template_version()
+            .and_then(|v| v.version_number())
+            .ok_or_else(|| LocalCloudError::Aws {
+                what: "CreateLaunchTemplateVersion".into(),
+                message: "no version number in the answer".into(),
+            })
+    }
+
     pub fn terminate(&self, instance_ids: &[&str]) -> Result<(), LocalCloudError> {
         let ec2 = self.clients.ec2.clone();
         let ids: Vec<String> = instance_ids.iter().map(|s| s.to_string()).collect();

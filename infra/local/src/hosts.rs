@@ -110,6 +110,9 @@ pub struct InstanceInfo {
     /// `pending`, `running`, `stopping`, `stopped`, `shutting-down`, `terminated`.
     pub state: String,
     pub private_ip: Option<Ipv4Addr>,
+    /// [`crate::seed::UNHEALTHY_AMI`] boots a node whose app never answers healthy.
+    #[serde(default)]
+    pub image_id: Option<String>,
 }
 
 impl InstanceInfo {
@@ -508,6 +511,7 @@ impl Hosts {
                             id: id.to_string(),
                             state,
                             private_ip,
+                            image_id: instance.image_id().map(str::to_string),
                         },
                     );
                 }
@@ -612,7 +616,10 @@ impl Hosts {
                 }
                 None => {
                     let config = NodeConfig::new(&info.id, ip, state_dir)
-                        .authorize(self.options.authorized_key.clone());
+                        .authorize(self.options.authorized_key.clone())
+                        .unhealthy_app(
+                            info.image_id.as_deref() == Some(crate::seed::UNHEALTHY_AMI),
+                        );
                     Box::new(move || Ok(AnyNode::Lite(Node::start(config)?)))
                 }
             };

@@ -156,6 +156,12 @@ pub struct NodeConfig {
     /// Reusing a directory keeps the node's host key across restarts, like
     /// a rebooted instance.
     pub state_dir: PathBuf,
+    /// The node's app never answers healthy ([`crate::seed::UNHEALTHY_AMI`]):
+    /// its sessions get `PYTHONPATH` pointing at a `sitecustomize` that makes
+    /// every `http.server` answer 503, so SSH, runbooks and releases work
+    /// while the health check never passes — a broken image, not a broken
+    /// release or node.
+    pub unhealthy_app: bool,
 }
 
 impl NodeConfig {
@@ -166,7 +172,13 @@ impl NodeConfig {
             port: 22,
             authorized_keys: Vec::new(),
             state_dir: state_dir.into(),
+            unhealthy_app: false,
         }
+    }
+
+    pub fn unhealthy_app(mut self, unhealthy: bool) -> Self {
+        self.unhealthy_app = unhealthy;
+        self
     }
 
     pub fn authorize(mut self, public_key_line: impl Into<String>) -> Self {
@@ -220,11 +232,18 @@ impl Node {
                 .collect::<String>(),
             0o600,
         )?;
-        write_file(
-            &dir.join("sshd_config"),
-            &sshd_config(config.ip, config.port),
-            0o600,
-        )?;
+        let mut sshd = sshd_config(config.ip, config.port);
+        if config.unhealthy_app {
+            let site = dir.join(UNHEALTHY_SITE);
+            fs::create_dir_all(&site).map_err(io_err(format!("creating {}", site.display())))?;
+            write_file(
+                &site.join("sitecustomize.py"),
+                UNHEALTHY_SITECUSTOMIZE,
+                0o644,
+            )?;
+            sshd.push_str(&format!("SetEnv PYTHONPATH={NODE_DIR}/{UNHEALTHY_SITE}\n"));
+        }
+        write_file(&dir.join("sshd_config"), &sshd, 0o600)?;
         let pid_file = dir.join("sshd.pid");
         let _ = fs::remove_file(&pid_file);
 
@@ -604,6 +623,26 @@ fn wait_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Optio
 
 const HOST_KEY: &str = "ssh_host_ed25519_key";
 
+/// Under the state dir: the `sitecustomize` of a node whose app never
+/// answers healthy.
+const UNHEALTHY_SITE: &str = "unhealthy-site";
+
+/// Python imports `sitecustomize` from `PYTHONPATH` before Debian's own;
+/// this one turns every status an `http.server` handler sends into a 503.
+const UNHEALTHY_SITECUSTOMIZE: &str =
+    "# hangar-local UNHEALTHY_AMI: every HTTP server here answers 503.
+import http.server
+
+_send_response = http.server.BaseHTTPRequestHandler.send_response
+
+
+def _unhealthy(self, code, message=None):
+    _send_response(self, 503, 'unhealthy image')
+
+
+http.server.BaseHTTPRequestHandler.send_response = _unhealthy
+";
+
 /// Runs inside the fresh namespaces: private mounts, then sshd (daemon mode;
 /// `unshare` returns once it has forked).
 const START_SCRIPT: &str = r#"set -e
@@ -935,6 +974,29 @@ pub fn distinct_namespaces<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_unhealthy_site_hook_takes_over_every_http_server() {
+        let dir = std::env::temp_dir().join(format!("hangar-unhealthy-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("sitecustomize.py"), UNHEALTHY_SITECUSTOMIZE).unwrap();
+        let out = Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import http.server; print(http.server.BaseHTTPRequestHandler.send_response.__name__)",
+            ])
+            .env("PYTHONPATH", &dir)
+            .output()
+            .unwrap();
+        let _ = fs::remove_dir_all(&dir);
+        // A broken hook only prints "Error in sitecustomize" and goes on.
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "_unhealthy");
+    }
 
     #[test]
     fn sshd_config_listens_only_on_the_node_address() {

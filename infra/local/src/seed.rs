@@ -19,6 +19,14 @@ use crate::slot::Slot;
 /// Any AMI id: moto does not check them against a catalogue.
 pub const AMI: &str = "ami-0a1b2c3d4e5f60718";
 
+/// An image whose machines boot and take SSH, runbooks and releases like
+/// any other, but whose app never answers healthy: every HTTP answer of a
+/// Python server on such a `lite` node is a 503 (see
+/// [`crate::node::NodeConfig::unhealthy_app`]). A launch template version
+/// naming it is a "patched AMI" that broke the app — what an instance
+/// refresh must halt on, not roll through. `debian` nodes ignore it.
+pub const UNHEALTHY_AMI: &str = "ami-0badbadbadbadbad0";
+
 /// Where release tarballs live in the bucket.
 pub const RELEASE_PREFIX: &str = "releases";
 /// The DynamoDB table two operators share a lease (and their memory of

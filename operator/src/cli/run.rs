@@ -24,7 +24,8 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<ExitCode> {
         tokio::spawn(stop_on_signal(shutdown.clone()));
         let ha = hangar::runtime::lease::from_settings(&settings).await?;
         let mut clouds =
-            hangar::runtime::clouds::AwsClouds::new(&settings.owner, &settings.state_dir);
+            hangar::runtime::clouds::AwsClouds::new(&settings.owner, &settings.state_dir)
+                .template_version_ttl(settings.template_version_ttl.get());
         if let Some(ha) = &ha {
             // Every mutating call asks the lease first; the lease table's
             // calls show on /metrics with the others.

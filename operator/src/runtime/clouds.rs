@@ -26,6 +26,8 @@ pub struct AwsClouds {
     /// Counters of calls made outside the per-region clouds (the lease
     /// table), exported with theirs.
     extra_calls: Vec<Arc<ApiCalls>>,
+    /// `None`: the cloud's default (a minute).
+    template_version_ttl: Option<std::time::Duration>,
 }
 
 impl AwsClouds {
@@ -37,6 +39,7 @@ impl AwsClouds {
             for_stats: Mutex::default(),
             fence: Arc::new(Unfenced),
             extra_calls: Vec::new(),
+            template_version_ttl: None,
         }
     }
 
@@ -44,6 +47,13 @@ impl AwsClouds {
     /// and stamps its epoch on what it writes.
     pub fn fenced(mut self, fence: Arc<dyn Fence>) -> AwsClouds {
         self.fence = fence;
+        self
+    }
+
+    /// How long a resolved `$Latest`/`$Default` is believed (the
+    /// `template_version_ttl` setting).
+    pub fn template_version_ttl(mut self, ttl: std::time::Duration) -> AwsClouds {
+        self.template_version_ttl = Some(ttl);
         self
     }
 
@@ -62,9 +72,12 @@ impl CloudProvider for AwsClouds {
             return Ok(c.cloud());
         }
         let sdk = aws_config_for(region).await;
-        let c = AwsCloud::builder(&sdk, self.owner.clone(), self.artifact_cache.clone())
-            .fence(self.fence.clone())
-            .build()?;
+        let mut c = AwsCloud::builder(&sdk, self.owner.clone(), self.artifact_cache.clone())
+            .fence(self.fence.clone());
+        if let Some(ttl) = self.template_version_ttl {
+            c = c.template_version_ttl(ttl);
+        }
+        let c = c.build()?;
         regions.insert(region.to_string(), c.clone());
         self.for_stats
             .lock()

@@ -13,9 +13,10 @@ use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
 /// Environment variables read, each the upper-cased key with `HANGAR_`.
-pub const ENV_VARS: [&str; 17] = [
+pub const ENV_VARS: [&str; 18] = [
     "HANGAR_SPECS",
     "HANGAR_SECRETS_REFRESH_INTERVAL",
+    "HANGAR_TEMPLATE_VERSION_TTL",
     "HANGAR_GIT_POLL_INTERVAL",
     "HANGAR_GIT_SSH_KEY",
     "HANGAR_GIT_KNOWN_HOSTS",
@@ -186,6 +187,10 @@ fn default_secrets_refresh() -> hangar_crds::Duration {
     hangar_crds::Duration::from_secs(60)
 }
 
+fn default_template_version_ttl() -> hangar_crds::Duration {
+    hangar_crds::Duration::from_secs(60)
+}
+
 fn default_git_poll() -> hangar_crds::Duration {
     hangar_crds::Duration::from_secs(30)
 }
@@ -221,6 +226,11 @@ pub struct Settings {
     /// reaches the nodes within it); default 60s.
     #[serde(default = "default_secrets_refresh")]
     pub secrets_refresh_interval: hangar_crds::Duration,
+    /// How long a launch template's `$Latest`/`$Default`, once resolved to
+    /// a version number, is believed before it is read again: a new
+    /// template version starts an instance refresh within it; default 60s.
+    #[serde(default = "default_template_version_ttl")]
+    pub template_version_ttl: hangar_crds::Duration,
     /// Where status, pinned host keys, the artifact cache and the lease live.
     pub state_dir: PathBuf,
     /// Address of the HTTP server (metrics, health, status API).
@@ -243,6 +253,7 @@ pub struct Settings {
 struct FileSettings {
     specs: Option<String>,
     secrets_refresh_interval: Option<hangar_crds::Duration>,
+    template_version_ttl: Option<hangar_crds::Duration>,
     git_poll_interval: Option<hangar_crds::Duration>,
     git_ssh_key: Option<PathBuf>,
     git_known_hosts: Option<PathBuf>,
@@ -426,6 +437,11 @@ impl Settings {
                 "secrets_refresh_interval must be at least 1s".into(),
             ));
         }
+        if self.template_version_ttl.get() < std::time::Duration::from_secs(1) {
+            return Err(SettingsError::Invalid(
+                "template_version_ttl must be at least 1s".into(),
+            ));
+        }
         if self.git.git_poll_interval.get() < std::time::Duration::from_secs(1) {
             return Err(SettingsError::Invalid(
                 "git_poll_interval must be at least 1s".into(),
@@ -513,8 +529,10 @@ mod tests {
             ("HANGAR_GIT_POLL_INTERVAL", "5m"),
             ("HANGAR_GIT_KNOWN_HOSTS", "/etc/hangar/known_hosts"),
             ("HANGAR_SECRETS_REFRESH_INTERVAL", "10s"),
+            ("HANGAR_TEMPLATE_VERSION_TTL", "5s"),
         ]);
         let s = Settings::load_with_env(None, e, &flags).unwrap();
+        assert_eq!(s.template_version_ttl.get().as_secs(), 5);
         match s.spec_source().unwrap() {
             SpecSource::Git(g) => {
                 assert_eq!((g.dir.as_str(), g.reference.as_str()), ("clusters", "prod"));

@@ -47,6 +47,8 @@ pub struct Scenario {
     /// Where the operator's AWS calls go instead of the cloud's endpoint
     /// (a fault-injecting proxy), and the proxy itself.
     aws_faults: Option<FaultProxy>,
+    /// Added to every operator's environment (operator settings).
+    pub operator_settings: Vec<(String, String)>,
     _turn: std::sync::MutexGuard<'static, ()>,
 }
 
@@ -107,6 +109,7 @@ impl Scenario {
             reader,
             runtime,
             aws_faults: None,
+            operator_settings: Vec::new(),
             _turn: turn,
         }
     }
@@ -184,6 +187,7 @@ impl Scenario {
     /// calls sent through the fault proxy if there is one.
     pub fn operator_env(&self) -> Vec<(String, String)> {
         let mut env = self.cloud.env();
+        env.extend(self.operator_settings.iter().cloned());
         if let Some(proxy) = &self.aws_faults {
             for (k, v) in &mut env {
                 if k == "AWS_ENDPOINT_URL" {

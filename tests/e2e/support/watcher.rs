@@ -11,7 +11,9 @@
 //! - **Nothing serving is stopped**: the same for an instance seen stopping
 //!   (a scale-in victim going back to the warm pool), which must also be
 //!   past the ALB's deregistration delay (drained, not just deregistered).
-//! - **Capacity stays within bounds**: the most instances ever alive at once.
+//! - **Capacity stays within bounds**: the most instances ever alive at once,
+//!   and, once [`Watcher::track_serving`] is called, the fewest targets the
+//!   load balancer could route to (sampled every 50 ms).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +30,9 @@ use hangar_local::lb::Lb;
 pub struct Report {
     /// Every instance of ours ever seen (ids).
     pub launched: BTreeSet<String>,
+    /// The `hangar:launch` stamp (launch settings hash) of each instance
+    /// seen, as first seen: which launches were for which template version.
+    pub launch_stamps: BTreeMap<String, String>,
     /// Targets as they appeared in the LB, with whether their node answered
     /// its health check at that moment.
     pub registrations: Vec<(String, bool)>,
@@ -43,6 +48,9 @@ pub struct Report {
     /// Instances the scenario itself terminates (a node dying behind
     /// hangar's back): no drain is owed for them.
     pub killed_by_test: BTreeSet<String>,
+    /// The fewest routable (registered, healthy) targets seen since
+    /// [`Watcher::track_serving`]; `None` before it.
+    pub min_serving: Option<usize>,
     pub violations: Vec<String>,
 }
 
@@ -87,6 +95,12 @@ impl Watcher {
     /// hangar's back.
     pub fn killed_by_test(&self, id: &str) {
         lock(&self.report).killed_by_test.insert(id.to_string());
+    }
+
+    /// From now on, records the fewest targets the load balancer can route
+    /// to (a refresh must never serve with fewer than min).
+    pub fn track_serving(&self) {
+        lock(&self.report).min_serving = Some(usize::MAX);
     }
 
     /// Panics listing every violation seen so far. Only our instances are
@@ -142,6 +156,10 @@ fn watch(lb: Lb, reader: AwsCloud, report: Arc<Mutex<Report>>, stop: Arc<AtomicB
     while !stop.load(Ordering::SeqCst) {
         // The LB is in-process: look often, so a registration is seen at once.
         let mut registered_now: BTreeSet<String> = BTreeSet::new();
+        let routable = lb.routable().len();
+        if let Some(low) = lock(&report).min_serving.as_mut() {
+            *low = (*low).min(routable);
+        }
         for t in lb.targets() {
             if t.registered {
                 registered_now.insert(t.instance_id.clone());
@@ -184,6 +202,11 @@ fn watch(lb: Lb, reader: AwsCloud, report: Arc<Mutex<Report>>, stop: Arc<AtomicB
                 let mut now_running: BTreeSet<String> = BTreeSet::new();
                 for i in &list {
                     r.launched.insert(i.id.clone());
+                    if let Some(stamp) = i.tags.get(hangar_cloud::tags::LAUNCH) {
+                        r.launch_stamps
+                            .entry(i.id.clone())
+                            .or_insert_with(|| stamp.clone());
+                    }
                     if i.cluster.is_empty() || i.phase.is_none() {
                         r.violations
                             .push(format!("{} lacks hangar's tags: {:?}", i.id, i.tags));

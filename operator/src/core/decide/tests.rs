@@ -902,6 +902,48 @@ fn nodes_older_than_max_lifetime_are_replaced_one_at_a_time_and_the_new_ones_sta
     assert!(sim.pass().diff.actions.is_empty());
 }
 
+/// A fleet launched at once reaches its lifetime at once; each node is
+/// due a little earlier within the lifetime's last tenth, so the
+/// replacements are spread over hours instead of one after the other.
+#[test]
+fn a_fleet_launched_together_reaching_max_lifetime_is_replaced_spread_over_its_last_tenth() {
+    let mut s = with_min(3);
+    s.instances.max_lifetime = Some(hangar_crds::Duration::from_secs(24 * 3600));
+    let mut sim = settled_fleet(s);
+    let start = sim.now;
+    let old: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
+    assert_eq!(old.len(), 3);
+    // Minutes after the launch at which each old node left service.
+    let mut replaced_at = std::collections::BTreeMap::<String, i64>::new();
+    sim.wait(21 * 3600);
+    // Every 5 minutes, from 21 h to 24 h: the fleet settles, one batch at a time.
+    for _ in 0..=36 {
+        refresh_within(&mut sim, 3, 4, 60);
+        let minutes = (sim.now - start).num_minutes();
+        for id in &old {
+            if !sim.serving().iter().any(|i| &i.id == id) {
+                replaced_at.entry(id.clone()).or_insert(minutes);
+            }
+        }
+        sim.wait(300);
+    }
+    assert_eq!(
+        replaced_at.len(),
+        3,
+        "all replaced by 24 h: {replaced_at:?}"
+    );
+    assert!(
+        replaced_at.values().all(|m| *m >= 21 * 60 + 36),
+        "none before the last tenth (21 h 36 m): {replaced_at:?}"
+    );
+    let first = replaced_at.values().min().copied().unwrap_or_default();
+    let last = replaced_at.values().max().copied().unwrap_or_default();
+    assert!(
+        last - first >= 30,
+        "spread out, not one right after the other: {replaced_at:?}"
+    );
+}
+
 #[test]
 fn a_launched_node_that_dies_before_the_listing_shows_it_is_replaced_within_a_minute() {
     let mut sim = settled_fleet(with_min(2));
