@@ -305,6 +305,7 @@ impl<'o> Pass<'o> {
                     if brings_up(&f.task) {
                         m.node_failures = 0;
                         m.launch_backoff_until = None;
+                        m.failing_launch = None;
                     }
                 }
                 Outcome::Cancelled => {}
@@ -328,7 +329,7 @@ impl<'o> Pass<'o> {
                     let message = format!("{} failed: {why}; replacing the node", f.task.name());
                     self.activities
                         .push(Activity::new(f.at, "error", Some(&f.node), message));
-                    self.count_node_failure();
+                    self.count_node_failure(&f.node);
                 }
                 Outcome::ReleaseFailed { release, reason } => {
                     m.node_errors.insert(f.node.clone(), reason.clone());
@@ -345,7 +346,7 @@ impl<'o> Pass<'o> {
                         self.rollout_events(vec![ev]);
                     }
                     if new_node {
-                        self.count_node_failure();
+                        self.count_node_failure(&f.node);
                     }
                 }
             }
@@ -388,9 +389,19 @@ impl<'o> Pass<'o> {
 
     /// One more node in a row that never came up; from the third on,
     /// launches back off (30 s, doubling, at most 10 min).
-    fn count_node_failure(&mut self) {
+    fn count_node_failure(&mut self, node: &str) {
         let now = self.obs.now;
+        let stamp = self
+            .obs
+            .instances
+            .iter()
+            .find(|i| i.id == node)
+            .and_then(|i| i.tags.get(tags::LAUNCH).cloned())
+            .or_else(|| self.launch_settings());
         let m = &mut self.memory;
+        if stamp.is_some() {
+            m.failing_launch = stamp;
+        }
         m.node_failures += 1;
         if m.node_failures >= 3 {
             let exp = 30u64.saturating_mul(1 << (m.node_failures - 3).min(5));
@@ -515,13 +526,44 @@ impl<'o> Pass<'o> {
         }
     }
 
-    fn fleet_diff(&mut self) -> fleet::Diff {
-        let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
-        let m = &self.memory;
-        let launch = obs
+    /// The `hangar:launch` stamp a node launched now gets: the spec's
+    /// launch settings with the template version resolved.
+    fn launch_settings(&self) -> Option<String> {
+        self.obs
             .launch_version
             .as_deref()
-            .map(|v| launches::settings_hash(&spec.instances, v));
+            .map(|v| launches::settings_hash(&self.obs.spec.instances, v))
+    }
+
+    /// The backoff was earned by the launch settings the failing nodes
+    /// had; with new ones (a fixed template version, another AMI or
+    /// instance type) launches start over at once.
+    fn forget_backoff_of_old_launch_settings(&mut self, launch: Option<&str>) {
+        let m = &mut self.memory;
+        let (Some(failed), Some(now)) = (m.failing_launch.as_deref(), launch) else {
+            return;
+        };
+        if failed == now {
+            return;
+        }
+        let waited = m.launch_backoff_until.is_some();
+        m.node_failures = 0;
+        m.launch_backoff_until = None;
+        m.failing_launch = None;
+        if waited {
+            self.record(
+                "backoff",
+                None,
+                "launch settings changed since the failures: launches no longer wait",
+            );
+        }
+    }
+
+    fn fleet_diff(&mut self) -> fleet::Diff {
+        let launch = self.launch_settings();
+        self.forget_backoff_of_old_launch_settings(launch.as_deref());
+        let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
+        let m = &self.memory;
         let nodes: Vec<fleet::Node> = obs
             .instances
             .iter()

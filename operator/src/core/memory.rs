@@ -51,6 +51,11 @@ pub struct Memory {
     pub retry_after: BTreeMap<String, DateTime<Utc>>,
     /// Launches wait until then after repeated node failures.
     pub launch_backoff_until: Option<DateTime<Utc>>,
+    /// The launch settings (`hangar:launch` stamp) the failures in a row
+    /// were earned with: new settings (a fixed template version) start
+    /// over, as an Auto Scaling group's next launch does.
+    #[serde(default)]
+    pub failing_launch: Option<String>,
     /// Launch intents not yet confirmed by the listing, and subnets
     /// launches avoid for now.
     #[serde(default)]
@@ -110,6 +115,7 @@ impl Memory {
             node_retries,
             retry_after,
             launch_backoff_until,
+            failing_launch,
             launches,
             serving: _,
         } = self;
@@ -132,6 +138,7 @@ impl Memory {
             && *node_retries == other.node_retries
             && *retry_after == other.retry_after
             && *launch_backoff_until == other.launch_backoff_until
+            && *failing_launch == other.failing_launch
             && *launches == other.launches
     }
 
@@ -151,6 +158,7 @@ impl Memory {
             node_retries,
             retry_after,
             launch_backoff_until,
+            failing_launch,
             launches,
             serving,
         } = self;
@@ -168,6 +176,7 @@ impl Memory {
             node_retries: node_retries.clone(),
             retry_after: retry_after.clone(),
             launch_backoff_until: *launch_backoff_until,
+            failing_launch: failing_launch.clone(),
             launches: launches.clone(),
             serving: *serving,
         }

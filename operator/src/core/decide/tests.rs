@@ -303,6 +303,45 @@ fn a_node_that_fails_is_replaced_and_repeated_failures_back_launches_off() {
     assert!(sim.memory.launch_backoff_until.is_some_and(|t| t > sim.now));
 }
 
+/// An Auto Scaling group retries at once when its launch template
+/// changes: the backoff was earned by the old launch settings, and a
+/// fixed template version must not wait it out.
+#[test]
+fn new_launch_settings_end_the_backoff_the_old_ones_earned() {
+    let mut sim = Sim::new(spec(""));
+    let broken = Outcome::NodeFailed("never answered SSH".into());
+    sim.pass();
+    sim.pass();
+    sim.finish_all("advance", broken.clone());
+    sim.pass();
+    sim.finish_all("drain", Outcome::Done);
+    sim.pass();
+    sim.finish_all("advance", broken);
+    let d = sim.pass();
+    assert!(launches(d).is_empty(), "backing off: {:?}", d.diff.actions);
+    assert!(sim.memory.launch_backoff_until.is_some_and(|t| t > sim.now));
+    // The same settings keep waiting.
+    sim.wait(5);
+    assert!(launches(sim.pass()).is_empty());
+    sim.template_version = Some("2".into());
+    let d = sim.pass();
+    assert_eq!(
+        launches(d).iter().map(|(_, n)| n).sum::<u32>(),
+        2,
+        "launched on the new settings at once: {:?}",
+        d.diff.actions
+    );
+    assert_eq!(sim.memory.node_failures, 0);
+    assert!(sim.memory.launch_backoff_until.is_none());
+    assert!(
+        sim.decisions.last().is_some_and(|d| d
+            .activities
+            .iter()
+            .any(|a| a.message.contains("launch settings changed"))),
+        "said so"
+    );
+}
+
 #[test]
 fn a_node_still_coming_up_that_only_ever_fails_transiently_is_given_up() {
     let mut memory = Memory::default();
