@@ -17,7 +17,7 @@ use hangar_crds::ClusterSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::core::fleet::{self, Task};
-use crate::core::launches::{self, LaunchIntent};
+use crate::core::launches::LaunchIntent;
 use crate::core::memory::{DecisionRecord, Memory, ServingCount};
 use crate::core::observation::{ActionFailure, Observation, Outcome, Reads};
 use crate::core::planner;
@@ -397,7 +397,7 @@ impl<'o> Pass<'o> {
             .iter()
             .find(|i| i.id == node)
             .and_then(|i| i.tags.get(tags::LAUNCH).cloned())
-            .or_else(|| self.launch_settings());
+            .or_else(|| self.obs.launch_stamp());
         let m = &mut self.memory;
         if stamp.is_some() {
             m.failing_launch = stamp;
@@ -526,15 +526,6 @@ impl<'o> Pass<'o> {
         }
     }
 
-    /// The `hangar:launch` stamp a node launched now gets: the spec's
-    /// launch settings with the template version resolved.
-    fn launch_settings(&self) -> Option<String> {
-        self.obs
-            .launch_version
-            .as_deref()
-            .map(|v| launches::settings_hash(&self.obs.spec.instances, v))
-    }
-
     /// The backoff was earned by the launch settings the failing nodes
     /// had; with new ones (a fixed template version, another AMI or
     /// instance type) launches start over at once.
@@ -560,7 +551,7 @@ impl<'o> Pass<'o> {
     }
 
     fn fleet_diff(&mut self) -> fleet::Diff {
-        let launch = self.launch_settings();
+        let launch = self.obs.launch_stamp();
         self.forget_backoff_of_old_launch_settings(launch.as_deref());
         let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
         let m = &self.memory;

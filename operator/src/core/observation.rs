@@ -48,6 +48,17 @@ pub struct Observation {
     pub launch_version: Option<String>,
 }
 
+impl Observation {
+    /// The `hangar:launch` stamp a node launched now gets: the spec's
+    /// launch settings with the template version resolved (`None` when
+    /// the version could not be read this pass).
+    pub fn launch_stamp(&self) -> Option<String> {
+        self.launch_version
+            .as_deref()
+            .map(|v| crate::core::launches::settings_hash(&self.spec.instances, v))
+    }
+}
+
 /// An action of an earlier pass that failed.
 #[derive(Clone, Debug)]
 pub enum ActionFailure {

@@ -130,11 +130,7 @@ impl Operator {
             subnet: intent.subnet.clone(),
             extra_tags: instances.tags.clone(),
             client_token: intent.token.clone(),
-            launch_settings: obs
-                .launch_version
-                .as_deref()
-                .map(|v| crate::core::launches::settings_hash(instances, v))
-                .unwrap_or_default(),
+            launch_settings: obs.launch_stamp().unwrap_or_default(),
         };
         let subnet = &intent.subnet;
         match cloud.compute.launch(&req).await {
