@@ -4,8 +4,8 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use super::{
-    check_script, file_matches, parse_check, wrap, Action, CheckResult, Plan, PlannedStep,
-    RunbookError,
+    check_batch_script, file_matches, parse_check_batch, wrap, Action, BatchCheck, CheckResult,
+    Plan, PlannedStep, RunbookError,
 };
 use crate::effects::ssh::{tail, Session, SshError, Stdin};
 
@@ -126,34 +126,62 @@ impl fmt::Display for RunbookReport {
 
 /// Runs the plan's steps in order on `session`, stopping at the first
 /// failure. Never panics on remote errors: they become a failed step.
+///
+/// Checks go in batches ([`check_batch_script`]): one round trip answers
+/// every step up to the next one with work to do, so a re-run that changes
+/// nothing costs one exec. A batched step's `elapsed` is its share of the
+/// batch.
 pub async fn apply(session: &Session, plan: &Plan) -> RunbookReport {
     let started = Instant::now();
     let mut steps = Vec::with_capacity(plan.steps.len());
-    for step in &plan.steps {
+    let mut next = 0;
+    'batches: while next < plan.steps.len() {
         let t = Instant::now();
-        let outcome = match run_step(session, step).await {
-            Ok(outcome) => outcome,
-            Err(e) => Outcome::Failed {
-                error: session.redactor().redact(&e.to_string()),
-            },
+        let rest = &plan.steps[next..];
+        let checks = match check_batch(session, rest).await {
+            Ok(checks) => checks,
+            Err(e) => vec![Err(session.redactor().redact(&e.to_string()))],
         };
-        let failed = matches!(outcome, Outcome::Failed { .. });
-        let elapsed = t.elapsed();
-        match &outcome {
-            Outcome::Failed { error } => {
-                tracing::warn!(node = %session.node(), step = %step.name, %error, "runbook step failed")
+        let share = t.elapsed() / checks.len().max(1) as u32;
+        for (step, check) in rest.iter().zip(checks) {
+            let t = Instant::now();
+            let (outcome, acted) = match check {
+                Err(error) => (Outcome::Failed { error }, true),
+                Ok(check) => match nothing_to_do(step, &check) {
+                    Some(why) => (Outcome::Unchanged { why }, false),
+                    None => (
+                        act(session, step, check)
+                            .await
+                            .unwrap_or_else(|e| Outcome::Failed {
+                                error: session.redactor().redact(&e.to_string()),
+                            }),
+                        true,
+                    ),
+                },
+            };
+            let failed = matches!(outcome, Outcome::Failed { .. });
+            let elapsed = share + t.elapsed();
+            match &outcome {
+                Outcome::Failed { error } => {
+                    tracing::warn!(node = %session.node(), step = %step.name, %error, "runbook step failed")
+                }
+                other => {
+                    tracing::debug!(node = %session.node(), step = %step.name, outcome = ?other, ?elapsed, "runbook step")
+                }
             }
-            other => {
-                tracing::debug!(node = %session.node(), step = %step.name, outcome = ?other, ?elapsed, "runbook step")
+            steps.push(StepReport {
+                name: step.name.clone(),
+                outcome,
+                elapsed,
+            });
+            next += 1;
+            if failed {
+                break 'batches;
             }
-        }
-        steps.push(StepReport {
-            name: step.name.clone(),
-            outcome,
-            elapsed,
-        });
-        if failed {
-            break;
+            if acted {
+                // Later checks of this batch ran before this step acted.
+                continue 'batches;
+            }
         }
     }
     let report = RunbookReport {
@@ -171,25 +199,69 @@ pub async fn apply(session: &Session, plan: &Plan) -> RunbookReport {
     report
 }
 
-async fn run_step(session: &Session, step: &PlannedStep) -> Result<Outcome, SshError> {
+/// The checks of `steps` from one batch, in order: at least one, at most
+/// up to the first step with work to do; `Err` is a step's redacted
+/// failure.
+async fn check_batch(
+    session: &Session,
+    steps: &[PlannedStep],
+) -> Result<Vec<Result<CheckResult, String>>, SshError> {
+    let timeout = steps
+        .iter()
+        .map(|s| s.timeout.unwrap_or(session.default_timeout()))
+        .sum();
+    let cmd = wrap(
+        &check_batch_script(steps, session.user()),
+        false,
+        session.user(),
+    );
+    let out = session.exec(&cmd, Stdin::Null, timeout).await?;
+    let out = session.check(&cmd, out)?;
+    let stdout = out.stdout_lossy();
+    let mut checks: Vec<Result<CheckResult, String>> = parse_check_batch(&stdout)
+        .into_iter()
+        .take(steps.len())
+        .map(|c| match c {
+            BatchCheck::Checked(c) => Ok(c),
+            BatchCheck::Failed(code) => Err(format!(
+                "check failed (exit {code}): {}",
+                tail(&session.redactor().redact_bytes(&out.stderr), 1000)
+            )),
+            BatchCheck::Unreadable(text) => Err(format!(
+                "unexpected check output: {}",
+                tail(&session.redactor().redact(&text), 300)
+            )),
+        })
+        .collect();
+    if checks.is_empty() {
+        checks.push(Err(format!(
+            "unexpected check output: {}",
+            tail(&session.redactor().redact(&stdout), 300)
+        )));
+    }
+    Ok(checks)
+}
+
+/// Why a checked step needs nothing done (`None`: it has work to do).
+fn nothing_to_do(step: &PlannedStep, check: &CheckResult) -> Option<&'static str> {
+    match (check, &step.action) {
+        (CheckResult::Skip(why), _) => Some(why),
+        (_, Action::File(file)) if file_matches(file, check) => Some("content"),
+        _ => None,
+    }
+}
+
+/// Runs a step whose check said it has work to do.
+async fn act(
+    session: &Session,
+    step: &PlannedStep,
+    check: CheckResult,
+) -> Result<Outcome, SshError> {
     let timeout = step.timeout.unwrap_or(session.default_timeout());
     let user = session.user();
-    let check_cmd = wrap(&check_script(step), step.become_root, user);
-    let out = session.exec(&check_cmd, Stdin::Null, timeout).await?;
-    let out = session.check(&check_cmd, out)?;
-    let Some(check) = parse_check(&out.stdout_lossy()) else {
-        return Ok(Outcome::Failed {
-            error: format!(
-                "unexpected check output: {}",
-                tail(&session.redactor().redact_bytes(&out.stdout), 300)
-            ),
-        });
-    };
-    if let CheckResult::Skip(why) = check {
-        return Ok(Outcome::Unchanged { why });
-    }
     match &step.action {
         Action::Command { script } => {
+            debug_assert_eq!(check, CheckResult::Run);
             let cmd = wrap(script, step.become_root, user);
             let out = session.exec(&cmd, Stdin::Null, timeout).await?;
             if out.success() {
@@ -207,9 +279,6 @@ async fn run_step(session: &Session, step: &PlannedStep) -> Result<Outcome, SshE
             })
         }
         Action::File(file) => {
-            if file_matches(file, &check) {
-                return Ok(Outcome::Unchanged { why: "content" });
-            }
             let cmd = wrap(&super::write_script(file), step.become_root, user);
             let out = session
                 .exec(&cmd, Stdin::Bytes(&file.content), timeout)

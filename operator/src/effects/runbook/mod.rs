@@ -521,6 +521,89 @@ pub fn check_script(step: &PlannedStep) -> String {
     s
 }
 
+/// The checks of `steps`, in order, in one remote script: a re-run of a
+/// provisioned node is one round trip, not one per step. It stops after
+/// the first step that has work to do (a guard says run, a file differs),
+/// because that step's action can change what the later checks see. Each
+/// check runs as it would alone ([`check_script`], wrapped for `become`).
+/// Its output is read by [`parse_check_batch`].
+pub fn check_batch_script(steps: &[PlannedStep], user: &str) -> String {
+    let mut s = String::new();
+    for (i, step) in steps.iter().enumerate() {
+        let check = wrap(&check_script(step), step.become_root, user);
+        s.push_str(&format!(
+            "o=$({check} </dev/null) || {{ printf '{BATCH_MARK}%d failed %d\\n' {i} \"$?\"; exit 0; }}\n\
+             printf '{BATCH_MARK}%d\\n%s\\n' {i} \"$o\"\n"
+        ));
+        let nothing_to_do = match &step.action {
+            Action::Command { .. } => "skip:*".to_string(),
+            Action::File(f) => {
+                let any = || "*".to_string();
+                format!(
+                    "\"file \"{}\" \"{}\" \"{}\" \"{}",
+                    f.mode.map(|m| format!("{m:o}")).unwrap_or_else(any),
+                    f.owner.as_deref().map(shell_quote).unwrap_or_else(any),
+                    f.group.as_deref().map(shell_quote).unwrap_or_else(any),
+                    shell_quote(&f.sha256),
+                )
+            }
+        };
+        s.push_str(&format!(
+            "case \"$o\" in {nothing_to_do}) ;; *) exit 0 ;; esac\n"
+        ));
+    }
+    s
+}
+
+const BATCH_MARK: &str = "#hangar-check ";
+
+/// One step's check as [`check_batch_script`] reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatchCheck {
+    Checked(CheckResult),
+    /// The check itself exited non-zero (`sudo` refused, a guard's shell
+    /// broke): the step fails.
+    Failed(u32),
+    /// It printed nothing [`parse_check`] can read.
+    Unreadable(String),
+}
+
+/// The checks a [`check_batch_script`] run reported, in step order (as many
+/// as it ran).
+pub fn parse_check_batch(stdout: &str) -> Vec<BatchCheck> {
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    let finish = |text: Option<String>, out: &mut Vec<BatchCheck>| {
+        if let Some(text) = text {
+            out.push(match parse_check(&text) {
+                Some(c) => BatchCheck::Checked(c),
+                None => BatchCheck::Unreadable(text),
+            });
+        }
+    };
+    for line in stdout.lines() {
+        let Some(rest) = line.strip_prefix(BATCH_MARK) else {
+            if let Some(text) = current.as_mut() {
+                text.push_str(line);
+                text.push('\n');
+            }
+            continue;
+        };
+        finish(current.take(), &mut out);
+        let mut words = rest.split_whitespace();
+        let _index = words.next();
+        match (words.next(), words.next().and_then(|c| c.parse().ok())) {
+            (Some("failed"), Some(code)) => {
+                out.push(BatchCheck::Failed(code));
+                return out;
+            }
+            _ => current = Some(String::new()),
+        }
+    }
+    finish(current, &mut out);
+    out
+}
+
 /// Reads the last line [`check_script`] printed.
 pub fn parse_check(stdout: &str) -> Option<CheckResult> {
     let line = stdout.lines().rev().find(|l| !l.trim().is_empty())?.trim();

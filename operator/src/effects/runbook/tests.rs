@@ -265,3 +265,92 @@ fn a_runaway_template_is_an_error_not_a_hang() {
     .expect("parses");
     assert!(book.plan(&BTreeMap::new(), &facts()).is_ok());
 }
+
+/// The batched checks, run by a real `sh`: skipped steps and matching
+/// files are reported and passed over, the first step with work to do is
+/// reported last, later ones are not checked before it has acted.
+#[test]
+fn a_check_batch_stops_at_the_first_step_with_work_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    std::fs::write(at("done"), "").unwrap();
+    std::fs::write(at("conf"), "same\n").unwrap();
+    let command = |name: &str, guards: Guards| PlannedStep {
+        name: name.into(),
+        guards,
+        action: Action::Command {
+            script: "true".into(),
+        },
+        become_root: false,
+        timeout: None,
+    };
+    let file = |name: &str, content: &[u8]| PlannedStep {
+        name: name.into(),
+        guards: Guards::default(),
+        action: Action::File(PlannedFile {
+            path: at(name),
+            content: content.to_vec(),
+            sha256: hex::encode(Sha256::digest(content)),
+            mode: None,
+            owner: None,
+            group: None,
+        }),
+        become_root: false,
+        timeout: None,
+    };
+    let creates_done = Guards {
+        creates: Some(at("done")),
+        ..Guards::default()
+    };
+    let never_done = Guards {
+        unless: Some("false".into()),
+        ..Guards::default()
+    };
+    let steps = [
+        command("already done", creates_done),
+        file("conf", b"same\n"),
+        command("has work", never_done.clone()),
+        command("not checked yet", never_done),
+    ];
+    let run = |steps: &[PlannedStep]| {
+        let script = check_batch_script(steps, "nobody");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}\n{out:?}");
+        parse_check_batch(&String::from_utf8_lossy(&out.stdout))
+    };
+    let checks = run(&steps);
+    assert_eq!(checks.len(), 3, "{checks:?}");
+    assert_eq!(checks[0], BatchCheck::Checked(CheckResult::Skip("creates")));
+    let BatchCheck::Checked(conf) = &checks[1] else {
+        panic!("{checks:?}")
+    };
+    let Action::File(want) = &steps[1].action else {
+        unreachable!()
+    };
+    assert!(file_matches(want, conf), "{conf:?}");
+    assert_eq!(checks[2], BatchCheck::Checked(CheckResult::Run));
+
+    // A file that differs has work to do: the batch stops there too.
+    let checks = run(&[file("conf", b"changed\n"), file("other", b"x")]);
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    assert!(
+        matches!(
+            &checks[0],
+            BatchCheck::Checked(CheckResult::FilePresent { .. })
+        ),
+        "{checks:?}"
+    );
+
+    // A check that cannot run (`sudo` refused) ends the batch as a failure.
+    assert_eq!(
+        parse_check_batch("#hangar-check 0\nskip:creates\n#hangar-check 1 failed 1\n"),
+        [
+            BatchCheck::Checked(CheckResult::Skip("creates")),
+            BatchCheck::Failed(1)
+        ]
+    );
+}
