@@ -202,6 +202,94 @@ fn a_new_launch_template_version_on_latest_replaces_every_node_surge_first_dropp
     s.watcher.assert_invariants();
 }
 
+/// `instances.maxLifetime`: once the fleet is older than it (the local
+/// cloud lists both nodes as launched two hours ago against a one-hour
+/// lifetime), every node is replaced the instance-refresh way — a new one
+/// serving before an old one drains, one at a time, the load balancer never
+/// routing to fewer than min, no request dropped — across a `kill -9` of
+/// the operator while the first replacement comes up; the new nodes, young,
+/// are left alone.
+#[test]
+fn nodes_older_than_max_lifetime_are_replaced_one_at_a_time_across_a_kill_9_dropping_no_request() {
+    let mut s = Scenario::start();
+    let spec = s
+        .spec()
+        .remove("spec.autoscaling")
+        .with_capacity(2, 2)
+        .set("spec.instances.maxLifetime", "1h");
+    s.write_spec(&spec);
+    s.start_operator();
+    s.wait_status(
+        "web",
+        "2 in service on v1",
+        Duration::from_secs(120),
+        |st| settled_on(st, 2, "v1"),
+    );
+    let old: Vec<String> = s.instances("web").iter().map(|i| i.id.clone()).collect();
+    let load = s.cloud.start_load(20.0, None).expect("load");
+    s.watcher.track_serving();
+    for id in &old {
+        s.cloud
+            .gateway()
+            .age_instance(id, Duration::from_secs(2 * 3600));
+    }
+
+    let fresh = hangar_local::eventually(
+        Duration::from_secs(120),
+        "a replacement launched, not yet serving",
+        || {
+            s.instances("web")
+                .into_iter()
+                .find(|i| {
+                    !old.contains(&i.id)
+                        && i.tags.get(hangar_cloud::tags::PHASE).map(String::as_str)
+                            != Some("in-service")
+                })
+                .map(|i| i.id)
+        },
+    )
+    .expect("an old node is being replaced");
+    s.crash_operator();
+    eprintln!("kill -9 while {fresh} comes up");
+    s.watcher.assert_invariants();
+    s.start_operator();
+    let done = s.wait_status(
+        "web",
+        "both old nodes replaced",
+        Duration::from_secs(240),
+        |st| settled_on(st, 2, "v1") && st.nodes.iter().all(|n| !old.contains(&n.id)),
+    );
+    no_failed_request(&s, &load.stop());
+    let now = s.instances("web");
+    assert_eq!(now.len(), 2, "no orphan: {now:?}");
+    let w = s.watcher.report();
+    assert_eq!(w.launched.len(), 4, "one new machine per old one: {w:?}");
+    assert!(
+        w.max_alive <= 3,
+        "one at a time (desired 2 + maxSurge 1): {}",
+        w.max_alive
+    );
+    assert!(
+        w.min_serving.is_some_and(|n| n >= 2),
+        "the LB always had min = 2 targets to route to: {:?}",
+        w.min_serving
+    );
+    s.watcher.assert_invariants();
+
+    // The young nodes stay: a later pass launches nothing.
+    s.wait_status(
+        "web",
+        "a pass after the replacement",
+        Duration::from_secs(60),
+        |st| st.updated_at > done.updated_at && settled_on(st, 2, "v1"),
+    );
+    assert_eq!(
+        s.watcher.report().launched.len(),
+        4,
+        "nothing more replaced"
+    );
+}
+
 /// The `hangar:launch` stamp of a node launched from the spec in `file`
 /// with a given template version number.
 fn launch_stamps(file: &std::path::Path) -> impl Fn(&str) -> String {

@@ -7,7 +7,9 @@
 //!   answer with the first reservation, other parameters are
 //!   `IdempotentParameterMismatch`); per-subnet capacity errors
 //!   ([`Capacity`]); `DescribeInstances` shows new instances and tag
-//!   changes only after a lag ([`consistency`]);
+//!   changes only after a lag ([`consistency`]); an instance can be made
+//!   older than it is ([`Gateway::age_instance`]: its `launchTime` as
+//!   listed), the one clock a test cannot wait out;
 //! - [`elb`]: target health and draining as the LB data plane sees them;
 //! - [`throttle`]: AWS's token buckets per access key and API family,
 //!   answered with the service's own throttling error;
@@ -104,6 +106,8 @@ pub(crate) struct Shared {
     tag_writes: tokio::sync::Mutex<()>,
     /// Parameters and secrets the caller's "role" may not read.
     denials: Mutex<Vec<secrets::Denial>>,
+    /// Instance id → how much earlier than moto's its `launchTime` is listed.
+    ages: Mutex<HashMap<String, std::time::Duration>>,
 }
 
 impl Gateway {
@@ -147,6 +151,7 @@ impl Gateway {
             tokens: Mutex::new(HashMap::new()),
             tag_writes: tokio::sync::Mutex::new(()),
             denials: Mutex::new(Vec::new()),
+            ages: Mutex::new(HashMap::new()),
         });
         let accept_shared = shared.clone();
         let task = tokio::spawn(async move {
@@ -211,6 +216,14 @@ impl Gateway {
 
     pub fn reset_api_calls(&self) {
         self.shared.accounting.reset();
+    }
+
+    /// From now on `DescribeInstances` lists `instance_id` as launched `by`
+    /// earlier than it was: a node a day old, for `maxLifetime`, without
+    /// waiting a day (moto takes its launch time from the clock, and EC2
+    /// never lets it be set). Replaces an earlier age; zero undoes it.
+    pub fn age_instance(&self, instance_id: &str, by: std::time::Duration) {
+        self.shared.set_age(instance_id, by);
     }
 
     /// Resets the connection of every `service` call (a SigV4 signing name:
@@ -383,6 +396,19 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full
 }
 
 impl Shared {
+    fn set_age(&self, instance_id: &str, by: std::time::Duration) {
+        let mut ages = self.ages.lock().unwrap_or_else(|p| p.into_inner());
+        if by.is_zero() {
+            ages.remove(instance_id);
+        } else {
+            ages.insert(instance_id.to_string(), by);
+        }
+    }
+
+    fn ages(&self) -> HashMap<String, std::time::Duration> {
+        self.ages.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn set_capacity(&self, subnet: &str, capacity: Capacity) {
         let mut map = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         if capacity == Capacity::Available {

@@ -10,6 +10,7 @@
 //! | `POST /_hangar/capacity/SUBNET/STATE` | STATE: `available` (`on`), `insufficient` (`off`), `unsupported` |
 //! | `GET /_hangar/blocks` | `[{"access_key_id", "service"}]` |
 //! | `POST /_hangar/block/KEY/SERVICE`, `POST /_hangar/unblock/KEY/SERVICE` | SERVICE: a SigV4 signing name (`dynamodb`, `ec2`, `elasticloadbalancing`/`elbv2`, …) |
+//! | `POST /_hangar/age/INSTANCE/SECONDS` | lists INSTANCE as launched SECONDS earlier ([`super::Gateway::age_instance`]; 0 undoes it) |
 //! | `GET /_hangar/semantics` | the [`super::Semantics`] in force |
 
 use std::io::{Read, Write};
@@ -76,10 +77,20 @@ pub(super) fn handle(shared: &Shared, method: &Method, path: &str) -> Response<F
             let service = super::accounting::canonical_service(service);
             json(&serde_json::json!({"access_key_id": key, "service": service, "blocked": *verb == "block"}))
         }
+        (_, true, ["age", instance, seconds]) => match seconds.parse::<u64>() {
+            Ok(secs) => {
+                shared.set_age(instance, Duration::from_secs(secs));
+                json(&serde_json::json!({"instance": instance, "older_by_seconds": secs}))
+            }
+            Err(_) => plain(
+                StatusCode::BAD_REQUEST,
+                &format!("age `{seconds}`: a whole number of seconds"),
+            ),
+        },
         (true, _, ["semantics"]) => json(&shared.semantics),
         _ => plain(
             StatusCode::NOT_FOUND,
-            "routes: GET calls, POST calls/reset, GET capacity, POST capacity/SUBNET/STATE, GET blocks, POST block/KEY/SERVICE, POST unblock/KEY/SERVICE, GET semantics",
+            "routes: GET calls, POST calls/reset, GET capacity, POST capacity/SUBNET/STATE, GET blocks, POST block/KEY/SERVICE, POST unblock/KEY/SERVICE, POST age/INSTANCE/SECONDS, GET semantics",
         ),
     }
 }

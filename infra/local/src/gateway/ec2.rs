@@ -2,9 +2,9 @@
 //! eventually consistent `DescribeInstances`, tag changes that take a while
 //! to show. Everything else EC2 passes to moto unchanged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -380,7 +380,8 @@ pub(super) async fn describe_instances(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .view(Instant::now());
-    if view.is_empty() {
+    let ages = shared.ages();
+    if view.is_empty() && ages.is_empty() {
         return shared.pass(parts, body).await;
     }
     let form = parse_form(&body);
@@ -434,6 +435,7 @@ pub(super) async fn describe_instances(
         &view,
         refilter.then_some(tag_filters.as_slice()),
     );
+    aged_listing(&mut doc.root, &ages);
     rparts.headers.remove(hyper::header::CONTENT_LENGTH);
     Response::from_parts(rparts, Full::new(Bytes::from(doc.to_xml())))
 }
@@ -491,6 +493,41 @@ fn visible_listing(root: &mut Element, view: &View, tag_filters: Option<&[(Strin
     if tag_filters.is_some() {
         // One page held everything.
         root.retain_elements(|e| e.name != "nextToken");
+    }
+}
+
+/// Lists every aged instance as launched that much earlier (see
+/// [`super::Gateway::age_instance`]).
+fn aged_listing(root: &mut Element, ages: &HashMap<String, Duration>) {
+    if ages.is_empty() {
+        return;
+    }
+    let Some(reservations) = root.child_mut("reservationSet") else {
+        return;
+    };
+    for reservation in reservations.elements_mut() {
+        let Some(instances) = reservation.child_mut("instancesSet") else {
+            continue;
+        };
+        for instance in instances.elements_mut() {
+            let Some(by) = instance
+                .child_text("instanceId")
+                .and_then(|id| ages.get(&id).copied())
+            else {
+                continue;
+            };
+            let earlier = instance
+                .child_text("launchTime")
+                .and_then(|t| humantime::parse_rfc3339_weak(&t).ok())
+                .and_then(|t| t.checked_sub(by));
+            match earlier {
+                Some(t) => instance.set_child(Element::leaf(
+                    "launchTime",
+                    &humantime::format_rfc3339_millis(t).to_string(),
+                )),
+                None => tracing::warn!("an aged instance's launchTime is unreadable; listed as is"),
+            }
+        }
     }
 }
 
@@ -668,7 +705,6 @@ async fn current_tags(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::super::consistency::Consistency;
     use super::super::semantics::Lag;
@@ -681,6 +717,30 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn an_aged_instance_is_listed_as_launched_that_much_earlier_and_no_other() {
+        let xml = "<DescribeInstancesResponse><reservationSet><item><instancesSet>\
+            <item><instanceId>i-old</instanceId><launchTime>2026-12-01T22:00:00.000Z</launchTime></item>\
+            <item><instanceId>i-new</instanceId><launchTime>2026-12-01T22:00:00.000Z</launchTime></item>\
+            </instancesSet></item></reservationSet></DescribeInstancesResponse>";
+        let mut doc = Document::parse(xml).unwrap();
+        let ages = HashMap::from([("i-old".to_string(), Duration::from_secs(25 * 3600))]);
+        aged_listing(&mut doc.root, &ages);
+        let out = doc.to_xml();
+        assert!(
+            out.contains(
+                "<instanceId>i-old</instanceId><launchTime>2026-11-30T21:00:00.000Z</launchTime>"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "<instanceId>i-new</instanceId><launchTime>2026-12-01T22:00:00.000Z</launchTime>"
+            ),
+            "{out}"
+        );
     }
 
     #[test]
