@@ -143,14 +143,7 @@ fn a_new_launch_template_version_on_latest_replaces_every_node_surge_first_dropp
         .set("spec.instances.launchTemplateVersion", "$Latest");
     let stamp = launch_stamps(&s.write_spec(&spec));
     s.operator_settings.push(fast_latest());
-    s.start_operator();
-    s.wait_status(
-        "web",
-        "2 in service on v1",
-        Duration::from_secs(120),
-        |st| settled_on(st, 2, "v1"),
-    );
-    let old: Vec<String> = s.instances("web").iter().map(|i| i.id.clone()).collect();
+    let old = start_serving_two(&mut s);
     assert!(
         s.instances("web")
             .iter()
@@ -193,13 +186,7 @@ fn a_new_launch_template_version_on_latest_replaces_every_node_surge_first_dropp
     }
     let w = s.watcher.report();
     assert_eq!(w.launched.len(), 4, "one new machine per old one: {w:?}");
-    assert!(w.max_alive <= 3, "desired 2 + maxSurge 1: {}", w.max_alive);
-    assert!(
-        w.min_serving.is_some_and(|n| n >= 2),
-        "the LB always had min = 2 targets to route to: {:?}",
-        w.min_serving
-    );
-    s.watcher.assert_invariants();
+    replaced_one_at_a_time_never_below_min(&s);
 }
 
 /// `instances.maxLifetime`: once the fleet is older than it (the local
@@ -218,14 +205,7 @@ fn nodes_older_than_max_lifetime_are_replaced_one_at_a_time_across_a_kill_9_drop
         .with_capacity(2, 2)
         .set("spec.instances.maxLifetime", "1h");
     s.write_spec(&spec);
-    s.start_operator();
-    s.wait_status(
-        "web",
-        "2 in service on v1",
-        Duration::from_secs(120),
-        |st| settled_on(st, 2, "v1"),
-    );
-    let old: Vec<String> = s.instances("web").iter().map(|i| i.id.clone()).collect();
+    let old = start_serving_two(&mut s);
     let load = s.cloud.start_load(20.0, None).expect("load");
     s.watcher.track_serving();
     for id in &old {
@@ -234,25 +214,7 @@ fn nodes_older_than_max_lifetime_are_replaced_one_at_a_time_across_a_kill_9_drop
             .age_instance(id, Duration::from_secs(2 * 3600));
     }
 
-    let fresh = hangar_local::eventually(
-        Duration::from_secs(120),
-        "a replacement launched, not yet serving",
-        || {
-            s.instances("web")
-                .into_iter()
-                .find(|i| {
-                    !old.contains(&i.id)
-                        && i.tags.get(hangar_cloud::tags::PHASE).map(String::as_str)
-                            != Some("in-service")
-                })
-                .map(|i| i.id)
-        },
-    )
-    .expect("an old node is being replaced");
-    s.crash_operator();
-    eprintln!("kill -9 while {fresh} comes up");
-    s.watcher.assert_invariants();
-    s.start_operator();
+    kill_9_while_a_replacement_comes_up(&mut s, |i| !old.contains(&i.id));
     let done = s.wait_status(
         "web",
         "both old nodes replaced",
@@ -264,17 +226,7 @@ fn nodes_older_than_max_lifetime_are_replaced_one_at_a_time_across_a_kill_9_drop
     assert_eq!(now.len(), 2, "no orphan: {now:?}");
     let w = s.watcher.report();
     assert_eq!(w.launched.len(), 4, "one new machine per old one: {w:?}");
-    assert!(
-        w.max_alive <= 3,
-        "one at a time (desired 2 + maxSurge 1): {}",
-        w.max_alive
-    );
-    assert!(
-        w.min_serving.is_some_and(|n| n >= 2),
-        "the LB always had min = 2 targets to route to: {:?}",
-        w.min_serving
-    );
-    s.watcher.assert_invariants();
+    replaced_one_at_a_time_never_below_min(&s);
 
     // The young nodes stay: a later pass launches nothing.
     s.wait_status(
@@ -288,6 +240,59 @@ fn nodes_older_than_max_lifetime_are_replaced_one_at_a_time_across_a_kill_9_drop
         4,
         "nothing more replaced"
     );
+}
+
+/// Starts the operator on a 2-node spec; the ids of the two nodes once
+/// both are in service.
+fn start_serving_two(s: &mut Scenario) -> Vec<String> {
+    s.start_operator();
+    s.wait_status(
+        "web",
+        "2 in service on v1",
+        Duration::from_secs(120),
+        |st| settled_on(st, 2, "v1"),
+    );
+    s.instances("web").iter().map(|i| i.id.clone()).collect()
+}
+
+/// Waits for a machine `is_replacement` says is new and not yet serving,
+/// then kills the operator (`kill -9`) and starts it again.
+fn kill_9_while_a_replacement_comes_up(
+    s: &mut Scenario,
+    is_replacement: impl Fn(&hangar_cloud::Instance) -> bool,
+) {
+    let fresh = hangar_local::eventually(
+        Duration::from_secs(180),
+        "a replacement launched, not yet serving",
+        || {
+            s.instances("web")
+                .into_iter()
+                .find(|i| {
+                    is_replacement(i)
+                        && i.tags.get(hangar_cloud::tags::PHASE).map(String::as_str)
+                            != Some("in-service")
+                })
+                .map(|i| i.id)
+        },
+    )
+    .expect("a replacement is launched");
+    s.crash_operator();
+    eprintln!("kill -9 while {fresh} comes up");
+    s.watcher.assert_invariants();
+    s.start_operator();
+}
+
+/// A refresh of a 2-node fleet with maxSurge 1: at most 3 machines at once,
+/// the load balancer never routing to fewer than min = 2, the invariants.
+fn replaced_one_at_a_time_never_below_min(s: &Scenario) {
+    let w = s.watcher.report();
+    assert!(w.max_alive <= 3, "desired 2 + maxSurge 1: {}", w.max_alive);
+    assert!(
+        w.min_serving.is_some_and(|n| n >= 2),
+        "the LB always had min = 2 targets to route to: {:?}",
+        w.min_serving
+    );
+    s.watcher.assert_invariants();
 }
 
 /// The `hangar:launch` stamp of a node launched from the spec in `file`
@@ -433,25 +438,9 @@ fn a_template_version_that_never_gets_healthy_halts_the_refresh_and_a_fixed_one_
         .new_template_version(PATCHED_AMI)
         .expect("the fixed version")
         .to_string();
-    let fresh = hangar_local::eventually(
-        Duration::from_secs(180),
-        "a machine of the fixed version, not yet serving",
-        || {
-            s.instances("web")
-                .into_iter()
-                .find(|i| {
-                    i.tags.get(hangar_cloud::tags::LAUNCH) == Some(&stamp(&fixed))
-                        && i.tags.get(hangar_cloud::tags::PHASE).map(String::as_str)
-                            != Some("in-service")
-                })
-                .map(|i| i.id)
-        },
-    )
-    .expect("the fixed version is launched");
-    s.crash_operator();
-    eprintln!("kill -9 while {fresh} comes up");
-    s.watcher.assert_invariants();
-    s.start_operator();
+    kill_9_while_a_replacement_comes_up(&mut s, |i| {
+        i.tags.get(hangar_cloud::tags::LAUNCH) == Some(&stamp(&fixed))
+    });
     s.wait_status(
         "web",
         "the refresh completes on the fixed version",
@@ -476,13 +465,7 @@ fn a_template_version_that_never_gets_healthy_halts_the_refresh_and_a_fixed_one_
         of_fixed, 2,
         "one fixed machine per old node, none twice: {w:?}"
     );
-    assert!(w.max_alive <= 3, "desired 2 + maxSurge 1: {}", w.max_alive);
-    assert!(
-        w.min_serving.is_some_and(|n| n >= 2),
-        "the LB always had min = 2 targets to route to: {:?}",
-        w.min_serving
-    );
-    s.watcher.assert_invariants();
+    replaced_one_at_a_time_never_below_min(&s);
     let after = s.status("web").expect("status");
     assert!(
         !after
