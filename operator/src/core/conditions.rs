@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::fleet;
 use crate::core::memory::Memory;
 use crate::core::rollout;
 
@@ -58,10 +59,19 @@ pub fn verdicts(memory: &Memory, fleet: &FleetView<'_>) -> [Verdict; 3] {
     } else if let Some(from) = &release.rolling_back_from {
         (true, "RollingBack", format!("rolling back from {from}"))
     } else if memory.node_failures >= 3 {
+        let refresh = fleet
+            .notes
+            .iter()
+            .find(|n| n.starts_with(fleet::REFRESH_NOTE))
+            .map(|n| format!("; halted, the old nodes serve on: {n}"))
+            .unwrap_or_default();
         (
             true,
             "NodesFailing",
-            format!("{} nodes in a row failed to come up", memory.node_failures),
+            format!(
+                "{} nodes in a row failed to come up{refresh}",
+                memory.node_failures
+            ),
         )
     } else {
         (false, "AsExpected", String::new())
@@ -86,4 +96,33 @@ pub fn verdicts(memory: &Memory, fleet: &FleetView<'_>) -> [Verdict; 3] {
             message: degraded_message,
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_nodes_during_an_instance_refresh_say_it_is_halted_and_how_far_it_got() {
+        let memory = Memory {
+            node_failures: 3,
+            ..Memory::default()
+        };
+        let notes = ["instance refresh: 0 of 2 replaced, surge first".to_string()];
+        let fleet = FleetView {
+            notes: &notes,
+            ..FleetView::default()
+        };
+        let [_, _, degraded] = verdicts(&memory, &fleet);
+        assert!(degraded.status);
+        assert_eq!(degraded.reason, "NodesFailing");
+        assert_eq!(
+            degraded.message,
+            "3 nodes in a row failed to come up; halted, the old nodes serve on: \
+             instance refresh: 0 of 2 replaced, surge first"
+        );
+
+        let [_, _, degraded] = verdicts(&memory, &FleetView::default());
+        assert_eq!(degraded.message, "3 nodes in a row failed to come up");
+    }
 }

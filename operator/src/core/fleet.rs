@@ -15,6 +15,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+/// How the fleet's note on a running instance refresh begins (status's
+/// `Degraded` message names a halted one by it).
+pub const REFRESH_NOTE: &str = "instance refresh:";
+
 use chrono::{DateTime, Utc};
 use hangar_cloud::{InstanceState, Phase};
 use hangar_crds::{Rollout, ScaleInPolicy, SelfHealing};
@@ -412,7 +416,7 @@ impl Diff {
                 .filter(|n| n.phase == Phase::InService && n.stale(t).is_none())
                 .count() as u32;
             self.notes.push(format!(
-                "instance refresh: {fresh} of {} replaced, surge first",
+                "{REFRESH_NOTE} {fresh} of {} replaced, surge first",
                 fresh + self.stale
             ));
         }

@@ -234,8 +234,10 @@ async fn check_batch(
         })
         .collect();
     if checks.is_empty() {
+        // Not even the first check ran: `sudo` refused, most likely.
         checks.push(Err(format!(
-            "unexpected check output: {}",
+            "the check did not run: {}{}",
+            tail(&session.redactor().redact_bytes(&out.stderr), 1000),
             tail(&session.redactor().redact(&stdout), 300)
         )));
     }

@@ -525,35 +525,57 @@ pub fn check_script(step: &PlannedStep) -> String {
 /// provisioned node is one round trip, not one per step. It stops after
 /// the first step that has work to do (a guard says run, a file differs),
 /// because that step's action can change what the later checks see. Each
-/// check runs as it would alone ([`check_script`], wrapped for `become`).
+/// check runs in its own `sh` ([`check_script`]); consecutive steps with
+/// the same `become` share one `sudo` (one PAM session instead of one per
+/// step: most of a re-run's time on a node that runs everything as root).
 /// Its output is read by [`parse_check_batch`].
 pub fn check_batch_script(steps: &[PlannedStep], user: &str) -> String {
     let mut s = String::new();
-    for (i, step) in steps.iter().enumerate() {
-        let check = wrap(&check_script(step), step.become_root, user);
+    let mut i = 0;
+    while i < steps.len() {
+        let become_root = steps[i].become_root;
+        let mut segment = String::new();
+        while i < steps.len() && steps[i].become_root == become_root {
+            segment.push_str(&batched_check(i, &steps[i]));
+            i += 1;
+        }
+        segment.push_str(&format!("exit {BATCH_CONTINUE}\n"));
+        // Anything but "continue" (work found, a check failed, sudo
+        // refused) ends the batch.
         s.push_str(&format!(
-            "o=$({check} </dev/null) || {{ printf '{BATCH_MARK}%d failed %d\\n' {i} \"$?\"; exit 0; }}\n\
-             printf '{BATCH_MARK}%d\\n%s\\n' {i} \"$o\"\n"
-        ));
-        let nothing_to_do = match &step.action {
-            Action::Command { .. } => "skip:*".to_string(),
-            Action::File(f) => {
-                let any = || "*".to_string();
-                format!(
-                    "\"file \"{}\" \"{}\" \"{}\" \"{}",
-                    f.mode.map(|m| format!("{m:o}")).unwrap_or_else(any),
-                    f.owner.as_deref().map(shell_quote).unwrap_or_else(any),
-                    f.group.as_deref().map(shell_quote).unwrap_or_else(any),
-                    shell_quote(&f.sha256),
-                )
-            }
-        };
-        s.push_str(&format!(
-            "case \"$o\" in {nothing_to_do}) ;; *) exit 0 ;; esac\n"
+            "{}\n[ $? = {BATCH_CONTINUE} ] || exit 0\n",
+            wrap(&segment, become_root, user)
         ));
     }
     s
 }
+
+/// One step of a batch segment: its check, reported, and the segment left
+/// unless the step has nothing to do.
+fn batched_check(i: usize, step: &PlannedStep) -> String {
+    let check = shell_quote(&check_script(step));
+    let nothing_to_do = match &step.action {
+        Action::Command { .. } => "skip:*".to_string(),
+        Action::File(f) => {
+            let any = || "*".to_string();
+            format!(
+                "\"file \"{}\" \"{}\" \"{}\" \"{}",
+                f.mode.map(|m| format!("{m:o}")).unwrap_or_else(any),
+                f.owner.as_deref().map(shell_quote).unwrap_or_else(any),
+                f.group.as_deref().map(shell_quote).unwrap_or_else(any),
+                shell_quote(&f.sha256),
+            )
+        }
+    };
+    format!(
+        "o=$(sh -c {check} </dev/null) || {{ printf '{BATCH_MARK}%d failed %d\\n' {i} \"$?\"; exit 0; }}\n\
+         printf '{BATCH_MARK}%d\\n%s\\n' {i} \"$o\"\n\
+         case \"$o\" in {nothing_to_do}) ;; *) exit 0 ;; esac\n"
+    )
+}
+
+/// A batch segment's exit code for "every step had nothing to do".
+const BATCH_CONTINUE: u8 = 10;
 
 const BATCH_MARK: &str = "#hangar-check ";
 

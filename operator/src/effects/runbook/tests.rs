@@ -345,6 +345,34 @@ fn a_check_batch_stops_at_the_first_step_with_work_to_do() {
         "{checks:?}"
     );
 
+    // Consecutive `become` steps share one sudo.
+    let rooted = |name: &str| PlannedStep {
+        become_root: true,
+        ..command(
+            name,
+            Guards {
+                creates: Some("/x".into()),
+                ..Guards::default()
+            },
+        )
+    };
+    let script = check_batch_script(
+        &[
+            rooted("a"),
+            rooted("b"),
+            command(
+                "c",
+                Guards {
+                    creates: Some("/y".into()),
+                    ..Guards::default()
+                },
+            ),
+            rooted("d"),
+        ],
+        "deploy",
+    );
+    assert_eq!(script.matches("sudo -n").count(), 2, "{script}");
+
     // A check that cannot run (`sudo` refused) ends the batch as a failure.
     assert_eq!(
         parse_check_batch("#hangar-check 0\nskip:creates\n#hangar-check 1 failed 1\n"),
