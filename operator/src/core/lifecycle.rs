@@ -74,6 +74,19 @@ pub struct NodeFacts {
 pub fn steps(task: &Task, phase: Phase, facts: NodeFacts) -> Vec<Step> {
     use Step::*;
     match task {
+        // Resumed from `releasing`, the tag is written again before the
+        // node leaves service: a `releasing` seen in a lagging listing may
+        // be older than the node's real `in-service`, and a crash after the
+        // deregistration must not leave that `in-service` as the last word
+        // on a node that is out of the target group.
+        Task::Advance if phase == Phase::Releasing => {
+            let mut s = vec![SetPhase {
+                phase: Phase::Releasing,
+                release: false,
+            }];
+            s.extend(advance_from(phase, facts));
+            s
+        }
         Task::Advance => advance_from(phase, facts),
         Task::Update { .. } => {
             // The tag moves first: a crash from here on resumes as an
@@ -278,7 +291,7 @@ fn to_pool(phase: Phase, facts: NodeFacts, stop: bool) -> Vec<Step> {
 fn from_pool(phase: Phase, facts: NodeFacts) -> Vec<Step> {
     use Step::*;
     if phase != Phase::Warm {
-        return advance_from(phase, facts);
+        return steps(&Task::Advance, phase, facts);
     }
     let provisioned = NodeFacts {
         config_outdated: false,
@@ -303,6 +316,28 @@ fn from_pool(phase: Phase, facts: NodeFacts) -> Vec<Step> {
 mod tests {
     use super::*;
     use Step::*;
+
+    #[test]
+    fn a_node_resumed_from_releasing_is_tagged_releasing_again_before_it_leaves_service() {
+        for config_outdated in [false, true] {
+            let facts = NodeFacts {
+                config_outdated,
+                warmup: false,
+            };
+            let s = steps(&Task::Advance, Phase::Releasing, facts);
+            let tagged = s.iter().position(|x| {
+                *x == SetPhase {
+                    phase: Phase::Releasing,
+                    release: false,
+                }
+            });
+            let leaves = s.iter().position(|x| *x == LeaveService);
+            assert!(
+                tagged.is_some() && tagged < leaves,
+                "config outdated {config_outdated}: {s:?}"
+            );
+        }
+    }
 
     const FRESH: NodeFacts = NodeFacts {
         config_outdated: false,
@@ -483,9 +518,19 @@ mod tests {
 
     #[test]
     fn a_crash_mid_update_resumes_out_of_service() {
-        // The tag says releasing: Advance from there leaves service first.
+        // The tag says releasing: Advance from there writes it again, then
+        // leaves service before anything else.
         let s = steps(&Task::Advance, Phase::Releasing, FRESH);
-        assert_eq!(s[0], LeaveService);
+        assert_eq!(
+            s[..2],
+            [
+                SetPhase {
+                    phase: Phase::Releasing,
+                    release: false
+                },
+                LeaveService
+            ]
+        );
     }
 
     #[test]
