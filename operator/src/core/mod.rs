@@ -11,7 +11,6 @@ pub mod lifecycle;
 pub mod memory;
 pub mod observation;
 pub mod planner;
-pub mod reachability;
 pub mod rollout;
 pub mod warm_pool;
 
