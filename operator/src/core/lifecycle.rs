@@ -88,16 +88,10 @@ pub fn steps(task: &Task, phase: Phase, facts: NodeFacts) -> Vec<Step> {
             s
         }
         Task::Advance => advance_from(phase, facts),
-        Task::Update { .. } => {
-            // The tag moves first: a crash from here on resumes as an
-            // Advance from `releasing`, which starts by leaving service.
-            let mut s = vec![SetPhase {
-                phase: Phase::Releasing,
-                release: false,
-            }];
-            s.extend(advance_from(Phase::Releasing, facts));
-            s
-        }
+        // The tag moves first, exactly as a resumed Advance from
+        // `releasing` rewrites it: a crash from here on resumes as that
+        // Advance, which starts by leaving service.
+        Task::Update { .. } => steps(&Task::Advance, Phase::Releasing, facts),
         Task::Rollback { .. } => vec![
             Reactivate,
             HealthCheck,
