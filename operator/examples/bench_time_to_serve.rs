@@ -35,9 +35,7 @@
 //! - the decision (`scale` activity), the launch (`launched` after
 //!   RunInstances returned; the warm node's `start` note after
 //!   StartInstances returned) and each node step's end (`reachable`,
-//!   `provision`, `activate`, `healthy`): hangar's own JSON log; the
-//!   `reachable` note also says when hangar's listing first showed the
-//!   instance running (hangar tries SSH only from then on);
+//!   `provision`, `activate`, `healthy`): hangar's own JSON log;
 //! - boot's end: this bench, the first time the new node's sshd sends its
 //!   banner (probed every 50 ms at the node's address);
 //! - healthy in the target group: the local load balancer's own target
@@ -130,9 +128,6 @@ struct Measured {
     /// before is the local cloud bringing the machine up (overlay mount,
     /// network namespace, systemd-nspawn).
     init_started: Option<SystemTime>,
-    /// When hangar's view of the cloud first listed the node running (from
-    /// its `reachable` note; 0.1 s resolution): it tries SSH only then.
-    listed_running: Option<SystemTime>,
     /// Requests the load generator got no 2xx/3xx for.
     failed_requests: u64,
 }
@@ -146,14 +141,6 @@ impl Measured {
     fn until_init(&self) -> f64 {
         self.init_started
             .map(|t| secs_between(self.bounds[2], t).max(0.0))
-            .unwrap_or(0.0)
-    }
-
-    /// Of the SSH connect part: sshd answered, but hangar's listing did
-    /// not say running yet.
-    fn listing_wait(&self) -> f64 {
-        self.listed_running
-            .map(|t| secs_between(self.bounds[3], t).max(0.0))
             .unwrap_or(0.0)
     }
 
@@ -290,7 +277,7 @@ fn main() -> Result<(), BoxError> {
             );
             let m = measure(&cloud, &api, &log_path, mode, &serving, args.rps)?;
             eprintln!(
-                "round {round} {}: {} healthy in the target group {:.1}s after the breach ({}; init ran {:.1}s into the boot, listing {:.1}s of SSH connect)",
+                "round {round} {}: {} healthy in the target group {:.1}s after the breach ({}; init ran {:.1}s into the boot)",
                 mode.name(),
                 m.node,
                 m.total(),
@@ -298,8 +285,7 @@ fn main() -> Result<(), BoxError> {
                     .map(|i| format!("{:.1}", m.part(i)))
                     .collect::<Vec<_>>()
                     .join(" + "),
-                m.until_init(),
-                m.listing_wait()
+                m.until_init()
             );
             // What the boot spent its time on, from the machine's own systemd.
             let chain = cloud.machine(&m.node).ok().and_then(|machine| {
@@ -493,10 +479,6 @@ fn measure(
         find(&events, Some(&node), kind).ok_or_else(|| format!("no `{kind}` note for {node}"))
     };
     let reachable = step("reachable")?;
-    let listed_running = events
-        .iter()
-        .find(|e| e.kind == "reachable" && e.node == node)
-        .and_then(listed_running);
     let provisioned = step("provision")?;
     let activated = step("activate")?;
     let healthy = step("healthy")?;
@@ -515,7 +497,6 @@ fn measure(
             in_lb,
         ],
         init_started,
-        listed_running,
         failed_requests: load.errors,
     })
 }
@@ -573,18 +554,6 @@ fn journal_start(cloud: &LocalCloud, node: &str) -> Option<SystemTime> {
     let stamp = out.split_whitespace().next()?;
     let at = chrono::DateTime::parse_from_str(stamp, "%Y-%m-%dT%H:%M:%S%.f%z").ok()?;
     Some(SystemTime::from(at))
-}
-
-/// When the node was first listed running, from a `reachable` note:
-/// "answers SSH after 5.7s (listed running after 4.9s, attempt 1)".
-fn listed_running(e: &Event) -> Option<SystemTime> {
-    let secs = |after: &str| -> Option<f64> {
-        let rest = e.message.split(after).nth(1)?;
-        rest.split('s').next()?.parse().ok()
-    };
-    let waited = secs("answers SSH after ")?;
-    let listed = secs("listed running after ")?;
-    e.at.checked_sub(Duration::from_secs_f64((waited - listed).max(0.0)))
 }
 
 /// The first event of `kind` (for `node`, if given).
@@ -666,13 +635,6 @@ fn report(
                 "| … of which until the machine's init runs (the local cloud: overlay, netns, nspawn) | {:.2} | {:.2} |",
                 med(cold, &Measured::until_init),
                 med(warm, &Measured::until_init)
-            );
-        }
-        if i == 3 {
-            println!(
-                "| … of which hangar's listing did not show it running yet | {:.2} | {:.2} |",
-                med(cold, &Measured::listing_wait),
-                med(warm, &Measured::listing_wait)
             );
         }
     }

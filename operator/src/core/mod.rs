@@ -11,6 +11,7 @@ pub mod lifecycle;
 pub mod memory;
 pub mod observation;
 pub mod planner;
+pub mod reachability;
 pub mod rollout;
 pub mod warm_pool;
 

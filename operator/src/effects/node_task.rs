@@ -22,6 +22,7 @@ use prometheus_client::metrics::family::Family;
 
 use crate::core::fleet::Task;
 use crate::core::lifecycle::{self, NodeFacts, Step};
+use crate::core::reachability;
 use crate::core::rollout::KnownRelease;
 use crate::effects::health::{self, HealthProbe};
 use crate::effects::release::{self, Artifact, ReleaseConfig, ReleaseError};
@@ -96,6 +97,17 @@ impl From<CloudError> for Fail {
 /// stopping (EC2 lists a state change within seconds).
 const STOP_LISTED_DEADLINE: Duration = Duration::from_secs(60);
 
+/// How long one knock at a booting node's SSH port may take, and how often
+/// it is repeated: short, so sshd coming up is noticed within a fraction
+/// of a second (a knock is one TCP handshake).
+const KNOCK_TIMEOUT: Duration = Duration::from_millis(500);
+const KNOCK_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long after sshd first answers a refused login is still taken for
+/// a machine whose init has not installed the key yet (cloud-init orders
+/// itself before sshd, but an image may not); later it is the spec's key.
+const AUTH_GRACE: Duration = Duration::from_secs(10);
+
 pub async fn run(ctx: NodeContext, instance: Instance, task: Task, handle: TaskHandle) -> Outcome {
     let facts = NodeFacts {
         config_outdated: ctx
@@ -120,6 +132,7 @@ pub async fn run(ctx: NodeContext, instance: Instance, task: Task, handle: TaskH
         session: None,
         release,
         deregistered: false,
+        started: false,
     };
     for step in &steps {
         if run.handle.cancelled() {
@@ -143,6 +156,9 @@ struct NodeRun {
     session: Option<Arc<Session>>,
     release: String,
     deregistered: bool,
+    /// This task started the instance (a warm node): a `stopped` listing
+    /// is stale, not the machine's state.
+    started: bool,
 }
 
 impl NodeRun {
@@ -299,13 +315,15 @@ impl NodeRun {
             return Ok(s.clone());
         }
         let target = self.target()?;
-        let s = Arc::new(
-            self.ctx
-                .ssh
-                .session(&target)
-                .await
-                .map_err(|e| self.ssh_fail(e))?,
-        );
+        self.open_session(&target)
+            .await
+            .map_err(|e| self.ssh_fail(e))
+    }
+
+    async fn open_session(&mut self, target: &Target) -> Result<Arc<Session>, SshError> {
+        // Its pool slot is given back before another is asked for.
+        self.session = None;
+        let s = Arc::new(self.ctx.ssh.session(target).await?);
         self.session = Some(s.clone());
         Ok(s)
     }
@@ -329,43 +347,73 @@ impl NodeRun {
         }
     }
 
-    /// Waits, up to the health-check deadline, for the instance to run and
-    /// answer SSH (a fresh VM takes a while to boot).
-    /// Its note says how long that took and how much of it went to the
-    /// cloud's listing catching up (before it lists the instance running,
-    /// hangar does not try SSH), so a slow start can be told apart from a
-    /// slow boot.
+    /// Waits, up to the health-check deadline, for the instance to answer
+    /// SSH (a fresh VM takes a while to boot). It knocks at the node's
+    /// address as soon as that can only be this instance's
+    /// ([`reachability::may_try_ssh`]), not once the shared listing says
+    /// `running`: a listing seconds behind would otherwise be every new
+    /// node's wait. Its note says how long that took, and when (or whether
+    /// yet) the listing showed the instance running, so a slow start can
+    /// be told apart from a slow boot.
     async fn await_reachable(&mut self) -> Result<(), Fail> {
         let started = Instant::now();
         let deadline = started + self.spec().release.health_check.deadline.get();
+        let kind = self.spec().ssh.address;
         let mut last;
         let mut listed_running = None;
+        let mut first_answer: Option<Instant> = None;
         let mut attempts = 0u32;
         loop {
             if self.handle.cancelled() {
                 return Err(Fail::Cancelled);
             }
-            if self.instance.state == InstanceState::Running && self.address().is_some() {
-                let listed = *listed_running.get_or_insert_with(|| started.elapsed());
-                attempts += 1;
-                match self.session().await {
-                    Ok(_) => {
-                        self.handle.note(
-                            "reachable",
-                            format!(
-                                "answers SSH after {:.1}s (listed running after {:.1}s, attempt {attempts})",
-                                started.elapsed().as_secs_f64(),
-                                listed.as_secs_f64()
-                            ),
-                        );
-                        return Ok(());
+            if self.instance.state == InstanceState::Running {
+                listed_running.get_or_insert_with(|| started.elapsed());
+            }
+            let may_try = reachability::may_try_ssh(self.instance.state, kind, self.started);
+            match self.target() {
+                Ok(target) if may_try => {
+                    if self.ctx.ssh.answers(&target, KNOCK_TIMEOUT).await {
+                        attempts += 1;
+                        let answered = *first_answer.get_or_insert_with(Instant::now);
+                        match self.open_session(&target).await {
+                            // A machine may start sshd a moment before its
+                            // init has installed the login key.
+                            Err(e @ SshError::AuthFailed { .. })
+                                if answered.elapsed() < AUTH_GRACE =>
+                            {
+                                last = e.to_string();
+                            }
+                            Err(e) => match self.ssh_fail(e) {
+                                Fail::Retry(why) => last = why,
+                                other => return Err(other),
+                            },
+                            Ok(_) => {
+                                let listed = match listed_running {
+                                    Some(at) => {
+                                        format!("listed running after {:.1}s", at.as_secs_f64())
+                                    }
+                                    None => "not listed running yet".to_string(),
+                                };
+                                self.handle.note(
+                                    "reachable",
+                                    format!(
+                                        "answers SSH after {:.1}s ({listed}, attempt {attempts})",
+                                        started.elapsed().as_secs_f64(),
+                                    ),
+                                );
+                                return Ok(());
+                            }
+                        }
+                    } else {
+                        last = format!("nothing accepts at {}:{}", target.ip, target.port);
                     }
-                    Err(Fail::Node(why)) => return Err(Fail::Node(why)),
-                    Err(Fail::Retry(why)) => last = why,
-                    Err(other) => return Err(other),
                 }
-            } else {
-                last = format!("instance is {:?}", self.instance.state).to_lowercase();
+                Ok(_) | Err(_) => {
+                    last = format!("instance is {:?}", self.instance.state).to_lowercase();
+                }
+            }
+            if self.instance.state != InstanceState::Running || self.address().is_none() {
                 self.refresh_instance().await?;
             }
             if Instant::now() >= deadline {
@@ -373,7 +421,7 @@ impl NodeRun {
                     "not reachable over SSH in time; last: {last}"
                 )));
             }
-            self.pause(Duration::from_secs(1)).await?;
+            self.pause(KNOCK_INTERVAL).await?;
         }
     }
 
@@ -869,6 +917,7 @@ impl NodeRun {
         if self.instance.state != InstanceState::Running {
             self.instance.state = InstanceState::Pending;
         }
+        self.started = true;
         self.handle
             .note("start", "started from the warm pool".to_string());
         Ok(())

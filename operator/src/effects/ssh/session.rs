@@ -356,6 +356,22 @@ impl SshPool {
         })
     }
 
+    /// Whether something accepts TCP at the node's SSH port within
+    /// `within` (or a pooled connection to it is open): a cheap knock for a
+    /// booting node. A full connection attempt against a machine not up yet
+    /// can sit in the kernel's SYN retries for seconds after sshd started;
+    /// a short knock repeated often notices sshd within a fraction of that.
+    pub async fn answers(&self, target: &Target, within: Duration) -> bool {
+        if self.idle().get(target).is_some_and(|c| !c.is_closed()) {
+            return true;
+        }
+        let addr = std::net::SocketAddr::new(target.ip, target.port);
+        matches!(
+            tokio::time::timeout(within, tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Closes and forgets the connection to a node (terminated, or its host
     /// key must be checked afresh).
     pub async fn forget(&self, target: &Target) {
