@@ -75,8 +75,8 @@ pub struct Decision {
     /// persists the memory holding them before it calls.
     pub launches: Vec<LaunchIntent>,
     /// The memory must reach the disk before anything is acted on: it
-    /// holds launch intents (their tokens) or the node a `once` run was
-    /// given to.
+    /// holds launch intents (their tokens), the node a `once` run was
+    /// given to, or nodes newly chosen to leave.
     pub persist_first: bool,
     /// Notes node tasks left (already logged by them), oldest first.
     pub task_notes: Vec<Activity>,
@@ -733,7 +733,16 @@ impl<'o> Pass<'o> {
                 self.record("drain", Some(node), format!("draining: {reason}"));
             }
         }
-        let persist_first = !launches.is_empty() || self.once_started;
+        // A drain decided is written down before it starts, like a launch.
+        let mut newly_leaving = false;
+        for (node, why) in &diff.leaving {
+            newly_leaving |= self
+                .memory
+                .leaving
+                .insert(node.clone(), why.clone())
+                .is_none();
+        }
+        let persist_first = !launches.is_empty() || self.once_started || newly_leaving;
         Decision {
             memory: self.memory,
             diff,
@@ -812,6 +821,7 @@ fn fleet_node(
         protected: i.protected,
         task: running.get(&i.id).cloned(),
         failed: memory.failed_nodes.get(&i.id).cloned(),
+        retire: memory.leaving.get(&i.id).cloned(),
         unhealthy_since: unhealthy.get(&i.id).copied(),
         resting: memory.retry_after.get(&i.id).is_some_and(|t| *t > now),
         launch: i.tags.get(tags::LAUNCH).cloned(),

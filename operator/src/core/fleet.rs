@@ -90,6 +90,10 @@ pub struct Node {
     /// Set when its last task gave up for good (`Advance` or `Update`):
     /// the node is replaced.
     pub failed: Option<String>,
+    /// Chosen to leave by an earlier pass (why), perhaps by an operator
+    /// since restarted: it keeps leaving even while the listing shows it
+    /// serving.
+    pub retire: Option<String>,
     /// Since when its health probe fails (in-service nodes only).
     pub unhealthy_since: Option<DateTime<Utc>>,
     /// Its last task ended in a retry a moment ago: no new task yet.
@@ -135,6 +139,7 @@ impl Node {
         (matches!(self.phase, Phase::Draining | Phase::Terminating)
             && !matches!(self.task, Some(Task::Warm { .. })))
             || matches!(self.task, Some(Task::Drain { .. }))
+            || self.retire.is_some()
     }
 }
 
@@ -216,6 +221,9 @@ pub struct Diff {
     /// Warm-pool nodes ready (tagged `warm`, no task): not counted.
     #[serde(default)]
     pub warm: u32,
+    /// Nodes this pass chose to leave (id → why), for the memory.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub leaving: BTreeMap<String, String>,
     pub notes: Vec<String>,
 }
 
@@ -300,12 +308,8 @@ impl Diff {
             if n.is_leaving() {
                 leaving.insert(n.id.as_str());
                 if n.task.is_none() {
-                    self.start(
-                        n,
-                        Task::Drain {
-                            reason: "resume drain".into(),
-                        },
-                    );
+                    let reason = n.retire.clone().unwrap_or_else(|| "resume drain".into());
+                    self.start(n, Task::Drain { reason });
                 }
             } else if matches!(n.state, InstanceState::Stopping | InstanceState::Stopped)
                 && !warm_pool::may_be_stopped(n)
@@ -515,6 +519,7 @@ impl Diff {
             for n in victims {
                 chosen.insert(n.id.as_str());
                 if n.task.is_some() && !matches!(n.task, Some(Task::Drain { .. })) {
+                    self.leaving.insert(n.id.clone(), "scale-in".into());
                     self.actions.push(Action::Cancel {
                         node: n.id.clone(),
                         reason: "scale-in".into(),
@@ -526,9 +531,12 @@ impl Diff {
                             self.counted -= 1;
                             task
                         }
-                        None => Task::Drain {
-                            reason: "scale-in".into(),
-                        },
+                        None => {
+                            self.leaving.insert(n.id.clone(), "scale-in".into());
+                            Task::Drain {
+                                reason: "scale-in".into(),
+                            }
+                        }
                     };
                     self.start(n, task);
                 }
@@ -643,6 +651,7 @@ impl Diff {
     /// stop first (the drain starts on a later pass, once it has).
     fn replace(&mut self, node: &Node, reason: String) {
         self.notes.push(format!("replacing {}: {reason}", node.id));
+        self.leaving.insert(node.id.clone(), reason.clone());
         match &node.task {
             None => self.start(node, Task::Drain { reason }),
             Some(Task::Drain { .. }) => {}

@@ -36,6 +36,12 @@ pub struct Memory {
     pub node_failures: u32,
     /// Nodes whose task gave up for good, to be replaced (id → why).
     pub failed_nodes: BTreeMap<String, String>,
+    /// Nodes this cluster decided must go (id → why): scale-in victims and
+    /// replacements. Which ones go is a decision, and a restarted operator
+    /// whose listing does not show their `draining` tags yet must carry it
+    /// on rather than choose again from a view that may differ.
+    #[serde(default)]
+    pub leaving: BTreeMap<String, String>,
     /// The last error seen per node (id → message), shown in status.
     pub node_errors: BTreeMap<String, String>,
     /// Transient failures in a row of a node still coming up (id → count):
@@ -111,6 +117,7 @@ impl Memory {
             history,
             node_failures,
             failed_nodes,
+            leaving,
             node_errors,
             node_retries,
             retry_after,
@@ -134,6 +141,7 @@ impl Memory {
             && *release == other.release
             && *node_failures == other.node_failures
             && *failed_nodes == other.failed_nodes
+            && *leaving == other.leaving
             && *node_errors == other.node_errors
             && *node_retries == other.node_retries
             && *retry_after == other.retry_after
@@ -154,6 +162,7 @@ impl Memory {
             history: _,
             node_failures,
             failed_nodes,
+            leaving,
             node_errors,
             node_retries,
             retry_after,
@@ -172,6 +181,7 @@ impl Memory {
             history: History::default(),
             node_failures: *node_failures,
             failed_nodes: failed_nodes.clone(),
+            leaving: leaving.clone(),
             node_errors: node_errors.clone(),
             node_retries: node_retries.clone(),
             retry_after: retry_after.clone(),

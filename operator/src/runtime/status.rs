@@ -119,6 +119,7 @@ impl ClusterStatus {
         let alive = |id: &String| live.iter().any(|i| i.id == *id);
         let m = &mut self.memory;
         m.failed_nodes.retain(|id, _| alive(id));
+        m.leaving.retain(|id, _| alive(id));
         m.node_errors.retain(|id, _| alive(id));
         m.node_retries.retain(|id, _| alive(id));
         m.retry_after.retain(|id, _| alive(id));

@@ -664,6 +664,46 @@ fn a_crash_before_the_listing_confirms_a_launch_retries_its_token_and_launches_n
     assert!(sim.memory.launches.pending.is_empty());
 }
 
+/// Which nodes go on a scale-in is a decision, not a fact of the listing:
+/// an operator restarted before the listing shows the first one's drains
+/// (and showing another node differently: a tag from before catching up)
+/// carries those drains on instead of choosing victims of its own.
+#[test]
+fn a_restart_before_the_listing_shows_its_drains_picks_no_further_scale_in_victims() {
+    let mut sim = settled_fleet(with_min(4));
+    assert_eq!(sim.serving().len(), 4);
+    let launched = sim.launched.len();
+    sim.spec.capacity.min = 2;
+    // The listing still shows i-004's `releasing` from before it was
+    // tagged in service: to this operator it is the cheapest victim.
+    let real = sim.cloud[3].clone();
+    sim.cloud[3] = real.clone().phase(Phase::Releasing);
+    let first: Vec<String> = drains(sim.pass());
+    assert_eq!(first.len(), 2, "{first:?}");
+    sim.crash();
+    // The next operator sees i-004 in service, and none of the drains yet.
+    sim.cloud[3] = real;
+    let mut drained: std::collections::BTreeSet<String> = first.into_iter().collect();
+    for _ in 0..10 {
+        drained.extend(drains(sim.pass()));
+        let names: Vec<&'static str> = sim.running.values().map(Task::name).collect();
+        for name in names {
+            sim.finish_all(name, Outcome::Done);
+        }
+    }
+    assert_eq!(drained.len(), 2, "only the first victims go: {drained:?}");
+    assert_eq!(sim.serving().len(), 2);
+    assert_eq!(sim.launched.len(), launched, "nothing relaunched");
+}
+
+fn drains(d: &Decision) -> Vec<String> {
+    starts(d)
+        .into_iter()
+        .filter(|(_, task)| *task == "drain")
+        .map(|(node, _)| node)
+        .collect()
+}
+
 #[test]
 fn a_task_that_ends_in_a_retry_is_started_again_only_after_a_rest_that_grows() {
     let mut sim = Sim::new(spec(""));

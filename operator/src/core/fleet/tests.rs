@@ -28,6 +28,7 @@ fn node(id: &str, phase: Phase, release: &str, minutes_old: i64) -> Node {
         failed: None,
         unhealthy_since: None,
         resting: false,
+        retire: None,
         launch: Some("ls1".into()),
     }
 }
@@ -403,6 +404,7 @@ fn arb_node() -> impl Strategy<Value = Node> {
             failed: None,
             unhealthy_since: None,
             resting: false,
+        retire: None,
             launch: None,
         })
 }
