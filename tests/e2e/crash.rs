@@ -109,6 +109,68 @@ fn killed_at_random_moments_it_converges_with_no_orphan_double_launch_or_unsafe_
     eprintln!("seed {seed}: {kills} kills, converged every time");
 }
 
+/// EC2's listing can show a node's `releasing` for seconds after it was
+/// tagged `in-service`. An operator restarted in that window must not take
+/// the serving node out of the target group to ship it the release it
+/// already runs: with one node, that is an outage.
+#[test]
+fn a_restart_keeps_a_serving_node_in_service_while_the_listing_still_says_releasing() {
+    let mut s = Scenario::start();
+    let spec = s.spec().remove("spec.autoscaling").with_capacity(1, 1);
+    s.write_spec(&spec);
+    s.start_operator();
+    let st = s.wait_status(
+        "web",
+        "1 in service on v1",
+        Duration::from_secs(120),
+        |st| settled_on(st, 1, "v1"),
+    );
+    let node = st.nodes[0].id.clone();
+    s.crash_operator();
+    let load = s.cloud.start_load(10.0, None).expect("load");
+    s.watcher.track_serving();
+    // What a lagging listing shows the next operator: the earlier tag.
+    s.cloud
+        .tag_instance(&node, &[("hangar:phase", "releasing")])
+        .expect("tag the node");
+    let listed = |s: &Scenario, phase: &str| {
+        s.cloud
+            .listed_tags(&node)
+            .ok()
+            .flatten()
+            .is_some_and(|t| t.get("hangar:phase").map(String::as_str) == Some(phase))
+    };
+    hangar_local::eventually(Duration::from_secs(10), "releasing listed", || {
+        listed(&s, "releasing").then_some(())
+    })
+    .expect("the listing shows releasing");
+    s.start_operator();
+    s.wait_status(
+        "web",
+        "tagged in service again",
+        Duration::from_secs(60),
+        |st| settled_on(st, 1, "v1") && listed(&s, "in-service"),
+    );
+    let report = load.stop();
+    assert_eq!(report.errors, 0, "no request lost: {report:?}");
+    let watch = s.watcher.report();
+    assert_eq!(watch.min_serving, Some(1), "never out of service: {watch:?}");
+    assert_eq!(
+        watch.registrations.iter().filter(|(id, _)| *id == node).count(),
+        1,
+        "registered once, never re-registered: {watch:?}"
+    );
+    let st = s.status("web").expect("status");
+    assert!(
+        st.activities
+            .iter()
+            .any(|a| a.message.contains("kept in service")),
+        "{:?}",
+        st.activities
+    );
+    s.watcher.assert_invariants();
+}
+
 /// A crash inside a failed update's restore can leave a node serving the
 /// old release while its tags say `verifying` on the new one. A restarted
 /// operator must believe the node, not the tag: else the node joins the

@@ -19,6 +19,13 @@ pub enum Step {
     Provision,
     /// Make sure the node is not in the target group and has drained.
     LeaveService,
+    /// A node resumed from `releasing` may be serving already: EC2's
+    /// listing can show that tag for seconds after the node was tagged
+    /// `in-service`. When the target group calls it healthy and its
+    /// `current` is the release this task brings, it is tagged
+    /// `in-service` and the task ends here, instead of taking a serving
+    /// node out to ship it what it runs.
+    ConfirmServing,
     /// Fetch, upload, verify and unpack the release; link shared paths.
     Ship,
     /// Before hooks, atomic `current` swap, after hooks, prune.
@@ -79,19 +86,23 @@ pub fn steps(task: &Task, phase: Phase, facts: NodeFacts) -> Vec<Step> {
         // be older than the node's real `in-service`, and a crash after the
         // deregistration must not leave that `in-service` as the last word
         // on a node that is out of the target group.
+        //
+        // Before either, the node may turn out to be serving already; not
+        // when its config is outdated (that needs the runbook, out of
+        // service).
         Task::Advance if phase == Phase::Releasing => {
-            let mut s = vec![SetPhase {
-                phase: Phase::Releasing,
-                release: false,
-            }];
-            s.extend(advance_from(phase, facts));
+            let mut s = Vec::new();
+            if !facts.config_outdated {
+                s.push(ConfirmServing);
+            }
+            s.extend(release_again(facts));
             s
         }
         Task::Advance => advance_from(phase, facts),
         // The tag moves first, exactly as a resumed Advance from
         // `releasing` rewrites it: a crash from here on resumes as that
-        // Advance, which starts by leaving service.
-        Task::Update { .. } => steps(&Task::Advance, Phase::Releasing, facts),
+        // Advance, which leaves service before anything changes.
+        Task::Update { .. } => release_again(facts),
         Task::Rollback { .. } => vec![
             Reactivate,
             HealthCheck,
@@ -143,6 +154,16 @@ pub fn steps(task: &Task, phase: Phase, facts: NodeFacts) -> Vec<Step> {
             }
         },
     }
+}
+
+/// `releasing` written (again), then the path from there.
+fn release_again(facts: NodeFacts) -> Vec<Step> {
+    let mut s = vec![Step::SetPhase {
+        phase: Phase::Releasing,
+        release: false,
+    }];
+    s.extend(advance_from(Phase::Releasing, facts));
+    s
 }
 
 fn drain_tail() -> Vec<Step> {
@@ -310,6 +331,30 @@ fn from_pool(phase: Phase, facts: NodeFacts) -> Vec<Step> {
 mod tests {
     use super::*;
     use Step::*;
+
+    #[test]
+    fn a_node_resumed_from_releasing_first_checks_whether_it_serves_already() {
+        let current = NodeFacts::default();
+        let outdated = NodeFacts {
+            config_outdated: true,
+            ..current
+        };
+        let s = steps(&Task::Advance, Phase::Releasing, current);
+        assert_eq!(s.first(), Some(&ConfirmServing), "{s:?}");
+        let s = steps(&Task::Advance, Phase::Releasing, outdated);
+        assert!(!s.contains(&ConfirmServing), "{s:?}");
+        // An update is decided from an in-service listing: it leaves.
+        let update = Task::Update {
+            release: "v2".into(),
+        };
+        assert!(!steps(&update, Phase::InService, current).contains(&ConfirmServing));
+        // Only from `releasing`: other phases never leave service first.
+        for phase in Phase::ALL {
+            if phase != Phase::Releasing {
+                assert!(!steps(&Task::Advance, phase, current).contains(&ConfirmServing));
+            }
+        }
+    }
 
     #[test]
     fn a_node_resumed_from_releasing_is_tagged_releasing_again_before_it_leaves_service() {
@@ -512,12 +557,14 @@ mod tests {
 
     #[test]
     fn a_crash_mid_update_resumes_out_of_service() {
-        // The tag says releasing: Advance from there writes it again, then
-        // leaves service before anything else.
+        // The tag says releasing: Advance from there asks whether the node
+        // serves the target already (a node mid-update runs the old one),
+        // writes the tag again, then leaves service before anything else.
         let s = steps(&Task::Advance, Phase::Releasing, FRESH);
         assert_eq!(
-            s[..2],
+            s[..3],
             [
+                ConfirmServing,
                 SetPhase {
                     phase: Phase::Releasing,
                     release: false

@@ -133,6 +133,7 @@ pub async fn run(ctx: NodeContext, instance: Instance, task: Task, handle: TaskH
         release,
         deregistered: false,
         started: false,
+        confirmed_serving: false,
     };
     for step in &steps {
         if run.handle.cancelled() {
@@ -140,6 +141,9 @@ pub async fn run(ctx: NodeContext, instance: Instance, task: Task, handle: TaskH
         }
         if let Err(fail) = run.step(step).await {
             return run.outcome(fail).await;
+        }
+        if run.confirmed_serving {
+            break;
         }
     }
     Outcome::Done
@@ -159,6 +163,8 @@ struct NodeRun {
     /// This task started the instance (a warm node): a `stopped` listing
     /// is stale, not the machine's state.
     started: bool,
+    /// [`Step::ConfirmServing`] found the node serving: the task is done.
+    confirmed_serving: bool,
 }
 
 impl NodeRun {
@@ -175,6 +181,7 @@ impl NodeRun {
             Step::AwaitReachable => self.await_reachable().await,
             Step::Provision => self.provision().await,
             Step::LeaveService => self.leave_service().await,
+            Step::ConfirmServing => self.confirm_serving().await,
             Step::Ship => self.ship().await,
             Step::Activate => self.activate().await,
             Step::Reactivate => self.reactivate().await,
@@ -595,6 +602,33 @@ impl NodeRun {
             "rollback",
             format!("swapped back to {} (from {:?})", report.id, report.replaced),
         );
+        Ok(())
+    }
+
+    /// See [`Step::ConfirmServing`]. Anything short of certainty (not
+    /// healthy in the target group, another release active) leaves the
+    /// task on its usual path.
+    async fn confirm_serving(&mut self) -> Result<(), Fail> {
+        if self.target_state().await? != Some(TargetState::Healthy) {
+            return Ok(());
+        }
+        let session = self.session().await?;
+        let config = self.release_config()?;
+        let state = release::read_state(&session, &config)
+            .await
+            .map_err(|e| self.release_fail(e, false))?;
+        if state.active.as_deref() != Some(self.release.as_str()) {
+            return Ok(());
+        }
+        self.set_phase(Phase::InService, true).await?;
+        self.handle.note(
+            "resume",
+            format!(
+                "listed releasing, but healthy in the target group on {}: kept in service",
+                self.release
+            ),
+        );
+        self.confirmed_serving = true;
         Ok(())
     }
 
