@@ -23,7 +23,8 @@
 //! - **warm**: `warmPool: { size: 1, state: stopped }`, filled and settled
 //!   before the breach; hangar starts the stopped warm node
 //!   (StartInstances), re-runs the runbook (unchanged steps skipped),
-//!   activates the release it already has, health-checks and registers it.
+//!   finds the release it was stopped on still active (nothing shipped or
+//!   activated), health-checks and registers it.
 //!
 //! Rounds alternate the order (cold then warm, warm then cold, …) so both
 //! see the same machine. Between measurements the load stops, the fleet

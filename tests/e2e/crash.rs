@@ -154,9 +154,17 @@ fn a_restart_keeps_a_serving_node_in_service_while_the_listing_still_says_releas
     let report = load.stop();
     assert_eq!(report.errors, 0, "no request lost: {report:?}");
     let watch = s.watcher.report();
-    assert_eq!(watch.min_serving, Some(1), "never out of service: {watch:?}");
     assert_eq!(
-        watch.registrations.iter().filter(|(id, _)| *id == node).count(),
+        watch.min_serving,
+        Some(1),
+        "never out of service: {watch:?}"
+    );
+    assert_eq!(
+        watch
+            .registrations
+            .iter()
+            .filter(|(id, _)| *id == node)
+            .count(),
         1,
         "registered once, never re-registered: {watch:?}"
     );

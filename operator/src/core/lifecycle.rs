@@ -19,17 +19,24 @@ pub enum Step {
     Provision,
     /// Make sure the node is not in the target group and has drained.
     LeaveService,
-    /// A node resumed from `releasing` may be serving already: EC2's
-    /// listing can show that tag for seconds after the node was tagged
-    /// `in-service`. When the target group calls it healthy and its
-    /// `current` is the release this task brings, it is tagged
-    /// `in-service` and the task ends here, instead of taking a serving
-    /// node out to ship it what it runs.
+    /// A node resumed from a phase before `verifying` may be serving
+    /// already: EC2's listing can show an earlier phase tag for seconds
+    /// after the node was tagged `in-service`. When the target group calls
+    /// it healthy and its `current` is the release this task brings, it is
+    /// tagged `in-service` and the task ends here, instead of taking a
+    /// serving node out to ship it what it runs. Its config tag is left as
+    /// listed: if that is really outdated, the node is updated like any
+    /// serving one, within the rollout's bounds.
     ConfirmServing,
     /// Fetch, upload, verify and unpack the release; link shared paths.
     Ship,
     /// Before hooks, atomic `current` swap, after hooks, prune.
     Activate,
+    /// [`Step::Activate`], unless the release is `current` already: a warm
+    /// node stopped on it, with its config unchanged since, ran its hooks
+    /// when it was activated, and its services came up from it when the
+    /// machine booted.
+    EnsureActive,
     /// Swap `current` back to an already shipped release, in place.
     Reactivate,
     /// Read which release the node's `current` really points to. When it
@@ -87,18 +94,23 @@ pub fn steps(task: &Task, phase: Phase, facts: NodeFacts) -> Vec<Step> {
         // deregistration must not leave that `in-service` as the last word
         // on a node that is out of the target group.
         //
-        // Before either, the node may turn out to be serving already; not
-        // when its config is outdated (that needs the runbook, out of
-        // service).
-        Task::Advance if phase == Phase::Releasing => {
+        // From any phase before `verifying`, the node may turn out to be
+        // serving already (see `ConfirmServing`).
+        Task::Advance => {
             let mut s = Vec::new();
-            if !facts.config_outdated {
+            if matches!(
+                phase,
+                Phase::Launching | Phase::Provisioning | Phase::Releasing
+            ) {
                 s.push(ConfirmServing);
             }
-            s.extend(release_again(facts));
+            if phase == Phase::Releasing {
+                s.extend(release_again(facts));
+            } else {
+                s.extend(advance_from(phase, facts));
+            }
             s
         }
-        Task::Advance => advance_from(phase, facts),
         // The tag moves first, exactly as a resumed Advance from
         // `releasing` rewrites it: a crash from here on resumes as that
         // Advance, which leaves service before anything changes.
@@ -297,10 +309,10 @@ fn to_pool(phase: Phase, facts: NodeFacts, stop: bool) -> Vec<Step> {
 
 /// `Task::Serve`: take a warm node into service. Start it, re-run the
 /// runbook (its unchanged steps are skipped), then the usual release path
-/// from `releasing`: the target release is shipped only if the node lacks
-/// it, activated, health-checked (and warmed up) before it registers — so
-/// a pool node whose release or config went stale is brought up to date
-/// before it serves. The tag leaves `warm` only once the instance runs and
+/// from `releasing`: the target release is shipped and activated only if
+/// the node lacks it, health-checked (and warmed up) before it registers —
+/// so a pool node whose release or config went stale is brought up to
+/// date before it serves. The tag leaves `warm` only once the instance runs and
 /// answers SSH; a crash before that leaves a warm node, which is started
 /// (again) or stopped (again) harmlessly.
 fn from_pool(phase: Phase, facts: NodeFacts) -> Vec<Step> {
@@ -312,7 +324,7 @@ fn from_pool(phase: Phase, facts: NodeFacts) -> Vec<Step> {
         config_outdated: false,
         ..facts
     };
-    [
+    let mut s = [
         vec![
             StartInstance,
             AwaitReachable,
@@ -324,7 +336,17 @@ fn from_pool(phase: Phase, facts: NodeFacts) -> Vec<Step> {
         ],
         advance_from(Phase::Releasing, provisioned),
     ]
-    .concat()
+    .concat();
+    // With its config changed while it was stopped (the env file, say),
+    // the activation's hooks run again, as they do for a serving node.
+    if !facts.config_outdated {
+        for step in &mut s {
+            if *step == Activate {
+                *step = EnsureActive;
+            }
+        }
+    }
+    s
 }
 
 #[cfg(test)]
@@ -334,26 +356,26 @@ mod tests {
 
     #[test]
     fn a_node_resumed_from_releasing_first_checks_whether_it_serves_already() {
-        let current = NodeFacts::default();
-        let outdated = NodeFacts {
-            config_outdated: true,
-            ..current
-        };
-        let s = steps(&Task::Advance, Phase::Releasing, current);
-        assert_eq!(s.first(), Some(&ConfirmServing), "{s:?}");
-        let s = steps(&Task::Advance, Phase::Releasing, outdated);
-        assert!(!s.contains(&ConfirmServing), "{s:?}");
+        let before_verifying = [Phase::Launching, Phase::Provisioning, Phase::Releasing];
+        for config_outdated in [false, true] {
+            let facts = NodeFacts {
+                config_outdated,
+                warmup: false,
+            };
+            for phase in Phase::ALL {
+                let s = steps(&Task::Advance, phase, facts);
+                if before_verifying.contains(&phase) {
+                    assert_eq!(s.first(), Some(&ConfirmServing), "{phase}: {s:?}");
+                } else {
+                    assert!(!s.contains(&ConfirmServing), "{phase}: {s:?}");
+                }
+            }
+        }
         // An update is decided from an in-service listing: it leaves.
         let update = Task::Update {
             release: "v2".into(),
         };
-        assert!(!steps(&update, Phase::InService, current).contains(&ConfirmServing));
-        // Only from `releasing`: other phases never leave service first.
-        for phase in Phase::ALL {
-            if phase != Phase::Releasing {
-                assert!(!steps(&Task::Advance, phase, current).contains(&ConfirmServing));
-            }
-        }
+        assert!(!steps(&update, Phase::InService, FRESH).contains(&ConfirmServing));
     }
 
     #[test]
@@ -396,6 +418,7 @@ mod tests {
         assert_eq!(
             s,
             [
+                ConfirmServing,
                 AwaitReachable,
                 set(Phase::Provisioning),
                 Provision,
@@ -738,7 +761,7 @@ mod tests {
                 set(Phase::Releasing),
                 LeaveService,
                 Ship,
-                Activate,
+                EnsureActive,
                 SetPhase {
                     phase: Phase::Verifying,
                     release: true
@@ -749,6 +772,17 @@ mod tests {
                 set(Phase::InService),
             ]
         );
+        // Its config changed while it was stopped: activated again, hooks
+        // and all, as a serving node would be.
+        let s = steps(
+            &Task::Serve,
+            Phase::Warm,
+            NodeFacts {
+                config_outdated: true,
+                ..FRESH
+            },
+        );
+        assert!(s.contains(&Activate) && !s.contains(&EnsureActive), "{s:?}");
         // Crashed after the tag moved on: the usual path from there.
         assert_eq!(
             steps(&Task::Serve, Phase::Releasing, FRESH),

@@ -101,7 +101,7 @@ const STOP_LISTED_DEADLINE: Duration = Duration::from_secs(60);
 /// it is repeated: short, so sshd coming up is noticed within a fraction
 /// of a second (a knock is one TCP handshake).
 const KNOCK_TIMEOUT: Duration = Duration::from_millis(500);
-const KNOCK_INTERVAL: Duration = Duration::from_millis(200);
+const KNOCK_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How long after sshd first answers a refused login is still taken for
 /// a machine whose init has not installed the key yet (cloud-init orders
@@ -184,6 +184,7 @@ impl NodeRun {
             Step::ConfirmServing => self.confirm_serving().await,
             Step::Ship => self.ship().await,
             Step::Activate => self.activate().await,
+            Step::EnsureActive => self.ensure_active().await,
             Step::Reactivate => self.reactivate().await,
             Step::CheckActive => self.check_active().await,
             Step::HealthCheck => self.health_check().await,
@@ -585,6 +586,22 @@ impl NodeRun {
             "activate",
             format!("activated {} (was {:?})", report.id, report.replaced),
         );
+        Ok(())
+    }
+
+    /// See [`Step::EnsureActive`].
+    async fn ensure_active(&mut self) -> Result<(), Fail> {
+        let session = self.session().await?;
+        let config = self.release_config()?;
+        let unproven = self.release_unproven();
+        let report = release::ensure_active(&session, &config, &self.release)
+            .await
+            .map_err(|e| self.release_fail(e, unproven))?;
+        let said = match report {
+            Some(r) => format!("activated {} (was {:?})", r.id, r.replaced),
+            None => format!("{} is active already", self.release),
+        };
+        self.handle.note("activate", said);
         Ok(())
     }
 

@@ -404,7 +404,7 @@ fn arb_node() -> impl Strategy<Value = Node> {
             failed: None,
             unhealthy_since: None,
             resting: false,
-        retire: None,
+            retire: None,
             launch: None,
         })
 }

@@ -913,8 +913,31 @@ pub async fn activate(
     id: &str,
 ) -> Result<ActivateReport, ReleaseError> {
     config.validate_id(id)?;
-    let started = Instant::now();
     let state = read_state(session, config).await?;
+    activate_over(session, config, id, state).await
+}
+
+/// [`activate`], unless `id` is `current` already (`None`).
+pub async fn ensure_active(
+    session: &Session,
+    config: &ReleaseConfig,
+    id: &str,
+) -> Result<Option<ActivateReport>, ReleaseError> {
+    config.validate_id(id)?;
+    let state = read_state(session, config).await?;
+    if state.active.as_deref() == Some(id) {
+        return Ok(None);
+    }
+    activate_over(session, config, id, state).await.map(Some)
+}
+
+async fn activate_over(
+    session: &Session,
+    config: &ReleaseConfig,
+    id: &str,
+    state: NodeReleases,
+) -> Result<ActivateReport, ReleaseError> {
+    let started = Instant::now();
     if !state.releases.iter().any(|r| r == id) {
         return Err(ReleaseError::NotShipped {
             node: session.node().to_string(),
