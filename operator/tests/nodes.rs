@@ -342,6 +342,46 @@ async fn a_release_id_republished_with_another_artifact_is_shipped_again() {
     assert!(state.staging.is_empty(), "{:?}", state.staging);
 }
 
+/// A warm node started on the release it was stopped on is not activated
+/// again (its hooks ran then); one that lacks it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_active_activates_only_a_release_that_is_not_current() {
+    let fx = Fixture::new(1);
+    let pool = fx.pool();
+    assert!(provision(&fx, 0, &pool).await.succeeded());
+    let session = pool.session(&fx.target(0)).await.unwrap();
+    let node = &fx.nodes[0];
+    let config = ReleaseConfig {
+        after_activate: vec!["echo \"$RELEASE_ID\" >> /srv/app/shared/activations".into()],
+        ..release_config(5)
+    };
+    let hooks_ran = || {
+        node.exec_inside_ok("cat /srv/app/shared/activations")
+            .unwrap_or_default()
+    };
+    for id in ["r1", "r2"] {
+        release::ship(&session, &config, id, &fx.tarball(id, true, false))
+            .await
+            .unwrap();
+    }
+    let first = release::ensure_active(&session, &config, "r1")
+        .await
+        .unwrap();
+    assert_eq!(first.map(|r| r.id).as_deref(), Some("r1"));
+    assert_eq!(hooks_ran(), "r1\n");
+    let again = release::ensure_active(&session, &config, "r1")
+        .await
+        .unwrap();
+    assert!(again.is_none(), "r1 is current: nothing to do");
+    assert_eq!(hooks_ran(), "r1\n", "no hook ran the second time");
+    let next = release::ensure_active(&session, &config, "r2")
+        .await
+        .unwrap();
+    assert_eq!(next.and_then(|r| r.replaced).as_deref(), Some("r1"));
+    assert_eq!(hooks_ran(), "r1\nr2\n");
+    assert_eq!(http_get(node, "/").await.2, "r2");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_before_activate_hook_keeps_the_old_release_serving() {
     let fx = Fixture::new(1);
