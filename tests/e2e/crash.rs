@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use hangar_local::artifact::ReleaseKind;
+use hangar_local::spec::ClusterSpec;
 use rand::{RngExt, SeedableRng};
 
 use crate::support::{seed, settled_on, Scenario};
@@ -115,35 +116,13 @@ fn killed_at_random_moments_it_converges_with_no_orphan_double_launch_or_unsafe_
 /// already runs: with one node, that is an outage.
 #[test]
 fn a_restart_keeps_a_serving_node_in_service_while_the_listing_still_says_releasing() {
-    let mut s = Scenario::start();
-    let spec = s.spec().remove("spec.autoscaling").with_capacity(1, 1);
-    s.write_spec(&spec);
-    s.start_operator();
-    let st = s.wait_status(
-        "web",
-        "1 in service on v1",
-        Duration::from_secs(120),
-        |st| settled_on(st, 1, "v1"),
-    );
-    let node = st.nodes[0].id.clone();
+    let (mut s, _, node) = one_node_serving_v1();
     s.crash_operator();
     let load = s.cloud.start_load(10.0, None).expect("load");
     s.watcher.track_serving();
     // What a lagging listing shows the next operator: the earlier tag.
-    s.cloud
-        .tag_instance(&node, &[("hangar:phase", "releasing")])
-        .expect("tag the node");
-    let listed = |s: &Scenario, phase: &str| {
-        s.cloud
-            .listed_tags(&node)
-            .ok()
-            .flatten()
-            .is_some_and(|t| t.get("hangar:phase").map(String::as_str) == Some(phase))
-    };
-    hangar_local::eventually(Duration::from_secs(10), "releasing listed", || {
-        listed(&s, "releasing").then_some(())
-    })
-    .expect("the listing shows releasing");
+    tag_and_wait_listed(&s, &node, &[("hangar:phase", "releasing")]);
+    let listed = |s: &Scenario, phase: &str| listed_phase(s, &node).as_deref() == Some(phase);
     s.start_operator();
     s.wait_status(
         "web",
@@ -186,33 +165,15 @@ fn a_restart_keeps_a_serving_node_in_service_while_the_listing_still_says_releas
 /// mixes two releases.
 #[test]
 fn a_restart_reads_what_a_verifying_node_really_runs_not_its_tag() {
-    let mut s = Scenario::start();
-    let spec = s.spec().remove("spec.autoscaling").with_capacity(1, 1);
-    s.write_spec(&spec);
-    s.start_operator();
-    let st = s.wait_status(
-        "web",
-        "1 in service on v1",
-        Duration::from_secs(120),
-        |st| settled_on(st, 1, "v1"),
-    );
-    let node = st.nodes[0].id.clone();
+    let (mut s, spec, node) = one_node_serving_v1();
     let v2 = s.cloud.upload_release("v2", ReleaseKind::Good).expect("v2");
     s.crash_operator();
     // What the crash left: the tags of an activation of v2 that never ran.
-    s.cloud
-        .tag_instance(
-            &node,
-            &[("hangar:phase", "verifying"), ("hangar:release", "v2")],
-        )
-        .expect("tag the node");
-    // EC2's listing shows a tag change late: start the operator once it
-    // would see what the crash left.
-    hangar_local::eventually(Duration::from_secs(10), "the tags listed", || {
-        let tags = s.cloud.listed_tags(&node).ok().flatten()?;
-        (tags.get("hangar:phase").map(String::as_str) == Some("verifying")).then_some(())
-    })
-    .expect("the listing shows the tags");
+    tag_and_wait_listed(
+        &s,
+        &node,
+        &[("hangar:phase", "verifying"), ("hangar:release", "v2")],
+    );
     s.write_spec(&spec.with_release(&v2));
     s.start_operator();
     let runs = |s: &Scenario| {
@@ -236,4 +197,40 @@ fn a_restart_reads_what_a_verifying_node_really_runs_not_its_tag() {
         st.activities
     );
     s.watcher.assert_invariants();
+}
+
+/// One node in service on v1 and the operator stopped: what a restart
+/// finds, before the scenario changes it.
+fn one_node_serving_v1() -> (Scenario, ClusterSpec, String) {
+    let mut s = Scenario::start();
+    let spec = s.spec().remove("spec.autoscaling").with_capacity(1, 1);
+    s.write_spec(&spec);
+    s.start_operator();
+    let st = s.wait_status(
+        "web",
+        "1 in service on v1",
+        Duration::from_secs(120),
+        |st| settled_on(st, 1, "v1"),
+    );
+    let node = st.nodes[0].id.clone();
+    (s, spec, node)
+}
+
+/// Tags `node` behind the operator's back, then waits until EC2's
+/// listing (which shows a tag change late) shows the phase written.
+fn tag_and_wait_listed(s: &Scenario, node: &str, tags: &[(&str, &str)]) {
+    s.cloud.tag_instance(node, tags).expect("tag the node");
+    let phase = tags
+        .iter()
+        .find(|(k, _)| *k == "hangar:phase")
+        .map(|(_, v)| v.to_string());
+    hangar_local::eventually(Duration::from_secs(10), "the tags listed", || {
+        (listed_phase(s, node) == phase).then_some(())
+    })
+    .expect("the listing shows the tags");
+}
+
+fn listed_phase(s: &Scenario, node: &str) -> Option<String> {
+    let tags = s.cloud.listed_tags(node).ok().flatten()?;
+    tags.get("hangar:phase").cloned()
 }
