@@ -213,6 +213,13 @@ fn one_node_serving_v1() -> (Scenario, ClusterSpec, String) {
         |st| settled_on(st, 1, "v1"),
     );
     let node = st.nodes[0].id.clone();
+    // Every tag the operator wrote listed first: else a phase the scenario
+    // waits to see listed may be one of the operator's older ones (EC2
+    // shows one instance's tag changes in order, each late).
+    hangar_local::eventually(Duration::from_secs(10), "in-service listed", || {
+        (listed_phase(&s, &node).as_deref() == Some("in-service")).then_some(())
+    })
+    .expect("the listing shows the node in service");
     (s, spec, node)
 }
 

@@ -76,6 +76,7 @@ pub struct NodeContext {
 }
 
 /// Why a step failed, already classified.
+#[derive(Debug)]
 enum Fail {
     Retry(String),
     Node(String),
@@ -623,11 +624,18 @@ impl NodeRun {
     }
 
     /// See [`Step::ConfirmServing`]. Anything short of certainty (not
-    /// healthy in the target group, another release active) leaves the
-    /// task on its usual path.
+    /// healthy in the target group, another release active, the load
+    /// balancer not answering) leaves the task on its usual path: a new
+    /// node's bring-up does not wait out an ELB error here, and the path
+    /// asks the target group again before it takes a node out of service.
     async fn confirm_serving(&mut self) -> Result<(), Fail> {
-        if self.target_state().await? != Some(TargetState::Healthy) {
-            return Ok(());
+        match self.target_state().await {
+            Ok(Some(TargetState::Healthy)) => {}
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(node = %self.instance.id, error = ?e, "target health unknown: not confirmed serving");
+                return Ok(());
+            }
         }
         let session = self.session().await?;
         let config = self.release_config()?;
