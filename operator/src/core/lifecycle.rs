@@ -312,9 +312,9 @@ fn to_pool(phase: Phase, facts: NodeFacts, stop: bool) -> Vec<Step> {
 /// from `releasing`: the target release is shipped and activated only if
 /// the node lacks it, health-checked (and warmed up) before it registers —
 /// so a pool node whose release or config went stale is brought up to
-/// date before it serves. The tag leaves `warm` only once the instance runs and
-/// answers SSH; a crash before that leaves a warm node, which is started
-/// (again) or stopped (again) harmlessly.
+/// date before it serves. The tag leaves `warm` only once the instance
+/// runs and answers SSH; a crash before that leaves a warm node, which is
+/// started (again) or stopped (again) harmlessly.
 fn from_pool(phase: Phase, facts: NodeFacts) -> Vec<Step> {
     use Step::*;
     if phase != Phase::Warm {
@@ -355,7 +355,7 @@ mod tests {
     use Step::*;
 
     #[test]
-    fn a_node_resumed_from_releasing_first_checks_whether_it_serves_already() {
+    fn a_node_resumed_before_verifying_first_checks_whether_it_serves_already() {
         let before_verifying = [Phase::Launching, Phase::Provisioning, Phase::Releasing];
         for config_outdated in [false, true] {
             let facts = NodeFacts {
