@@ -231,7 +231,10 @@ pub enum MetricSource {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum CloudwatchMetric {
-    /// `RequestCountPerTarget` of the target group, times the nodes in service.
+    /// Target tracking on the ALB's `RequestCountPerTarget`, as an Auto
+    /// Scaling group's predefined metric. Read as the target group's
+    /// `RequestCount` sum, which that average is taken of: an average times
+    /// a count of nodes misreads the periods in which nodes join or leave.
     RequestCountPerTarget(CloudwatchOptions),
     /// `RequestCount` of the target group.
     RequestCount(CloudwatchOptions),

@@ -30,8 +30,9 @@ fn scales_out_on_traffic_and_back_in_draining_each_node_before_termination() {
         "the decision is recorded: {:?}",
         out.activities
     );
-    // The traffic asks for 4 and no more: the metric periods in which new
-    // nodes joined (averaged over fewer nodes) must not push it higher.
+    // The traffic asks for 4, no more and no fewer: the metric periods in
+    // which the new nodes joined must move it neither way. 12 s outlasts
+    // the 10 s scale-down stabilization, so one misread period would show.
     std::thread::sleep(Duration::from_secs(12));
     let st = s.status("web").expect("status");
     assert_eq!(st.memory.desired, 4, "{:?}", st.memory.last_decision);

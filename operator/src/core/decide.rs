@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::fleet::{self, Task};
 use crate::core::launches::LaunchIntent;
-use crate::core::memory::{DecisionRecord, Memory, ServingCount};
+use crate::core::memory::{DecisionRecord, Memory};
 use crate::core::observation::{ActionFailure, Observation, Outcome, Reads};
 use crate::core::planner;
 use crate::core::rollout;
@@ -106,7 +106,7 @@ pub fn decide(obs: &Observation, memory: &Memory) -> Decision {
     let mut pass = Pass::new(obs, memory);
     pass.absorb_tasks();
     let serving: Vec<&Instance> = obs.instances.iter().filter(|i| serves(i)).collect();
-    let evaluation_due = pass.plan_capacity(serving.len() as u32);
+    let evaluation_due = pass.plan_capacity();
     pass.follow_release(&serving, evaluation_due);
     let mut diff = pass.fleet_diff();
     pass.run_once_hooks(&mut diff);
@@ -418,32 +418,16 @@ impl<'o> Pass<'o> {
 
     /// The planner's part: the desired count, evaluated when due and held
     /// in between. Returns whether an evaluation was due.
-    fn plan_capacity(&mut self, serving: u32) -> bool {
+    fn plan_capacity(&mut self) -> bool {
         let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
         let first_ever = self.memory.last_decision.is_none();
         let m = &mut self.memory;
         let continuing = m.continuing();
-        let serving_since = match m.serving {
-            Some(s) if s.nodes == serving => s.since,
-            _ => now,
-        };
-        m.serving = Some(ServingCount {
-            nodes: serving,
-            since: serving_since,
-        });
+        m.planned_here = true;
         let due = evaluation_due(spec, m, now);
         if due {
             m.last_eval_at = Some(now);
-        }
-        if let Some(Ok(Some(reading))) = &obs.traffic {
-            // A per-target average over a period in which the serving
-            // count changed was taken over other nodes than serve now;
-            // times today's count it misreports the traffic (while nodes
-            // join: too high, feeding a runaway scale-out). Wait for a
-            // period that starts after the change.
-            let mixed = per_target_metric(spec)
-                .is_some_and(|period| reading.observed_at - period < serving_since);
-            if due && !mixed {
+            if let Some(Ok(Some(reading))) = &obs.traffic {
                 m.last_metric = Some(*reading);
             }
         }
@@ -825,17 +809,6 @@ fn fleet_node(
         unhealthy_since: unhealthy.get(&i.id).copied(),
         resting: memory.retry_after.get(&i.id).is_some_and(|t| *t > now),
         launch: i.tags.get(tags::LAUNCH).cloned(),
-    }
-}
-
-/// The metric period when the cluster scales on the ALB's per-target
-/// request count (an average over the period's healthy targets).
-fn per_target_metric(spec: &ClusterSpec) -> Option<chrono::Duration> {
-    match spec.autoscaling.as_ref().map(|a| &a.metric) {
-        Some(hangar_crds::MetricSource::Cloudwatch(
-            cw @ hangar_crds::CloudwatchMetric::RequestCountPerTarget(_),
-        )) => chrono::Duration::from_std(cw.options().period.get()).ok(),
-        _ => None,
     }
 }
 

@@ -66,12 +66,11 @@ pub struct Memory {
     /// launches avoid for now.
     #[serde(default)]
     pub launches: Launches,
-    /// How many nodes served at the last pass and since when. Kept by this
-    /// process only: after a restart it is unknown, which also marks the
-    /// first pass (see [`crate::core::planner::Pass::standing`]), and the
-    /// first metric period is simply skipped.
+    /// This process has planned for the cluster. Never saved: after a
+    /// restart it is false, which marks the first pass (see
+    /// [`crate::core::planner::Pass::standing`]).
     #[serde(skip)]
-    pub serving: Option<ServingCount>,
+    pub planned_here: bool,
 }
 
 /// The planner's last decision, with its reason.
@@ -83,18 +82,12 @@ pub struct DecisionRecord {
     pub reason: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ServingCount {
-    pub nodes: u32,
-    pub since: DateTime<Utc>,
-}
-
 impl Memory {
     /// Whether this process decided for the cluster before: a memory
     /// loaded from disk may predate a crash (nodes launched, the new count
     /// not yet saved), so the first pass plans from what runs.
     pub fn continuing(&self) -> bool {
-        self.serving.is_some()
+        self.planned_here
     }
 }
 
@@ -124,7 +117,7 @@ impl Memory {
             launch_backoff_until,
             failing_launch,
             launches,
-            serving: _,
+            planned_here: _,
         } = self;
         let (same_desired, same_reason) = match (last_decision, &other.last_decision) {
             (Some(a), Some(b)) => (a.desired == b.desired, a.reason == b.reason),
@@ -169,7 +162,7 @@ impl Memory {
             launch_backoff_until,
             failing_launch,
             launches,
-            serving,
+            planned_here,
         } = self;
         Memory {
             desired: *desired,
@@ -188,7 +181,7 @@ impl Memory {
             launch_backoff_until: *launch_backoff_until,
             failing_launch: failing_launch.clone(),
             launches: launches.clone(),
-            serving: *serving,
+            planned_here: *planned_here,
         }
     }
 }

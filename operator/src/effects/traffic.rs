@@ -5,19 +5,23 @@ use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, Utc};
 use hangar_cloud::{AlbMetric, CloudError, Metrics};
-use hangar_crds::{CloudwatchMetric, ClusterSpec, MetricSource};
+use hangar_crds::{ClusterSpec, MetricSource};
 
 use crate::core::planner::Reading;
 
 /// The cluster's total rate in requests per minute, from its latest
 /// complete metric period; `None` when there is no data.
 ///
-/// `serving` is the number of nodes in service: a per-target metric is
-/// multiplied by it (nodes still warming up carry no traffic yet).
+/// Both CloudWatch metrics read the target group's `RequestCount` sum.
+/// `RequestCountPerTarget` is that sum over the period's healthy
+/// targets, so `targetPerNode` means the same for both; turning its
+/// average back into a total would need the healthy count of that very
+/// period, and the serving count hangar lists lags it (tags are listed
+/// late, a node is healthy in the group before it is tagged): while
+/// nodes join, average × listed count under- or over-reports the traffic.
 pub async fn read_rate(
     metrics: &dyn Metrics,
     spec: &ClusterSpec,
-    serving: u32,
     now: DateTime<Utc>,
 ) -> Result<Option<Reading>, CloudError> {
     let Some(auto) = &spec.autoscaling else {
@@ -35,18 +39,12 @@ pub async fn read_rate(
         }
         MetricSource::Cloudwatch(cw) => {
             let period = cw.options().period.get().max(Duration::from_secs(1));
-            let (metric, per_target) = match cw {
-                CloudwatchMetric::RequestCountPerTarget(_) => {
-                    (AlbMetric::RequestCountPerTarget, true)
-                }
-                CloudwatchMetric::RequestCount(_) => (AlbMetric::RequestCount, false),
-            };
             let end = align_down(now, period);
             let start = end - chrono::Duration::from_std(period * 5).unwrap_or_default();
             let points = metrics
                 .alb_sums(
                     &spec.load_balancer.target_group_arn,
-                    metric,
+                    AlbMetric::RequestCount,
                     period,
                     start,
                     end,
@@ -55,14 +53,8 @@ pub async fn read_rate(
             let Some(last) = points.last() else {
                 return Ok(None);
             };
-            let per_minute = last.value * 60.0 / period.as_secs_f64();
-            let total = if per_target {
-                per_minute * f64::from(serving)
-            } else {
-                per_minute
-            };
             Ok(Some(Reading {
-                requests_per_minute: total,
+                requests_per_minute: last.value * 60.0 / period.as_secs_f64(),
                 observed_at: last.start + chrono::Duration::from_std(period).unwrap_or_default(),
             }))
         }
@@ -130,9 +122,12 @@ mod tests {
 
     type Asked = (AlbMetric, DateTime<Utc>, DateTime<Utc>);
 
-    /// Records the queries and answers with canned sums.
+    /// Records the queries and answers with canned sums: `points` for
+    /// every metric not in `by_metric`.
+    #[derive(Default)]
     struct Canned {
         points: Vec<Datapoint>,
+        by_metric: Vec<(AlbMetric, Vec<Datapoint>)>,
         asked: Mutex<Vec<Asked>>,
     }
 
@@ -147,7 +142,8 @@ mod tests {
             end: DateTime<Utc>,
         ) -> Result<Vec<Datapoint>, CloudError> {
             self.asked.lock().unwrap().push((metric, start, end));
-            Ok(self.points.clone())
+            let own = self.by_metric.iter().find(|(m, _)| *m == metric);
+            Ok(own.map_or(&self.points, |(_, p)| p).clone())
         }
         async fn prometheus(&self, _: &str, _: &str) -> Result<Option<f64>, CloudError> {
             Ok(Some(42.0))
@@ -182,7 +178,7 @@ spec:
     }
 
     #[tokio::test]
-    async fn per_target_sums_become_a_total_rate_per_minute() {
+    async fn the_latest_complete_period_becomes_a_rate_per_minute() {
         let m = Canned {
             points: vec![
                 Datapoint {
@@ -194,37 +190,62 @@ spec:
                     value: 50.0,
                 },
             ],
-            asked: Mutex::default(),
+            ..Canned::default()
         };
         let s = spec("{ cloudwatch: { requestCountPerTarget: { period: 10s } } }");
-        let obs = read_rate(&m, &s, 3, t(27)).await.unwrap().unwrap();
-        // 50 per target in 10 s = 300/min per target, × 3 serving nodes.
-        assert_eq!(obs.requests_per_minute, 900.0);
+        let obs = read_rate(&m, &s, t(27)).await.unwrap().unwrap();
+        // 50 requests in 10 s.
+        assert_eq!(obs.requests_per_minute, 300.0);
         assert_eq!(obs.observed_at, t(20));
         let asked = m.asked.lock().unwrap();
-        assert_eq!(asked[0].0, AlbMetric::RequestCountPerTarget);
+        assert_eq!(asked[0].0, AlbMetric::RequestCount);
         assert_eq!(asked[0].2, t(20), "only complete periods are asked for");
+    }
+
+    /// Seen in e2e: two nodes joined during the period, so the ALB's
+    /// per-target average was taken over 2 to 4 healthy targets, while the
+    /// instance listing (tags lag) still showed 2 serving. Average × 2
+    /// read 973/min for 1,200/min of traffic, and the next clean period
+    /// came only after the scale-down stabilization had seen it.
+    #[tokio::test]
+    async fn a_period_in_which_nodes_joined_reads_as_its_total_whatever_the_listing_shows() {
+        let point = |value| {
+            vec![Datapoint {
+                start: t(10),
+                value,
+            }]
+        };
+        let m = Canned {
+            by_metric: vec![
+                (AlbMetric::RequestCount, point(200.0)),
+                (AlbMetric::RequestCountPerTarget, point(81.1)),
+            ],
+            ..Canned::default()
+        };
+        let s = spec("{ cloudwatch: { requestCountPerTarget: { period: 10s } } }");
+        let obs = read_rate(&m, &s, t(27)).await.unwrap().unwrap();
+        assert_eq!(obs.requests_per_minute, 1200.0);
     }
 
     #[tokio::test]
     async fn no_datapoint_is_no_data_not_zero() {
         let m = Canned {
             points: vec![],
-            asked: Mutex::default(),
+            ..Canned::default()
         };
         let s = spec("{ cloudwatch: { requestCount: {} } }");
-        assert_eq!(read_rate(&m, &s, 3, t(0)).await.unwrap(), None);
+        assert_eq!(read_rate(&m, &s, t(0)).await.unwrap(), None);
     }
 
     #[tokio::test]
     async fn prometheus_is_taken_as_the_total() {
         let m = Canned {
             points: vec![],
-            asked: Mutex::default(),
+            ..Canned::default()
         };
         let s =
             spec("{ prometheus: { url: \"http://127.0.0.1:9\", query: \"sum(rate(x[1m]))*60\" } }");
-        let obs = read_rate(&m, &s, 3, t(0)).await.unwrap().unwrap();
+        let obs = read_rate(&m, &s, t(0)).await.unwrap().unwrap();
         assert_eq!(obs.requests_per_minute, 42.0);
     }
 
@@ -241,7 +262,7 @@ spec:
                     value: 6.0,
                 },
             ],
-            asked: Mutex::default(),
+            ..Canned::default()
         };
         let (errors, requests) = read_errors(&m, "tg", t(3), t(25), Duration::from_secs(10))
             .await

@@ -507,7 +507,7 @@ impl Sim {
     /// and so is what it knew of its own launches — until the listing
     /// catches up, they are not seen at all.
     pub fn crash(&mut self) {
-        self.memory.serving = None;
+        self.memory.planned_here = false;
         self.running.clear();
         self.hidden.append(&mut self.own);
     }

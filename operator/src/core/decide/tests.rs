@@ -589,7 +589,7 @@ fn a_launch_retried_after_a_lost_answer_or_a_restart_reuses_its_token() {
     // show; the first pass calls again with its token (EC2 answers with
     // what it launched, if it did).
     let mut restarted = d.memory.clone();
-    restarted.serving = None;
+    restarted.planned_here = false;
     let d = decide(&obs_without_failures(obs), &restarted);
     assert_eq!(
         d.launches

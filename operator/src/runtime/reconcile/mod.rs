@@ -374,6 +374,16 @@ impl Operator {
             .observe(entry, &cloud, &memory, now, observe::Mode::Live)
             .await?;
         let decision = decide::decide(&obs, &memory);
+        if decision.memory.last_eval_at != memory.last_eval_at {
+            // Why the count is what it is, every evaluation (INFO has only
+            // the changes).
+            tracing::debug!(
+                cluster = %name,
+                read = ?obs.traffic,
+                decided = ?decision.memory.last_decision.as_ref().map(|d| &d.reason),
+                "evaluated"
+            );
+        }
 
         let mut status = before.clone().unwrap_or_else(|| ClusterStatus::new(name));
         self.adopt_spec(&mut status, entry, &obs);

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use hangar_cloud::{Cloud, Instance, InstanceState, Phase};
+use hangar_cloud::{Cloud, Instance};
 use hangar_crds::ClusterSpec;
 
 use super::{lock, Operator, ReconcileError};
@@ -126,12 +126,7 @@ impl Operator {
         let reads = decide::reads(obs, memory);
         let spec = obs.spec.clone();
         if reads.traffic {
-            let serving = obs
-                .instances
-                .iter()
-                .filter(|i| i.phase == Some(Phase::InService) && i.state == InstanceState::Running)
-                .count() as u32;
-            let read = traffic::read_rate(cloud.metrics.as_ref(), &spec, serving, obs.now).await;
+            let read = traffic::read_rate(cloud.metrics.as_ref(), &spec, obs.now).await;
             if let Err(e) = &read {
                 tracing::warn!(cluster = %obs.cluster, error = %e, "cannot read traffic metric; holding");
             }
