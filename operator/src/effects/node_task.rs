@@ -184,8 +184,8 @@ impl NodeRun {
             Step::LeaveService => self.leave_service().await,
             Step::ConfirmServing => self.confirm_serving().await,
             Step::Ship => self.ship().await,
-            Step::Activate => self.activate().await,
-            Step::EnsureActive => self.ensure_active().await,
+            Step::Activate => self.activate(false).await,
+            Step::EnsureActive => self.activate(true).await,
             Step::Reactivate => self.reactivate().await,
             Step::CheckActive => self.check_active().await,
             Step::HealthCheck => self.health_check().await,
@@ -576,28 +576,19 @@ impl NodeRun {
         Ok(())
     }
 
-    async fn activate(&mut self) -> Result<(), Fail> {
+    /// [`Step::Activate`], or [`Step::EnsureActive`] when `unless_active`.
+    async fn activate(&mut self, unless_active: bool) -> Result<(), Fail> {
         let session = self.session().await?;
         let config = self.release_config()?;
         let unproven = self.release_unproven();
-        let report = release::activate(&session, &config, &self.release)
-            .await
-            .map_err(|e| self.release_fail(e, unproven))?;
-        self.handle.note(
-            "activate",
-            format!("activated {} (was {:?})", report.id, report.replaced),
-        );
-        Ok(())
-    }
-
-    /// See [`Step::EnsureActive`].
-    async fn ensure_active(&mut self) -> Result<(), Fail> {
-        let session = self.session().await?;
-        let config = self.release_config()?;
-        let unproven = self.release_unproven();
-        let report = release::ensure_active(&session, &config, &self.release)
-            .await
-            .map_err(|e| self.release_fail(e, unproven))?;
+        let report = if unless_active {
+            release::ensure_active(&session, &config, &self.release).await
+        } else {
+            release::activate(&session, &config, &self.release)
+                .await
+                .map(Some)
+        }
+        .map_err(|e| self.release_fail(e, unproven))?;
         let said = match report {
             Some(r) => format!("activated {} (was {:?})", r.id, r.replaced),
             None => format!("{} is active already", self.release),
