@@ -131,12 +131,11 @@ impl GitSync {
         let sha = self.mirror.resolve().await?;
         self.failures = 0;
         self.view.error = None;
-        if self.applied.as_ref().is_some_and(|a| a.sha == sha)
-            || self.refused.as_deref() == Some(sha.as_str())
-        {
-            if self.refused.as_deref() == Some(sha.as_str()) {
-                self.view.error = self.view.refused.clone();
-            }
+        if self.refused.as_deref() == Some(sha.as_str()) {
+            self.view.error = self.view.refused.clone();
+            return Ok(None);
+        }
+        if self.applied.as_ref().is_some_and(|a| a.sha == sha) {
             return Ok(None);
         }
         if let Err(e) = self.mirror.check(&sha).await {
