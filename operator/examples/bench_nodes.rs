@@ -647,14 +647,15 @@ struct Changes {
 // ---- the tools ------------------------------------------------------
 
 /// hangar: a fresh pool (connections are part of the time), then ship +
-/// activate on every node at once. Returns the ship reports.
+/// activate on every node at once. Returns the ship reports and the most
+/// commands one node took (ship + activate): round trips are the fixed cost.
 async fn hangar_deploy(
     b: &Bench,
     route: &Route,
     root: &str,
     id: &str,
     rel: &Release,
-) -> Result<Vec<release::ShipReport>, BoxError> {
+) -> Result<(Vec<release::ShipReport>, usize), BoxError> {
     let pool = b.pool(route)?;
     let config = ReleaseConfig::new(root);
     let artifact = Artifact::new(&rel.tarball, &rel.sha);
@@ -671,14 +672,17 @@ async fn hangar_deploy(
             let session = pool.session(&target).await?;
             let report = release::ship(&session, &config, &id, &artifact).await?;
             release::activate(&session, &config, &id).await?;
-            Ok::<_, BoxError>(report)
+            Ok::<_, BoxError>((report, session.execs()))
         }));
     }
     let mut reports = Vec::new();
+    let mut execs = 0;
     for t in tasks {
-        reports.push(t.await??);
+        let (report, n) = t.await??;
+        reports.push(report);
+        execs = execs.max(n);
     }
-    Ok(reports)
+    Ok((reports, execs))
 }
 
 fn spawn_all(mut cmds: Vec<Command>) -> Result<(), BoxError> {
@@ -1056,6 +1060,7 @@ async fn delta_ship(b: &Bench, args: &Args, r1: &Release) -> Result<(), BoxError
     };
     let mut s: BTreeMap<&str, Series> = BTreeMap::new();
     let mut delta_reports = Vec::new();
+    let mut delta_execs = 0;
     for round in 0..=args.rounds {
         // The last round goes through the relays: bytes on the wire.
         let counted = round == args.rounds;
@@ -1084,8 +1089,9 @@ async fn delta_ship(b: &Bench, args: &Args, r1: &Release) -> Result<(), BoxError
         release::memo::forget_all();
         release::remember(&r1_artifact, &view).await?;
         let p = Probe::start(&b.cpu);
-        let reports = hangar_deploy(b, &route, "/srv/app-hd", "r2", &r2).await?;
+        let (reports, execs) = hangar_deploy(b, &route, "/srv/app-hd", "r2", &r2).await?;
         record("hangar delta", p.stop(&b.cpu, true));
+        delta_execs = execs;
         if let Some(r) = reports
             .iter()
             .find(|r| !matches!(r.method, ShipMethod::Delta { .. }))
@@ -1099,7 +1105,7 @@ async fn delta_ship(b: &Bench, args: &Args, r1: &Release) -> Result<(), BoxError
         reset("/srv/app-hf", true)?;
         release::memo::forget_all();
         let p = Probe::start(&b.cpu);
-        let reports = hangar_deploy(b, &route, "/srv/app-hf", "r2", &r2).await?;
+        let (reports, _) = hangar_deploy(b, &route, "/srv/app-hf", "r2", &r2).await?;
         record("hangar full", p.stop(&b.cpu, true));
         if let Some(r) = reports.iter().find(|r| r.method != ShipMethod::Whole) {
             return Err(format!("not whole: {r:?}").into());
@@ -1174,7 +1180,7 @@ async fn delta_ship(b: &Bench, args: &Args, r1: &Release) -> Result<(), BoxError
         } = &r.method
         {
             println!(
-                "\nper node: {files_sent} files sent, {files_reused} linked or copied on the node ({:.1} MB), {files_hashed} files hashed to verify (the rest by stat stamp), {} kB of payload (manifest {} kB gzip'd)",
+                "\nper node: {delta_execs} commands (ship + activate), {files_sent} files sent, {files_reused} linked or copied on the node ({:.1} MB), {files_hashed} files hashed to verify (the rest by stat stamp), {} kB of payload (manifest {} kB gzip'd)",
                 *bytes_reused as f64 / 1e6,
                 r.bytes / 1000,
                 manifest_gz / 1000

@@ -263,8 +263,25 @@ async fn releases_ship_activate_and_prune_to_keep() {
             .await
             .unwrap();
         assert!(!again.uploaded, "a complete release is not shipped twice");
+        let before = session.execs();
         let report = release::activate(&session, &config, id).await.unwrap();
         assert_eq!(report.id, *id);
+        assert_eq!(
+            report.replaced,
+            n.checked_sub(1).map(|p| format!("r{}", p + 1))
+        );
+        // One round trip swaps and reports the state prune decides from;
+        // the prune itself is a second only when there is something to delete.
+        let pruning = n == 3;
+        assert_eq!(
+            report.pruned,
+            if pruning {
+                vec!["r1".to_string()]
+            } else {
+                vec![]
+            }
+        );
+        assert_eq!(session.execs() - before, 1 + usize::from(pruning));
         let (status, body, served) = http_get(node, "/").await;
         assert_eq!(
             (status, body.as_str(), served.as_str()),

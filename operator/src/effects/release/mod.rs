@@ -912,9 +912,13 @@ pub async fn activate(
     config: &ReleaseConfig,
     id: &str,
 ) -> Result<ActivateReport, ReleaseError> {
-    config.validate_id(id)?;
-    let state = read_state(session, config).await?;
-    activate_over(session, config, id, state).await
+    activate_unless(session, config, id, false)
+        .await?
+        .ok_or_else(|| ReleaseError::Remote {
+            node: session.node().to_string(),
+            step: "swapping current",
+            stderr: "the swap left current as it was".into(),
+        })
 }
 
 /// [`activate`], unless `id` is `current` already (`None`).
@@ -923,46 +927,55 @@ pub async fn ensure_active(
     config: &ReleaseConfig,
     id: &str,
 ) -> Result<Option<ActivateReport>, ReleaseError> {
-    config.validate_id(id)?;
-    let state = read_state(session, config).await?;
-    if state.active.as_deref() == Some(id) {
-        return Ok(None);
-    }
-    activate_over(session, config, id, state).await.map(Some)
+    activate_unless(session, config, id, true).await
 }
 
-async fn activate_over(
+/// Without beforeActivate hooks this is one round trip: the swap checks
+/// that the release is shipped (and, with `unless_active`, not active) and
+/// reports the state prune decides from; prune runs only when it has
+/// victims. Hooks need the checks before they run: a second look first.
+async fn activate_unless(
     session: &Session,
     config: &ReleaseConfig,
     id: &str,
-    state: NodeReleases,
-) -> Result<ActivateReport, ReleaseError> {
+    unless_active: bool,
+) -> Result<Option<ActivateReport>, ReleaseError> {
+    config.validate_id(id)?;
     let started = Instant::now();
-    if !state.releases.iter().any(|r| r == id) {
-        return Err(ReleaseError::NotShipped {
-            node: session.node().to_string(),
-            id: id.to_string(),
-        });
-    }
     let mut hooks_run = 0;
-    for hook in &config.before_activate {
-        run_hook(session, config, id, HookPhase::BeforeActivate, hook).await?;
-        hooks_run += 1;
+    if !config.before_activate.is_empty() {
+        let state = read_state(session, config).await?;
+        if unless_active && state.active.as_deref() == Some(id) {
+            return Ok(None);
+        }
+        if !state.releases.iter().any(|r| r == id) {
+            return Err(ReleaseError::NotShipped {
+                node: session.node().to_string(),
+                id: id.to_string(),
+            });
+        }
+        for hook in &config.before_activate {
+            run_hook(session, config, id, HookPhase::BeforeActivate, hook).await?;
+            hooks_run += 1;
+        }
     }
-    swap(session, config, id).await?;
-    tracing::info!(node = %session.node(), release = id, replaced = ?state.active, "release activated");
+    let swapped = swap(session, config, id, unless_active).await?;
+    if !swapped.swapped {
+        return Ok(None);
+    }
+    tracing::info!(node = %session.node(), release = id, replaced = ?swapped.replaced, "release activated");
     for hook in &config.after_activate {
         run_hook(session, config, id, HookPhase::AfterActivate, hook).await?;
         hooks_run += 1;
     }
-    let pruned = prune(session, config).await?;
-    Ok(ActivateReport {
+    let pruned = prune(session, config, &swapped.state).await?;
+    Ok(Some(ActivateReport {
         id: id.to_string(),
-        replaced: state.active,
+        replaced: swapped.replaced,
         hooks_run,
         pruned,
         elapsed: started.elapsed(),
-    })
+    }))
 }
 
 /// [`ship`] then [`activate`].
@@ -991,7 +1004,7 @@ pub async fn rollback(session: &Session, config: &ReleaseConfig) -> Result<Strin
             active: state.active,
         });
     };
-    swap(session, config, &previous).await?;
+    swap(session, config, &previous, false).await?;
     tracing::warn!(node = %session.node(), from = ?state.active, to = %previous, "release rolled back");
     for hook in &config.after_activate {
         run_hook(session, config, &previous, HookPhase::AfterActivate, hook).await?;
@@ -1036,10 +1049,17 @@ pub fn read_env_file(path: &Path) -> Result<Vec<u8>, ReleaseError> {
     })
 }
 
-async fn swap(session: &Session, config: &ReleaseConfig, id: &str) -> Result<(), ReleaseError> {
-    let out = session.run(&plan::swap_script(config, id)).await?;
+async fn swap(
+    session: &Session,
+    config: &ReleaseConfig,
+    id: &str,
+    unless_active: bool,
+) -> Result<plan::Swapped, ReleaseError> {
+    let out = session
+        .run(&plan::swap_script(config, id, unless_active))
+        .await?;
     match out.status {
-        ExitStatus::Code(0) => Ok(()),
+        ExitStatus::Code(0) => Ok(plan::parse_swap(&out.stdout_lossy())),
         ExitStatus::Code(plan::EXIT_NOT_SHIPPED) => Err(ReleaseError::NotShipped {
             node: session.node().to_string(),
             id: id.to_string(),
@@ -1084,9 +1104,14 @@ async fn run_hook(
     })
 }
 
-async fn prune(session: &Session, config: &ReleaseConfig) -> Result<Vec<String>, ReleaseError> {
-    let state = read_state(session, config).await?;
-    let victims = prune_victims(&state, config.keep);
+/// Deletes what [`prune_victims`] picks from `state` (the node's state
+/// after the swap: hooks do not ship or delete releases).
+async fn prune(
+    session: &Session,
+    config: &ReleaseConfig,
+    state: &NodeReleases,
+) -> Result<Vec<String>, ReleaseError> {
+    let victims = prune_victims(state, config.keep);
     if victims.is_empty() {
         return Ok(victims);
     }

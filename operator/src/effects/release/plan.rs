@@ -399,8 +399,10 @@ rm -rf "{tree}/$p" && mkdir -p "$(dirname "{tree}/$p")" && ln -s "$root/shared/$
 
 /// Points `current` at `releases/<id>` atomically and records active and
 /// previous in `.hangar/state` (after the swap; [`parse_state`] tolerates a
-/// crash in between).
-pub fn swap_script(config: &ReleaseConfig, id: &str) -> String {
+/// crash in between). With `unless_active`, a node already on `id` is left
+/// alone. Prints what [`parse_swap`] reads: `swapped=<old>` or `already`,
+/// then the node's state after it, so the activation needs no second look.
+pub fn swap_script(config: &ReleaseConfig, id: &str, unless_active: bool) -> String {
     let mut s = String::from("set -u\n");
     s.push_str(&lock_prelude(config));
     s.push_str(&format!("id={}\n", shell_quote(id)));
@@ -409,17 +411,56 @@ pub fn swap_script(config: &ReleaseConfig, id: &str) -> String {
 [ -d "$rel" ] || {{ echo "release $id is not shipped" >&2; exit {EXIT_NOT_SHIPPED}; }}
 old=$(readlink "$root/current" 2>/dev/null || true)
 old=${{old##*/}}
-prev=$old
-if [ "$old" = "$id" ] && [ -f "$root/.hangar/state" ]; then
-  prev=$(sed -n 's/^previous=//p' "$root/.hangar/state")
+if {unless_active} && [ "$old" = "$id" ]; then
+  echo already
+else
+  prev=$old
+  if [ "$old" = "$id" ] && [ -f "$root/.hangar/state" ]; then
+    while IFS= read -r l || [ -n "$l" ]; do
+      case $l in previous=*) prev=${{l#previous=}} ;; esac
+    done < "$root/.hangar/state"
+  fi
+  ln -sfn "$rel" "$root/current.hangar-tmp" && mv -T "$root/current.hangar-tmp" "$root/current" || exit 74
+  printf 'active=%s\nprevious=%s\n' "$id" "$prev" > "$root/.hangar/state.tmp" \
+    && mv -f "$root/.hangar/state.tmp" "$root/.hangar/state" || exit 74
+  printf 'swapped=%s\n' "$old"
 fi
-ln -sfn "$rel" "$root/current.hangar-tmp" && mv -T "$root/current.hangar-tmp" "$root/current" || exit 74
-printf 'active=%s\nprevious=%s\n' "$id" "$prev" > "$root/.hangar/state.tmp" \
-  && mv -f "$root/.hangar/state.tmp" "$root/.hangar/state" || exit 74
-echo "swapped $old -> $id"
+cur=$rel
 "#
     ));
+    s.push_str(STATE_LINES);
     s
+}
+
+/// What a swap did, and the node's state after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Swapped {
+    /// `false` when the release was active already (`unless_active`).
+    pub swapped: bool,
+    /// The release `current` pointed to before.
+    pub replaced: Option<String>,
+    pub state: NodeReleases,
+}
+
+/// Reads [`swap_script`]'s output.
+pub fn parse_swap(out: &str) -> Swapped {
+    let mut swapped = false;
+    let mut replaced = None;
+    for line in out.lines() {
+        if let Some(old) = line.strip_prefix("swapped=") {
+            swapped = true;
+            replaced = (!old.is_empty()).then(|| old.to_string());
+        }
+    }
+    let state = parse_state(out);
+    if !swapped {
+        replaced = state.active.clone();
+    }
+    Swapped {
+        swapped,
+        replaced,
+        state,
+    }
 }
 
 /// Runs a hook in the release directory with the release's facts in the
@@ -528,18 +569,25 @@ pub fn prune_script(config: &ReleaseConfig, victims: &[String]) -> String {
 /// order and the directories under `releases/`.
 pub fn state_script(config: &ReleaseConfig) -> String {
     format!(
-        r#"root={root}
-printf 'current=%s\n' "$(readlink "$root/current" 2>/dev/null || true)"
-[ -f "$root/.hangar/state" ] && sed 's/^/state./' "$root/.hangar/state"
-[ -f "$root/.hangar/shipped" ] && sed 's/^/shipped=/' "$root/.hangar/shipped"
-if [ -d "$root/releases" ]; then
-  for d in "$root"/releases/*; do [ -d "$d" ] && printf 'dir=%s\n' "${{d##*/}}"; done
-fi
-true
-"#,
+        "root={root}\ncur=$(readlink \"$root/current\" 2>/dev/null || true)\n{STATE_LINES}",
         root = config.root_q()
     )
 }
+
+/// The body of [`state_script`], given `$root` and `$cur` (where `current`
+/// points). Shell builtins only: it ends every swap too.
+const STATE_LINES: &str = r#"printf 'current=%s\n' "$cur"
+if [ -f "$root/.hangar/state" ]; then
+  while IFS= read -r l || [ -n "$l" ]; do printf 'state.%s\n' "$l"; done < "$root/.hangar/state"
+fi
+if [ -f "$root/.hangar/shipped" ]; then
+  while IFS= read -r l || [ -n "$l" ]; do printf 'shipped=%s\n' "$l"; done < "$root/.hangar/shipped"
+fi
+if [ -d "$root/releases" ]; then
+  for d in "$root"/releases/*; do [ -d "$d" ] && printf 'dir=%s\n' "${d##*/}"; done
+fi
+true
+"#;
 
 /// Writes stdin to `shared/.env` (0600, atomically) unless it already has
 /// `sha`; prints `changed` or `unchanged`.
@@ -721,6 +769,66 @@ mod tests {
         assert!(ReleaseConfig::new("/").validate().is_err());
         assert!(validate_sha256(&"a".repeat(64)).is_ok());
         assert!(validate_sha256("abc").is_err());
+    }
+
+    #[test]
+    fn a_swap_reports_what_it_replaced_and_the_state_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("app");
+        for id in ["r1", "r2"] {
+            std::fs::create_dir_all(root.join("releases").join(id)).unwrap();
+        }
+        let config = ReleaseConfig::new(root.to_str().unwrap());
+        let swap = |id: &str, unless_active: bool| {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(swap_script(&config, id, unless_active))
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                parse_swap(&String::from_utf8_lossy(&out.stdout)),
+            )
+        };
+        let (code, first) = swap("r1", false);
+        assert_eq!(code, Some(0));
+        assert!(first.swapped);
+        assert_eq!(first.replaced, None);
+        assert_eq!(first.state.active.as_deref(), Some("r1"));
+        assert_eq!(first.state.releases, vec!["r1", "r2"]);
+
+        let (_, second) = swap("r2", false);
+        assert!(second.swapped);
+        assert_eq!(second.replaced.as_deref(), Some("r1"));
+        assert_eq!(second.state.active.as_deref(), Some("r2"));
+        assert_eq!(second.state.previous.as_deref(), Some("r1"));
+        assert_eq!(
+            std::fs::read_link(root.join("current")).unwrap(),
+            root.join("releases/r2")
+        );
+
+        // Already active: left alone, and the state is still reported.
+        let (code, again) = swap("r2", true);
+        assert_eq!(code, Some(0));
+        assert!(!again.swapped);
+        assert_eq!(again.state, second.state);
+        // Re-swapping to the active release keeps its rollback target.
+        let (_, forced) = swap("r2", false);
+        assert!(forced.swapped);
+        assert_eq!(forced.state.previous.as_deref(), Some("r1"));
+
+        let (code, _) = swap("r3", false);
+        assert_eq!(code, Some(EXIT_NOT_SHIPPED as i32));
+        // What the swap reports is what a separate look reads.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(state_script(&config))
+            .output()
+            .unwrap();
+        assert_eq!(
+            parse_state(&String::from_utf8_lossy(&out.stdout)),
+            forced.state
+        );
     }
 
     #[test]

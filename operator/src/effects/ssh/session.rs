@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -352,6 +353,7 @@ impl SshPool {
             pool: self.clone(),
             target: target.clone(),
             conn: tokio::sync::Mutex::new(conn),
+            execs: AtomicUsize::new(0),
             _permit: permit,
         })
     }
@@ -555,6 +557,9 @@ pub struct Session {
     pool: SshPool,
     target: Target,
     conn: tokio::sync::Mutex<Conn>,
+    /// Commands sent on this lease: round trips are what a fleet-wide
+    /// step costs, so tests and benches count them.
+    execs: AtomicUsize,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -577,6 +582,11 @@ impl Session {
 
     pub fn default_timeout(&self) -> Duration {
         self.pool.inner.settings.command_timeout
+    }
+
+    /// How many commands this session has sent to the node.
+    pub fn execs(&self) -> usize {
+        self.execs.load(Ordering::Relaxed)
     }
 
     /// Runs `command` (by the login shell) with the default timeout.
@@ -625,6 +635,7 @@ impl Session {
             });
         }
         let channel = self.open_channel(command).await?;
+        self.execs.fetch_add(1, Ordering::Relaxed);
         let (mut read, write) = channel.split();
         let run = async {
             write
