@@ -56,7 +56,8 @@ pub const NODE_DIR: &str = "/run/hangar-node";
 /// Absolute path: sshd refuses to start (and cannot re-exec on SIGHUP) otherwise.
 pub const SSHD: &str = "/usr/sbin/sshd";
 
-/// Directories that are private (a fresh tmpfs) in every node.
+/// Directories every node has its own of (`/tmp` a fresh tmpfs, the rest
+/// on its disk).
 pub const PRIVATE_DIRS: [&str; 4] = ["/srv", "/tmp", "/var/tmp", "/root"];
 
 /// How long a node may take to start or to pick up a new host key.
