@@ -395,7 +395,7 @@ impl Bench {
     /// the machine's CPU, growing round by round, for every tool alike)
     /// rather than the tools. What is moved aside goes with the nodes.
     fn clean(&self, root: &str) -> Result<(), BoxError> {
-        self.on_nodes(&format!("[ ! -e {root} ] || {{ mkdir -p {SET_ASIDE} && mv {root} \"$(mktemp -d -p {SET_ASIDE})\"/; }}"))?;
+        self.on_nodes(&set_aside(root))?;
         Ok(())
     }
 
@@ -711,6 +711,12 @@ fn spawn_all(mut cmds: Vec<Command>) -> Result<(), BoxError> {
 
 /// Where [`Bench::clean`] moves what a round left on a node.
 const SET_ASIDE: &str = "/srv/.bench-set-aside";
+
+/// A command that moves `path` (if it is there) into a fresh directory
+/// under [`SET_ASIDE`].
+fn set_aside(path: &str) -> String {
+    format!("[ ! -e {path} ] || {{ mkdir -p {SET_ASIDE} && mv {path} \"$(mktemp -d -p {SET_ASIDE})\"/; }}")
+}
 
 fn swap_cmd(root: &str, id: &str) -> String {
     format!("ln -sfn {root}/releases/{id} {root}/current.tmp && mv -T {root}/current.tmp {root}/current")
@@ -1058,7 +1064,8 @@ async fn delta_ship(b: &Bench, args: &Args, r1: &Release) -> Result<(), BoxError
             // No manifest to diff against, and r2's 2,000 files moved
             // aside, not deleted (see `Bench::clean`).
             b.on_nodes(&format!(
-                "mkdir -p {SET_ASIDE} && {{ [ ! -e {root}/releases/r2 ] || mv {root}/releases/r2 \"$(mktemp -d -p {SET_ASIDE})\"/; }} && rm -rf {root}/.hangar/manifests {root}/.hangar/artifacts/r2 {root}/.hangar/stamps/r2"
+                "{} && rm -rf {root}/.hangar/manifests {root}/.hangar/artifacts/r2 {root}/.hangar/stamps/r2",
+                set_aside(&format!("{root}/releases/r2"))
             ))?;
             return Ok(());
         }

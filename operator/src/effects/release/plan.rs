@@ -437,7 +437,7 @@ cur=$rel
 pub struct Swapped {
     /// `false` when the release was active already (`unless_active`).
     pub swapped: bool,
-    /// The release `current` pointed to before.
+    /// The release `current` pointed to before the swap.
     pub replaced: Option<String>,
     pub state: NodeReleases,
 }
@@ -452,14 +452,10 @@ pub fn parse_swap(out: &str) -> Swapped {
             replaced = (!old.is_empty()).then(|| old.to_string());
         }
     }
-    let state = parse_state(out);
-    if !swapped {
-        replaced = state.active.clone();
-    }
     Swapped {
         swapped,
         replaced,
-        state,
+        state: parse_state(out),
     }
 }
 
