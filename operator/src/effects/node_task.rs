@@ -39,6 +39,11 @@ use crate::effects::tasks::{Outcome, TaskHandle};
 pub trait InstanceView: Send + Sync {
     async fn get(&self, id: &str) -> Result<Option<Instance>, CloudError>;
     fn wrote_phase(&self, id: &str, phase: Phase, release: Option<&str>, config: Option<&str>);
+    /// This task started the instance: reads must not show it stopped
+    /// from a listing taken before the start.
+    fn started(&self, id: &str);
+    /// This task is stopping the instance (undoes [`InstanceView::started`]).
+    fn stopping(&self, id: &str);
     fn terminated(&self, id: &str);
 }
 
@@ -932,6 +937,7 @@ impl NodeRun {
         if let Ok(t) = self.target() {
             self.ctx.ssh.forget(&t).await;
         }
+        self.ctx.instances.stopping(&self.instance.id);
         match self.ctx.cloud.compute.stop(&self.instance.id).await {
             Ok(()) => {}
             Err(e) if e.is_terminated() => return Err(Fail::Gone),
@@ -964,8 +970,11 @@ impl NodeRun {
             Err(e) if e.is_terminated() => return Err(Fail::Gone),
             Err(e) => return Err(e.into()),
         }
+        self.ctx.instances.started(&self.instance.id);
         if self.instance.state != InstanceState::Running {
             self.instance.state = InstanceState::Pending;
+            // Its public IP is new and only a listing carries it.
+            self.instance.public_ip = None;
         }
         self.started = true;
         self.handle

@@ -9,9 +9,9 @@
 //! EC2's listing is eventually consistent: an instance launched a moment
 //! ago, or a tag just written, may be missing from it for seconds. A fresh
 //! listing must not undo what hangar itself did — an instance it launched
-//! would vanish and be launched again, a stale phase tag could start the
-//! wrong task. So hangar's own launches, phase/release/config writes and
-//! terminations are kept beside the snapshot, laid over every read, and
+//! wrong task, a warm node it just started would read as `stopped` and be
+//! replaced the moment it served. So hangar's own launches, starts,
+//! phase/release/config writes and terminations are kept beside the snapshot, laid over every read, and
 //! dropped once a listing confirms them or after [`OWN_WRITES_MAX_AGE`]
 //! (after which the listing wins: a write that never shows was undone by
 //! someone else, or never happened). A change made behind hangar's back
@@ -50,6 +50,12 @@ pub const OWN_WRITES_MAX_AGE: Duration = Duration::from_secs(120);
 /// `pending` (its node task notices sooner, see `InstanceView::terminated`).
 pub const OWN_LAUNCH_MAX_AGE: Duration = Duration::from_secs(30);
 
+/// How long an own start is laid over listings that still show the
+/// instance stopped. As short as for launches: a start EC2 could not
+/// honour (no capacity) puts the instance back to `stopped`, and that
+/// must show.
+pub const OWN_START_MAX_AGE: Duration = OWN_LAUNCH_MAX_AGE;
+
 #[derive(Default)]
 struct Snapshot {
     taken: Option<Instant>,
@@ -87,6 +93,8 @@ struct OwnWrites {
     /// Launched instances (as RunInstances answered), by id.
     launched: HashMap<String, (Instance, Instant)>,
     tags: HashMap<String, (TagWrite, Instant)>,
+    /// Started (warm) instances, until a listing shows them pending or running.
+    started: HashMap<String, Instant>,
     terminated: HashMap<String, Instant>,
 }
 
@@ -100,6 +108,12 @@ impl OwnWrites {
         });
         self.tags
             .retain(|id, (w, at)| young(at) && by_id.get(id.as_str()).is_none_or(|i| !shows(i, w)));
+        self.started.retain(|id, at| {
+            now.duration_since(*at) < OWN_START_MAX_AGE
+                && by_id.get(id.as_str()).is_none_or(|i| {
+                    !matches!(i.state, InstanceState::Pending | InstanceState::Running)
+                })
+        });
         let launched = &self.launched;
         self.terminated.retain(|id, at| {
             young(at)
@@ -125,6 +139,17 @@ impl OwnWrites {
             if let Some(c) = &w.config {
                 instance.tags.insert(tags::CONFIG.into(), c.clone());
             }
+        }
+        if self.started.contains_key(&instance.id)
+            && matches!(
+                instance.state,
+                InstanceState::Stopping | InstanceState::Stopped
+            )
+        {
+            instance.state = InstanceState::Pending;
+            // A start assigns a new public IP; the stopped entry's may be
+            // someone else's by now (see `core::reachability`).
+            instance.public_ip = None;
         }
         if self.terminated.contains_key(&instance.id)
             && matches!(
@@ -312,6 +337,20 @@ impl Inventory {
         entry.1 = Instant::now();
     }
 
+    /// hangar started `id` (a warm node): until a listing shows it pending
+    /// or running, a `stopped` in the snapshot is the time before the start.
+    pub fn started(&self, region: &str, id: &str) {
+        self.region(region)
+            .own()
+            .started
+            .insert(id.to_string(), Instant::now());
+    }
+
+    /// hangar is stopping `id`: a start it made earlier no longer holds.
+    pub fn stopping(&self, region: &str, id: &str) {
+        self.region(region).own().started.remove(id);
+    }
+
     pub fn terminated(&self, region: &str, id: &str) {
         self.region(region)
             .own()
@@ -352,6 +391,14 @@ impl InstanceView for ClusterView {
     fn wrote_phase(&self, id: &str, phase: Phase, release: Option<&str>, config: Option<&str>) {
         self.inventory
             .set_phase(&self.region, id, phase, release, config);
+    }
+
+    fn started(&self, id: &str) {
+        self.inventory.started(&self.region, id);
+    }
+
+    fn stopping(&self, id: &str) {
+        self.inventory.stopping(&self.region, id);
     }
 
     fn terminated(&self, id: &str) {

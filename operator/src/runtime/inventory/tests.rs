@@ -201,3 +201,69 @@ async fn a_cluster_sees_only_its_instances() {
     assert_eq!(web[1].phase, Some(Phase::InService));
     assert_eq!(compute.calls(), 1, "one listing served all");
 }
+
+fn stopped_warm(id: &str) -> Instance {
+    let mut i = with_phase(id, Phase::Warm);
+    i.state = InstanceState::Stopped;
+    i.public_ip = Some("198.51.100.7".parse().unwrap());
+    i
+}
+
+/// The defect behind a warm-pool e2e failure: a warm node started, served
+/// and tagged in service within one snapshot's age read as `stopped` from
+/// the snapshot taken before its start — and was drained and replaced
+/// 0.1 s after it went into service.
+#[tokio::test(start_paused = true)]
+async fn a_started_warm_node_is_never_read_stopped_from_a_listing_taken_before_the_start() {
+    let compute = Listing::with(vec![stopped_warm("i-1")]);
+    let inv = Inventory::new(Duration::from_secs(5));
+    inv.instances("r", &compute).await.unwrap();
+    inv.started("r", "i-1");
+    inv.set_phase("r", "i-1", Phase::InService, Some("v2"), None);
+    let web = inv.cluster_instances("r", &compute, "web").await.unwrap();
+    assert_eq!(compute.calls(), 1, "served from the snapshot");
+    assert_eq!(
+        (web[0].phase, web[0].state),
+        (Some(Phase::InService), InstanceState::Pending)
+    );
+    assert_eq!(
+        web[0].public_ip, None,
+        "a started instance's public IP is the listing's to tell"
+    );
+    // A refresh that still lags keeps the start.
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let web = inv.cluster_instances("r", &compute, "web").await.unwrap();
+    assert_eq!(web[0].state, InstanceState::Pending);
+    // Confirmed, then forgotten: a stop behind hangar's back shows.
+    let mut running = with_phase("i-1", Phase::InService);
+    running.public_ip = Some("203.0.113.9".parse().unwrap());
+    compute.show(vec![running]);
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let web = inv.cluster_instances("r", &compute, "web").await.unwrap();
+    assert_eq!(web[0].state, InstanceState::Running);
+    assert_eq!(web[0].public_ip, Some("203.0.113.9".parse().unwrap()));
+    compute.show(vec![stopped_warm("i-1")]);
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let web = inv.cluster_instances("r", &compute, "web").await.unwrap();
+    assert_eq!(web[0].state, InstanceState::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_never_shows_or_is_followed_by_a_stop_gives_way_to_the_listing() {
+    let compute = Listing::with(vec![stopped_warm("i-1"), stopped_warm("i-2")]);
+    let inv = Inventory::new(Duration::from_secs(1));
+    inv.started("r", "i-1");
+    inv.started("r", "i-2");
+    inv.stopping("r", "i-2");
+    let web = inv.cluster_instances("r", &compute, "web").await.unwrap();
+    assert_eq!(web[0].state, InstanceState::Pending);
+    assert_eq!(
+        web[1].state,
+        InstanceState::Stopped,
+        "stopped again by hangar"
+    );
+    // EC2 may put an instance it could not start back to `stopped`.
+    tokio::time::advance(OWN_START_MAX_AGE + Duration::from_secs(1)).await;
+    let web = inv.cluster_instances("r", &compute, "web").await.unwrap();
+    assert_eq!(web[0].state, InstanceState::Stopped);
+}
