@@ -6,8 +6,9 @@
 //! - [`ec2`]: `RunInstances` with a `ClientToken` launches once (repeats
 //!   answer with the first reservation, other parameters are
 //!   `IdempotentParameterMismatch`); per-subnet capacity errors
-//!   ([`Capacity`]); `DescribeInstances` shows new instances and tag
-//!   changes only after a lag ([`consistency`]); an instance can be made
+//!   ([`Capacity`]); `DescribeInstances` shows new instances, tag changes
+//!   and state changes (start, stop, terminate) only after a lag
+//!   ([`consistency`]); an instance can be made
 //!   older than it is ([`Gateway::age_instance`]: its `launchTime` as
 //!   listed), the one clock a test cannot wait out;
 //! - [`elb`]: target health and draining as the LB data plane sees them;
@@ -386,6 +387,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Result<Response<Full
         ("ec2", "DescribeInstances") => ec2::describe_instances(shared, parts, body).await,
         ("ec2", action @ ("CreateTags" | "DeleteTags")) => {
             ec2::write_tags(shared, parts, body, action).await
+        }
+        ("ec2", "StartInstances" | "StopInstances" | "TerminateInstances") => {
+            ec2::change_state(shared, parts, body).await
         }
         ("elasticloadbalancing", _) => elb::handle(shared, parts, body).await,
         ("ssm" | "secretsmanager", _) => secrets::handle(shared, &caller, parts, body).await,

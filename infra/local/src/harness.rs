@@ -147,7 +147,7 @@ pub struct LocalCloudOptions {
     // defaults to AWS's; switch one off only with a comment saying why.
     /// `RunInstances` `ClientToken` idempotency; `None`: off. Default 24 h.
     pub client_token_ttl: Option<Duration>,
-    /// `DescribeInstances` lag for new instances and tag changes. Default
+    /// `DescribeInstances` lag for new instances, tag and state changes. Default
     /// uniform 0.5–3 s per change.
     pub listing_lag: Lag,
     /// API token buckets per access key; `None`: no throttling. Default AWS's.

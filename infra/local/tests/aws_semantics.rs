@@ -141,6 +141,7 @@ struct Listed {
     id: String,
     client_token: Option<String>,
     tags: BTreeMap<String, String>,
+    state: String,
 }
 
 async fn list(
@@ -165,6 +166,11 @@ async fn list(
                 .iter()
                 .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
                 .collect(),
+            state: i
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_default(),
         })
         .collect())
 }
@@ -517,6 +523,115 @@ fn a_tag_change_is_listed_only_after_its_lag() {
             .map(|_| deleted.elapsed())
     });
     assert!(gone >= Duration::from_secs(2), "deleted after {gone:?}");
+}
+
+/// Stop, start and terminate as `DescribeInstances` shows them: the state
+/// before the call (filters included) until the change's own lag.
+#[test]
+fn a_state_change_is_listed_only_after_its_lag() {
+    let cloud = start(LocalCloudOptions {
+        listing_lag: Lag::Fixed(Duration::from_secs(2)),
+        ..LocalCloudOptions::default()
+    });
+    let ec2 = ec2_as(&cloud, "states");
+    let id = cloud
+        .block_on({
+            let (ec2, launch) = (ec2.clone(), Launch::new(&cloud, 0));
+            async move { launch.send(&ec2).await }
+        })
+        .map(|o| ids(&o).remove(0))
+        .expect("RunInstances");
+    let listed = |ec2: &aws_sdk_ec2::Client, filters: Vec<Filter>| -> Option<String> {
+        let (ec2, id) = (ec2.clone(), id.clone());
+        cloud
+            .block_on(async move { list(&ec2, filters).await })
+            .expect("DescribeInstances")
+            .into_iter()
+            .find(|l| l.id == id)
+            .map(|l| l.state)
+    };
+    let state_filter = |state: &str| {
+        vec![Filter::builder()
+            .name("instance-state-name")
+            .values(state)
+            .build()]
+    };
+    let moto = cloud.moto_clients().ec2.clone();
+    wait_for(WAIT, "the instance to be listed running", || {
+        listed(&ec2, vec![]).filter(|s| s == "running")
+    });
+
+    let steps: [(&str, &str, &[&str]); 3] = [
+        ("stop", "running", &["stopping", "stopped"]),
+        ("start", "stopped", &["pending", "running"]),
+        ("terminate", "running", &["shutting-down", "terminated"]),
+    ];
+    for (what, before, after) in steps {
+        wait_for(WAIT, "moto to settle", || {
+            listed(&moto, vec![]).filter(|s| s == before)
+        });
+        wait_for(WAIT, "the listing to settle", || {
+            listed(&ec2, vec![]).filter(|s| s == before)
+        });
+        let changed = Instant::now();
+        cloud.block_on({
+            let (ec2, id) = (ec2.clone(), id.clone());
+            async move {
+                let done = match what {
+                    "stop" => ec2
+                        .stop_instances()
+                        .instance_ids(id)
+                        .send()
+                        .await
+                        .map(drop)
+                        .map_err(|e| format!("{e:?}")),
+                    "start" => ec2
+                        .start_instances()
+                        .instance_ids(id)
+                        .send()
+                        .await
+                        .map(drop)
+                        .map_err(|e| format!("{e:?}")),
+                    _ => ec2
+                        .terminate_instances()
+                        .instance_ids(id)
+                        .send()
+                        .await
+                        .map(drop)
+                        .map_err(|e| format!("{e:?}")),
+                };
+                done.unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
+        });
+        let truth = listed(&moto, vec![]).unwrap_or_default();
+        assert!(after.contains(&truth.as_str()), "{what}: moto says {truth}");
+        assert_eq!(listed(&ec2, vec![]).as_deref(), Some(before), "{what}");
+        assert_eq!(
+            listed(&ec2, state_filter(before)).as_deref(),
+            Some(before),
+            "{what}"
+        );
+        for a in after {
+            assert_eq!(
+                listed(&ec2, state_filter(a)),
+                None,
+                "{what}: filtered on {a}"
+            );
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(2),
+            "{what}: too slow to see the lag"
+        );
+        let when = wait_for(WAIT, "the new state to be listed", || {
+            listed(&ec2, vec![])
+                .filter(|s| after.contains(&s.as_str()))
+                .map(|_| changed.elapsed())
+        });
+        assert!(
+            when >= Duration::from_secs(2),
+            "{what}: visible after {when:?}"
+        );
+    }
 }
 
 // ---- capacity --------------------------------------------------------------------

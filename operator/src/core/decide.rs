@@ -538,12 +538,13 @@ impl<'o> Pass<'o> {
         let launch = self.obs.launch_stamp();
         self.forget_backoff_of_old_launch_settings(launch.as_deref());
         let (obs, spec, now) = (self.obs, &*self.obs.spec, self.obs.now);
-        let m = &self.memory;
-        let nodes: Vec<fleet::Node> = obs
+        let mut nodes: Vec<fleet::Node> = obs
             .instances
             .iter()
-            .map(|i| fleet_node(i, &obs.running, m, &obs.unhealthy, now))
+            .map(|i| fleet_node(i, &obs.running, &self.memory, &obs.unhealthy, now))
             .collect();
+        doubt_stopped_listings(&mut nodes, &mut self.memory.listed_stopped, now);
+        let m = &self.memory;
         let pending = m.launches.unseen(&obs.instances);
         let usable: Vec<String> = m
             .launches
@@ -809,6 +810,24 @@ fn fleet_node(
         unhealthy_since: unhealthy.get(&i.id).copied(),
         resting: memory.retry_after.get(&i.id).is_some_and(|t| *t > now),
         launch: i.tags.get(tags::LAUNCH).cloned(),
+        stopped_since: None,
+    }
+}
+
+/// Dates each node listed stopped that hangar did not stop from its first
+/// such listing (kept in `listed_stopped`, forgotten once it is listed
+/// otherwise); until that is [`fleet::STOPPED_BELIEVED_AFTER`] old the node
+/// rests: no task, no replacement.
+fn doubt_stopped_listings(
+    nodes: &mut [fleet::Node],
+    listed_stopped: &mut std::collections::BTreeMap<String, DateTime<Utc>>,
+    now: DateTime<Utc>,
+) {
+    listed_stopped.retain(|id, _| nodes.iter().any(|n| n.id == *id && n.listed_stopped()));
+    for n in nodes.iter_mut().filter(|n| n.listed_stopped()) {
+        let since = *listed_stopped.entry(n.id.clone()).or_insert(now);
+        n.stopped_since = Some(since);
+        n.resting |= now - since < fleet::STOPPED_BELIEVED_AFTER;
     }
 }
 

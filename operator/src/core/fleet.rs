@@ -19,6 +19,13 @@ use std::collections::{BTreeMap, BTreeSet};
 /// `Degraded` message names a halted one by it).
 pub const REFRESH_NOTE: &str = "instance refresh:";
 
+/// How long a node hangar did not stop must be listed `stopped` before it
+/// is taken for stopped and replaced. EC2's listing may show a start
+/// seconds late, and an operator restarted just after starting a warm node
+/// has no memory of that start (its own starts are laid over the listing,
+/// see `runtime::inventory`); meanwhile the node gets no new task.
+pub const STOPPED_BELIEVED_AFTER: chrono::Duration = chrono::Duration::seconds(10);
+
 use chrono::{DateTime, Utc};
 use hangar_cloud::{InstanceState, Phase};
 use hangar_crds::{Rollout, ScaleInPolicy, SelfHealing};
@@ -102,9 +109,19 @@ pub struct Node {
     /// `None` for instances launched before hangar stamped it (taken as
     /// current: upgrading hangar must not replace a fleet).
     pub launch: Option<String>,
+    /// Since when the listing shows it `stopped` though hangar did not stop
+    /// it (see [`STOPPED_BELIEVED_AFTER`]); `None`: not doubted.
+    pub stopped_since: Option<DateTime<Utc>>,
 }
 
 impl Node {
+    /// Listed stopped, and hangar did not stop it (a warm-pool node is
+    /// stopped by design).
+    pub fn listed_stopped(&self) -> bool {
+        matches!(self.state, InstanceState::Stopping | InstanceState::Stopped)
+            && !warm_pool::may_be_stopped(self)
+    }
+
     fn is_gone(&self) -> bool {
         matches!(
             self.state,
@@ -241,7 +258,7 @@ pub fn count_toward_capacity(instances: &[hangar_cloud::Instance]) -> u32 {
 pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
     let mut out = Diff::default();
     let live: Vec<&Node> = nodes.iter().filter(|n| !n.is_gone()).collect();
-    let mut leaving = out.keep_leaving(&live);
+    let mut leaving = out.keep_leaving(&live, t);
     out.heal(&live, &mut leaving, t);
     out.refresh(&live, &mut leaving, t);
     let staying: Vec<&Node> = live
@@ -302,7 +319,7 @@ struct RolloutState<'n> {
 impl Diff {
     /// Step 1: nodes already leaving keep leaving; stopped and failed ones
     /// start to. Returns every node that leaves.
-    fn keep_leaving<'n>(&mut self, live: &[&'n Node]) -> BTreeSet<&'n str> {
+    fn keep_leaving<'n>(&mut self, live: &[&'n Node], t: &Target<'_>) -> BTreeSet<&'n str> {
         let mut leaving = BTreeSet::new();
         for n in live {
             if n.is_leaving() {
@@ -311,11 +328,22 @@ impl Diff {
                     let reason = n.retire.clone().unwrap_or_else(|| "resume drain".into());
                     self.start(n, Task::Drain { reason });
                 }
-            } else if matches!(n.state, InstanceState::Stopping | InstanceState::Stopped)
-                && !warm_pool::may_be_stopped(n)
-            {
-                leaving.insert(n.id.as_str());
-                self.replace(n, format!("instance is {:?}", n.state).to_lowercase());
+            } else if n.listed_stopped() {
+                match n.stopped_since {
+                    Some(since) if t.now - since < STOPPED_BELIEVED_AFTER => {
+                        self.notes.push(format!(
+                            "{} listed {:?} for {}s: replaced if that lasts {}s (a start may not show yet)",
+                            n.id,
+                            n.state,
+                            (t.now - since).num_seconds(),
+                            STOPPED_BELIEVED_AFTER.num_seconds()
+                        ));
+                    }
+                    _ => {
+                        leaving.insert(n.id.as_str());
+                        self.replace(n, format!("instance is {:?}", n.state).to_lowercase());
+                    }
+                }
             } else if let Some(why) = &n.failed {
                 leaving.insert(n.id.as_str());
                 self.replace(n, format!("failed: {why}"));

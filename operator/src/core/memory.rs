@@ -55,6 +55,12 @@ pub struct Memory {
     /// through the retries in a second.
     #[serde(default)]
     pub retry_after: BTreeMap<String, DateTime<Utc>>,
+    /// Nodes listed `stopped` that hangar did not stop, since when this
+    /// cluster's listings show them so (id → first seen): believed only
+    /// once that lasted [`crate::core::fleet::STOPPED_BELIEVED_AFTER`], as
+    /// EC2's listing may show a start seconds late.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub listed_stopped: BTreeMap<String, DateTime<Utc>>,
     /// Launches wait until then after repeated node failures.
     pub launch_backoff_until: Option<DateTime<Utc>>,
     /// The launch settings (`hangar:launch` stamp) the failures in a row
@@ -114,6 +120,7 @@ impl Memory {
             node_errors,
             node_retries,
             retry_after,
+            listed_stopped,
             launch_backoff_until,
             failing_launch,
             launches,
@@ -138,6 +145,7 @@ impl Memory {
             && *node_errors == other.node_errors
             && *node_retries == other.node_retries
             && *retry_after == other.retry_after
+            && *listed_stopped == other.listed_stopped
             && *launch_backoff_until == other.launch_backoff_until
             && *failing_launch == other.failing_launch
             && *launches == other.launches
@@ -159,6 +167,7 @@ impl Memory {
             node_errors,
             node_retries,
             retry_after,
+            listed_stopped,
             launch_backoff_until,
             failing_launch,
             launches,
@@ -178,6 +187,7 @@ impl Memory {
             node_errors: node_errors.clone(),
             node_retries: node_retries.clone(),
             retry_after: retry_after.clone(),
+            listed_stopped: listed_stopped.clone(),
             launch_backoff_until: *launch_backoff_until,
             failing_launch: failing_launch.clone(),
             launches: launches.clone(),

@@ -123,6 +123,7 @@ impl ClusterStatus {
         m.node_errors.retain(|id, _| alive(id));
         m.node_retries.retain(|id, _| alive(id));
         m.retry_after.retain(|id, _| alive(id));
+        m.listed_stopped.retain(|id, _| alive(id));
         let mut phases: BTreeMap<String, u32> = BTreeMap::new();
         for i in &live {
             *phases.entry(phase_label(i)).or_default() += 1;

@@ -1,6 +1,8 @@
-//! EC2's eventual consistency for `DescribeInstances`: a new instance, and
-//! each tag change, becomes visible only after its own lag; until then the
-//! listing shows the old view (no instance; the old tag values).
+//! EC2's eventual consistency for `DescribeInstances`: a new instance, each
+//! tag change and each state change (`StartInstances`, `StopInstances`,
+//! `TerminateInstances`) becomes visible only after its own lag; until then
+//! the listing shows the old view (no instance; the old tag values; the
+//! state before the call).
 //!
 //! Only what is still pending is kept: the gateway takes moto's current
 //! answer and undoes the changes not yet visible. Tag changes of one
@@ -28,6 +30,20 @@ struct PendingChange {
     change: TagChange,
 }
 
+/// An instance's state as a listing shows it (`instanceState`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateShown {
+    pub code: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug)]
+struct PendingState {
+    visible_at: Instant,
+    /// The state before the call: shown until the change is visible.
+    before: StateShown,
+}
+
 /// What is not visible yet.
 #[derive(Debug)]
 pub struct Consistency {
@@ -37,6 +53,8 @@ pub struct Consistency {
     appearing: HashMap<String, Instant>,
     /// Instance id → its pending tag changes, oldest first.
     tags: HashMap<String, Vec<PendingChange>>,
+    /// Instance id → its pending state changes, oldest first.
+    states: HashMap<String, Vec<PendingState>>,
 }
 
 impl Consistency {
@@ -46,6 +64,7 @@ impl Consistency {
             rng: SplitMix64::new(seed),
             appearing: HashMap::new(),
             tags: HashMap::new(),
+            states: HashMap::new(),
         }
     }
 
@@ -95,6 +114,20 @@ impl Consistency {
         );
     }
 
+    /// A state change of one instance (`before` is what it was). Changes
+    /// of one instance become visible in the order they were made.
+    pub fn state_changed(&mut self, now: Instant, instance_id: &str, before: StateShown) {
+        if !self.enabled() {
+            return;
+        }
+        let mut visible_at = now + self.draw();
+        let pending = self.states.entry(instance_id.to_string()).or_default();
+        if let Some(last) = pending.last() {
+            visible_at = visible_at.max(last.visible_at);
+        }
+        pending.push(PendingState { visible_at, before });
+    }
+
     /// What is pending at `now` (and forgets what no longer is).
     pub fn view(&mut self, now: Instant) -> View {
         self.appearing.retain(|_, at| *at > now);
@@ -102,7 +135,16 @@ impl Consistency {
             changes.retain(|c| c.visible_at > now);
             !changes.is_empty()
         });
+        self.states.retain(|_, changes| {
+            changes.retain(|c| c.visible_at > now);
+            !changes.is_empty()
+        });
         View {
+            states: self
+                .states
+                .iter()
+                .filter_map(|(id, changes)| Some((id.clone(), changes.first()?.before.clone())))
+                .collect(),
             hidden: self.appearing.keys().cloned().collect(),
             undo: self
                 .tags
@@ -124,12 +166,25 @@ pub struct View {
     hidden: std::collections::HashSet<String>,
     /// Instance id → its invisible tag changes, oldest first.
     undo: HashMap<String, Vec<TagChange>>,
+    /// Instance id → the state a listing still shows.
+    states: HashMap<String, StateShown>,
 }
 
 impl View {
     /// Nothing is pending: moto's answer is the listing.
     pub fn is_empty(&self) -> bool {
-        self.hidden.is_empty() && self.undo.is_empty()
+        self.hidden.is_empty() && self.undo.is_empty() && self.states.is_empty()
+    }
+
+    /// Some state change is pending (state filters must be evaluated here).
+    pub fn has_state_changes(&self) -> bool {
+        !self.states.is_empty()
+    }
+
+    /// The state a listing shows for `instance_id` while its change is
+    /// pending; `None`: moto's.
+    pub fn visible_state(&self, instance_id: &str) -> Option<&StateShown> {
+        self.states.get(instance_id)
     }
 
     /// Some tag change is pending (tag filters must be evaluated here).
@@ -246,10 +301,60 @@ mod tests {
     }
 
     #[test]
+    fn a_state_change_shows_the_state_before_it_until_its_lag_and_in_order() {
+        let mut c = Consistency::new(
+            Lag::Uniform {
+                min: Duration::from_millis(500),
+                max: Duration::from_secs(3),
+            },
+            3,
+        );
+        let t0 = Instant::now();
+        let shown = |code: &str, name: &str| StateShown {
+            code: code.into(),
+            name: name.into(),
+        };
+        c.state_changed(t0, "i-1", shown("80", "stopped"));
+        c.state_changed(t0, "i-1", shown("16", "running"));
+        let v = c.view(t0 + Duration::from_millis(100));
+        assert!(v.has_state_changes());
+        assert_eq!(v.visible_state("i-1"), Some(&shown("80", "stopped")));
+        assert_eq!(v.visible_state("i-2"), None);
+        // Started, then stopped: never shown stopped after the start shows
+        // and before the stop does in the wrong order.
+        let mut seen = Vec::new();
+        for ms in (0..3200).step_by(50) {
+            let name = c
+                .view(t0 + Duration::from_millis(ms))
+                .visible_state("i-1")
+                .map(|s| s.name.clone());
+            if seen.last() != Some(&name) {
+                seen.push(name);
+            }
+        }
+        assert!(
+            matches!(
+                seen.as_slice(),
+                [Some(a), Some(b), None] if a == "stopped" && b == "running"
+            ) || matches!(seen.as_slice(), [Some(a), None] if a == "stopped"),
+            "{seen:?}"
+        );
+        assert!(c.view(t0 + Duration::from_secs(4)).is_empty());
+    }
+
+    #[test]
     fn no_lag_records_nothing() {
         let mut c = Consistency::new(Lag::None, 1);
         let t0 = Instant::now();
         c.launched(t0, "i-1", &[("a".into(), "b".into())]);
+        c.state_changed(
+            t0,
+            "i-1",
+            StateShown {
+                code: "16".into(),
+                name: "running".into(),
+            },
+        );
         assert!(c.view(t0).is_empty());
     }
 }

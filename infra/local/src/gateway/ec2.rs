@@ -11,7 +11,7 @@ use http_body_util::Full;
 use hyper::http::request::Parts;
 use hyper::{HeaderMap, Response, StatusCode};
 
-use super::consistency::{TagChange, View};
+use super::consistency::{StateShown, TagChange, View};
 use super::semantics::Capacity;
 use super::xml::{Document, Element};
 use super::Shared;
@@ -77,6 +77,14 @@ fn filters(form: &Form) -> Vec<(String, Vec<String>)> {
 fn is_tag_filter(name: &str) -> bool {
     name.starts_with("tag:") || name == "tag-key" || name == "tag-value"
 }
+
+/// A filter the gateway evaluates itself while changes are pending: on
+/// tags, or on the state (`instance-state-name`).
+fn is_view_filter(name: &str) -> bool {
+    is_tag_filter(name) || name == STATE_FILTER
+}
+
+const STATE_FILTER: &str = "instance-state-name";
 
 fn ec2_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
     aws_error(Service::Ec2, status, code, message)
@@ -400,17 +408,19 @@ pub(super) async fn describe_instances(
         };
         return ec2_error(400, "InvalidInstanceID.NotFound", &message);
     }
-    let tag_filters: Vec<(String, Vec<String>)> = filters(&form)
+    let view_filters: Vec<(String, Vec<String>)> = filters(&form)
         .into_iter()
-        .filter(|(name, _)| is_tag_filter(name))
+        .filter(|(name, _)| is_view_filter(name))
         .collect();
-    // moto filters on today's tags; with a tag change pending, ask it for
-    // every candidate and filter on the visible tags here. A later page of
-    // a paginated listing is not re-filtered (its first page decided).
-    let refilter =
-        view.has_tag_changes() && !tag_filters.is_empty() && get(&form, "NextToken").is_none();
+    // moto filters on today's tags and states; with a change pending, ask
+    // it for every candidate and filter on what is visible here. A later
+    // page of a paginated listing is not re-filtered (its first page
+    // decided).
+    let refilter = (view.has_tag_changes() || view.has_state_changes())
+        && !view_filters.is_empty()
+        && get(&form, "NextToken").is_none();
     let body = if refilter {
-        Bytes::from(without_tag_filters(&form, asked.is_empty()))
+        Bytes::from(without_view_filters(&form, asked.is_empty()))
     } else {
         body
     };
@@ -433,19 +443,19 @@ pub(super) async fn describe_instances(
     visible_listing(
         &mut doc.root,
         &view,
-        refilter.then_some(tag_filters.as_slice()),
+        refilter.then_some(view_filters.as_slice()),
     );
     aged_listing(&mut doc.root, &ages);
     rparts.headers.remove(hyper::header::CONTENT_LENGTH);
     Response::from_parts(rparts, Full::new(Bytes::from(doc.to_xml())))
 }
 
-/// The form with its tag filters removed (renumbered) and, for a listing,
-/// one page big enough for everything.
-fn without_tag_filters(form: &Form, listing: bool) -> String {
+/// The form with its tag and state filters removed (renumbered) and, for
+/// a listing, one page big enough for everything.
+fn without_view_filters(form: &Form, listing: bool) -> String {
     let kept: Vec<(String, Vec<String>)> = filters(form)
         .into_iter()
-        .filter(|(name, _)| !is_tag_filter(name))
+        .filter(|(name, _)| !is_view_filter(name))
         .collect();
     let mut out: Form = form
         .iter()
@@ -464,8 +474,10 @@ fn without_tag_filters(form: &Form, listing: bool) -> String {
     String::from_utf8_lossy(&encode_form(&out)).into_owned()
 }
 
-/// Rewrites a `DescribeInstancesResponse` to what `view` lets callers see.
-fn visible_listing(root: &mut Element, view: &View, tag_filters: Option<&[(String, Vec<String>)]>) {
+/// Rewrites a `DescribeInstancesResponse` to what `view` lets callers see;
+/// with `filters`, keeps only the instances whose visible tags and state
+/// match them.
+fn visible_listing(root: &mut Element, view: &View, filters: Option<&[(String, Vec<String>)]>) {
     if let Some(reservations) = root.child_mut("reservationSet") {
         reservations.retain_elements(|reservation| {
             let Some(instances) = reservation.child_mut("instancesSet") else {
@@ -485,12 +497,25 @@ fn visible_listing(root: &mut Element, view: &View, tag_filters: Option<&[(Strin
                 } else {
                     tag_set(instance)
                 };
-                tag_filters.is_none_or(|f| matches_tag_filters(f, &tags))
+                if let Some(before) = view.visible_state(&id) {
+                    instance.set_child(Element::new(
+                        "instanceState",
+                        vec![
+                            Element::leaf("code", &before.code),
+                            Element::leaf("name", &before.name),
+                        ],
+                    ));
+                }
+                let state = instance
+                    .child("instanceState")
+                    .and_then(|s| s.child_text("name"))
+                    .unwrap_or_default();
+                filters.is_none_or(|f| matches_view_filters(f, &tags, &state))
             });
             instances.elements().next().is_some()
         });
     }
-    if tag_filters.is_some() {
+    if filters.is_some() {
         // One page held everything.
         root.retain_elements(|e| e.name != "nextToken");
     }
@@ -531,11 +556,17 @@ fn aged_listing(root: &mut Element, ages: &HashMap<String, Duration>) {
     }
 }
 
-/// EC2's tag filters: every filter must match (any of its values does).
-fn matches_tag_filters(filters: &[(String, Vec<String>)], tags: &BTreeMap<String, String>) -> bool {
+/// EC2's tag and state filters: every filter must match (any of its
+/// values does).
+fn matches_view_filters(
+    filters: &[(String, Vec<String>)],
+    tags: &BTreeMap<String, String>,
+    state: &str,
+) -> bool {
     filters.iter().all(|(name, values)| {
         let any = |s: &str| values.iter().any(|pattern| glob(pattern, s));
         match name.as_str() {
+            STATE_FILTER => any(state),
             "tag-key" => tags.keys().any(|k| any(k)),
             "tag-value" => tags.values().any(|v| any(v)),
             other => other
@@ -562,6 +593,69 @@ fn glob(pattern: &str, s: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let s: Vec<char> = s.chars().collect();
     go(&p, &s)
+}
+
+// ---- StartInstances / StopInstances / TerminateInstances ------------------
+
+/// Forwards a state change and records, per instance its answer lists,
+/// the state before it as what listings show until the change's lag.
+pub(super) async fn change_state(
+    shared: &Shared,
+    parts: Parts,
+    body: Bytes,
+) -> Response<Full<Bytes>> {
+    let enabled = shared
+        .consistency
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .enabled();
+    if !enabled {
+        return shared.pass(parts, body).await;
+    }
+    let (rparts, rbody) = match shared.send(&parts, body).await {
+        Ok(answer) => answer,
+        Err(resp) => return resp,
+    };
+    if rparts.status.is_success() {
+        match std::str::from_utf8(&rbody)
+            .ok()
+            .and_then(|xml| Document::parse(xml).ok())
+        {
+            Some(doc) => {
+                let now = Instant::now();
+                let mut consistency = shared.consistency.lock().unwrap_or_else(|p| p.into_inner());
+                for (id, before) in state_changes(&doc.root) {
+                    consistency.state_changed(now, &id, before);
+                }
+            }
+            None => tracing::warn!(
+                "a state change's answer is not XML the gateway can read; it shows at once"
+            ),
+        }
+    }
+    Response::from_parts(rparts, Full::new(rbody))
+}
+
+/// The instances of a Start/Stop/TerminateInstances answer whose state
+/// changed, with the state before.
+fn state_changes(root: &Element) -> Vec<(String, StateShown)> {
+    let shown = |item: &Element, name: &str| {
+        let state = item.child(name)?;
+        Some(StateShown {
+            code: state.child_text("code")?,
+            name: state.child_text("name")?,
+        })
+    };
+    root.child("instancesSet")
+        .into_iter()
+        .flat_map(Element::elements)
+        .filter_map(|item| {
+            let id = item.child_text("instanceId")?;
+            let before = shown(item, "previousState")?;
+            let after = shown(item, "currentState")?;
+            (before.name != after.name).then_some((id, before))
+        })
+        .collect()
 }
 
 // ---- CreateTags / DeleteTags -------------------------------------------------
@@ -781,20 +875,67 @@ mod tests {
     }
 
     #[test]
-    fn tag_filters_and_wildcards() {
+    fn a_listing_shows_the_state_before_a_pending_change_and_filters_on_it() {
+        let answer = "<TerminateInstancesResponse><instancesSet><item><instanceId>i-old</instanceId><previousState><code>16</code><name>running</name></previousState><currentState><code>48</code><name>terminated</name></currentState></item><item><instanceId>i-new</instanceId><previousState><code>48</code><name>terminated</name></previousState><currentState><code>48</code><name>terminated</name></currentState></item></instancesSet></TerminateInstancesResponse>";
+        let changes = state_changes(&Document::parse(answer).unwrap().root);
+        assert_eq!(
+            changes,
+            [(
+                "i-old".to_string(),
+                StateShown {
+                    code: "16".into(),
+                    name: "running".into()
+                }
+            )],
+            "an instance already terminated did not change"
+        );
+        let mut c = Consistency::new(Lag::Fixed(Duration::from_secs(5)), 1);
+        let t0 = Instant::now();
+        for (id, before) in changes {
+            c.state_changed(t0, &id, before);
+        }
+        let listing = LISTING.replace(
+            "<instanceId>i-old</instanceId>",
+            "<instanceId>i-old</instanceId><instanceState><code>48</code><name>terminated</name></instanceState>",
+        );
+        let live = vec![(
+            "instance-state-name".to_string(),
+            vec!["pending".to_string(), "running".to_string()],
+        )];
+        let mut doc = Document::parse(&listing).unwrap();
+        visible_listing(&mut doc.root, &c.view(t0), Some(&live));
+        let xml = doc.to_xml();
+        assert!(
+            xml.contains("<instanceId>i-old</instanceId><instanceState><code>16</code><name>running</name></instanceState>"),
+            "{xml}"
+        );
+        let mut doc = Document::parse(&listing).unwrap();
+        visible_listing(
+            &mut doc.root,
+            &c.view(t0 + Duration::from_secs(6)),
+            Some(&live),
+        );
+        assert!(!doc.to_xml().contains("i-old"), "terminated once visible");
+    }
+
+    #[test]
+    fn tag_and_state_filters_and_wildcards() {
         let tags: BTreeMap<String, String> = [("owner".to_string(), "hangar-a".to_string())].into();
         let f = |name: &str, v: &str| vec![(name.to_string(), vec![v.to_string()])];
-        assert!(matches_tag_filters(&f("tag:owner", "hangar-?"), &tags));
-        assert!(matches_tag_filters(&f("tag-key", "own*"), &tags));
-        assert!(matches_tag_filters(&f("tag-value", "*-a"), &tags));
-        assert!(!matches_tag_filters(&f("tag:owner", "hangar"), &tags));
-        assert!(!matches_tag_filters(&f("tag:other", "*"), &tags));
+        let m = |f: &[(String, Vec<String>)]| matches_view_filters(f, &tags, "running");
+        assert!(m(&f("tag:owner", "hangar-?")));
+        assert!(m(&f("tag-key", "own*")));
+        assert!(m(&f("tag-value", "*-a")));
+        assert!(!m(&f("tag:owner", "hangar")));
+        assert!(!m(&f("tag:other", "*")));
+        assert!(m(&f("instance-state-name", "running")));
+        assert!(!m(&f("instance-state-name", "stopped")));
         assert!(glob("a\\*b", "a*b"));
         assert!(!glob("a\\*b", "axb"));
     }
 
     #[test]
-    fn tag_filters_are_taken_out_of_the_request_and_renumbered() {
+    fn tag_and_state_filters_are_taken_out_of_the_request_and_renumbered() {
         let f = form(&[
             ("Action", "DescribeInstances"),
             ("Filter.1.Name", "tag:owner"),
@@ -802,16 +943,16 @@ mod tests {
             ("Filter.2.Name", "instance-state-name"),
             ("Filter.2.Value.1", "running"),
             ("Filter.2.Value.2", "pending"),
+            ("Filter.3.Name", "vpc-id"),
+            ("Filter.3.Value.1", "vpc-1"),
             ("MaxResults", "5"),
         ]);
-        let out = parse_form(without_tag_filters(&f, true).as_bytes());
+        let out = parse_form(without_view_filters(&f, true).as_bytes());
         assert_eq!(
             filters(&out),
-            vec![(
-                "instance-state-name".to_string(),
-                vec!["running".to_string(), "pending".to_string()]
-            )]
+            vec![("vpc-id".to_string(), vec!["vpc-1".to_string()])]
         );
+        assert_eq!(get(&out, "Filter.1.Name"), Some("vpc-id"));
         assert_eq!(get(&out, "MaxResults"), Some("1000"));
     }
 

@@ -17,8 +17,8 @@ pub struct Semantics {
     /// `None`: off (moto launches again). Default: tokens kept 24 h after
     /// their last use (AWS: "at least 24 hours after the termination").
     pub client_token_ttl: Option<Duration>,
-    /// How late `DescribeInstances` shows a new instance and each tag
-    /// change. Default: uniform 0.5–3 s per change.
+    /// How late `DescribeInstances` shows a new instance, each tag change
+    /// and each state change. Default: uniform 0.5–3 s per change.
     pub listing_lag: Lag,
     /// AWS's API token buckets per access key. `None`: no throttling.
     pub throttling: Option<ThrottleLimits>,

@@ -1383,3 +1383,46 @@ fn without_a_pool_leftover_warm_nodes_are_terminated() {
     assert!(warm(&sim).is_empty());
     assert_eq!(sim.serving().len(), 2);
 }
+
+#[test]
+fn a_restarted_operator_whose_listing_still_shows_a_served_warm_node_stopped_leaves_it_serving() {
+    let mut sim = Sim::new(with_pool(2, 4, 1, ""));
+    pool_within(&mut sim, 0, 3, 20);
+    let pooled = warm(&sim)[0].id.clone();
+    sim.spec.capacity.min = 3;
+    let d = sim.pass();
+    assert_eq!(starts(d), [(pooled.clone(), "serve")]);
+    sim.finish_all("serve", Outcome::Done);
+    pool_within(&mut sim, 3, 4, 20);
+    sim.crash();
+    // EC2's listing shows the start late: in service, yet `stopped`.
+    let set_state = |sim: &mut Sim, state| {
+        sim.cloud
+            .iter_mut()
+            .find(|i| i.id == pooled)
+            .expect("listed")
+            .state = state;
+    };
+    set_state(&mut sim, InstanceState::Stopped);
+    let launched = sim.launched.len();
+    for _ in 0..3 {
+        let d = sim.pass();
+        assert!(d.diff.actions.is_empty(), "{:?}", d.diff);
+        assert!(d.memory.listed_stopped.contains_key(&pooled));
+        sim.wait(3);
+    }
+    set_state(&mut sim, InstanceState::Running);
+    let d = sim.pass();
+    assert!(d.diff.actions.is_empty(), "{:?}", d.diff);
+    assert!(
+        d.memory.listed_stopped.is_empty(),
+        "forgotten once listed running"
+    );
+    assert_eq!(sim.launched.len(), launched, "nothing replaced it");
+
+    // Really stopped (behind hangar's back): replaced once that lasted.
+    set_state(&mut sim, InstanceState::Stopped);
+    assert!(drains(sim.pass()).is_empty());
+    sim.wait(fleet::STOPPED_BELIEVED_AFTER.num_seconds());
+    assert_eq!(drains(sim.pass()), [pooled]);
+}

@@ -30,6 +30,7 @@ fn node(id: &str, phase: Phase, release: &str, minutes_old: i64) -> Node {
         resting: false,
         retire: None,
         launch: Some("ls1".into()),
+        stopped_since: None,
     }
 }
 
@@ -215,6 +216,30 @@ fn stopped_and_failed_nodes_are_replaced() {
         [("i-1".into(), "drain"), ("i-2".into(), "drain")]
     );
     assert_eq!(launches(&d).iter().map(|(_, n)| n).sum::<u32>(), 2);
+}
+
+#[test]
+fn a_node_listed_stopped_for_less_than_the_listing_lag_is_left_alone_not_replaced() {
+    let mut doubted = serving("i-1", "v2", 10);
+    doubted.state = InstanceState::Stopped;
+    doubted.stopped_since = Some(now() - Duration::seconds(3));
+    doubted.resting = true;
+    let d = diff(&[doubted.clone(), serving("i-2", "v2", 10)], &target(2));
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert!(d.leaving.is_empty());
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.contains("i-1 listed Stopped for 3s")),
+        "{:?}",
+        d.notes
+    );
+    // Listed stopped long enough: believed.
+    doubted.stopped_since = Some(now() - STOPPED_BELIEVED_AFTER);
+    doubted.resting = false;
+    let d = diff(&[doubted, serving("i-2", "v2", 10)], &target(2));
+    assert_eq!(started(&d), [("i-1".into(), "drain")]);
+    assert_eq!(launches(&d).iter().map(|(_, n)| n).sum::<u32>(), 1);
 }
 
 #[test]
@@ -406,6 +431,7 @@ fn arb_node() -> impl Strategy<Value = Node> {
             resting: false,
             retire: None,
             launch: None,
+            stopped_since: None,
         })
 }
 
