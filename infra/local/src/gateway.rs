@@ -409,6 +409,12 @@ impl Shared {
         }
     }
 
+    /// What listings do not show yet (a panicked holder left it usable:
+    /// every change it records is whole).
+    fn consistency(&self) -> std::sync::MutexGuard<'_, Consistency> {
+        self.consistency.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn ages(&self) -> HashMap<String, std::time::Duration> {
         self.ages.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

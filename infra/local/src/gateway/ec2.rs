@@ -264,7 +264,7 @@ async fn launch(
     }
     {
         let now = Instant::now();
-        let mut consistency = shared.consistency.lock().unwrap_or_else(|p| p.into_inner());
+        let mut consistency = shared.consistency();
         for (id, tags) in &launched {
             consistency.launched(now, id, tags);
         }
@@ -383,11 +383,7 @@ pub(super) async fn describe_instances(
     parts: Parts,
     body: Bytes,
 ) -> Response<Full<Bytes>> {
-    let view = shared
-        .consistency
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .view(Instant::now());
+    let view = shared.consistency().view(Instant::now());
     let ages = shared.ages();
     if view.is_empty() && ages.is_empty() {
         return shared.pass(parts, body).await;
@@ -604,11 +600,7 @@ pub(super) async fn change_state(
     parts: Parts,
     body: Bytes,
 ) -> Response<Full<Bytes>> {
-    let enabled = shared
-        .consistency
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .enabled();
+    let enabled = shared.consistency().enabled();
     if !enabled {
         return shared.pass(parts, body).await;
     }
@@ -623,7 +615,7 @@ pub(super) async fn change_state(
         {
             Some(doc) => {
                 let now = Instant::now();
-                let mut consistency = shared.consistency.lock().unwrap_or_else(|p| p.into_inner());
+                let mut consistency = shared.consistency();
                 for (id, before) in state_changes(&doc.root) {
                     consistency.state_changed(now, &id, before);
                 }
@@ -669,11 +661,7 @@ pub(super) async fn write_tags(
     body: Bytes,
     action: &str,
 ) -> Response<Full<Bytes>> {
-    let enabled = shared
-        .consistency
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .enabled();
+    let enabled = shared.consistency().enabled();
     let form = parse_form(&body);
     let instances: Vec<String> = list(&form, "ResourceId")
         .into_iter()
@@ -697,7 +685,7 @@ pub(super) async fn write_tags(
     if rparts.status.is_success() {
         let asked = requested_tags(&form);
         let now = Instant::now();
-        let mut consistency = shared.consistency.lock().unwrap_or_else(|p| p.into_inner());
+        let mut consistency = shared.consistency();
         for id in &instances {
             let current = before.get(id).cloned().unwrap_or_default();
             consistency.tags_changed(now, id, tag_changes(action, &current, &asked));
