@@ -561,10 +561,14 @@ fn a_state_change_is_listed_only_after_its_lag() {
         listed(&ec2, vec![]).filter(|s| s == "running")
     });
 
-    let steps: [(&str, &str, &[&str]); 3] = [
-        ("stop", "running", &["stopping", "stopped"]),
-        ("start", "stopped", &["pending", "running"]),
-        ("terminate", "running", &["shutting-down", "terminated"]),
+    let steps: [(StateChange, &str, &[&str]); 3] = [
+        (StateChange::Stop, "running", &["stopping", "stopped"]),
+        (StateChange::Start, "stopped", &["pending", "running"]),
+        (
+            StateChange::Terminate,
+            "running",
+            &["shutting-down", "terminated"],
+        ),
     ];
     for (what, before, after) in steps {
         wait_for(WAIT, "moto to settle", || {
@@ -574,53 +578,30 @@ fn a_state_change_is_listed_only_after_its_lag() {
             listed(&ec2, vec![]).filter(|s| s == before)
         });
         let changed = Instant::now();
-        cloud.block_on({
-            let (ec2, id) = (ec2.clone(), id.clone());
-            async move {
-                let done = match what {
-                    "stop" => ec2
-                        .stop_instances()
-                        .instance_ids(id)
-                        .send()
-                        .await
-                        .map(drop)
-                        .map_err(|e| format!("{e:?}")),
-                    "start" => ec2
-                        .start_instances()
-                        .instance_ids(id)
-                        .send()
-                        .await
-                        .map(drop)
-                        .map_err(|e| format!("{e:?}")),
-                    _ => ec2
-                        .terminate_instances()
-                        .instance_ids(id)
-                        .send()
-                        .await
-                        .map(drop)
-                        .map_err(|e| format!("{e:?}")),
-                };
-                done.unwrap_or_else(|e| panic!("{what}: {e}"));
-            }
-        });
+        cloud
+            .block_on(what.send(&ec2, &id))
+            .unwrap_or_else(|e| panic!("{what:?}: {e}"));
         let truth = listed(&moto, vec![]).unwrap_or_default();
-        assert!(after.contains(&truth.as_str()), "{what}: moto says {truth}");
-        assert_eq!(listed(&ec2, vec![]).as_deref(), Some(before), "{what}");
+        assert!(
+            after.contains(&truth.as_str()),
+            "{what:?}: moto says {truth}"
+        );
+        assert_eq!(listed(&ec2, vec![]).as_deref(), Some(before), "{what:?}");
         assert_eq!(
             listed(&ec2, state_filter(before)).as_deref(),
             Some(before),
-            "{what}"
+            "{what:?}"
         );
         for a in after {
             assert_eq!(
                 listed(&ec2, state_filter(a)),
                 None,
-                "{what}: filtered on {a}"
+                "{what:?}: filtered on {a}"
             );
         }
         assert!(
             changed.elapsed() < Duration::from_secs(2),
-            "{what}: too slow to see the lag"
+            "{what:?}: too slow to see the lag"
         );
         let when = wait_for(WAIT, "the new state to be listed", || {
             listed(&ec2, vec![])
@@ -629,8 +610,31 @@ fn a_state_change_is_listed_only_after_its_lag() {
         });
         assert!(
             when >= Duration::from_secs(2),
-            "{what}: visible after {when:?}"
+            "{what:?}: visible after {when:?}"
         );
+    }
+}
+
+/// The three calls that change an instance's state, each lagged alike.
+#[derive(Clone, Copy, Debug)]
+enum StateChange {
+    Stop,
+    Start,
+    Terminate,
+}
+
+impl StateChange {
+    async fn send(self, ec2: &aws_sdk_ec2::Client, id: &str) -> Result<(), String> {
+        fn shown<T, E: std::fmt::Debug>(sent: Result<T, E>) -> Result<(), String> {
+            sent.map(drop).map_err(|e| format!("{e:?}"))
+        }
+        match self {
+            StateChange::Stop => shown(ec2.stop_instances().instance_ids(id).send().await),
+            StateChange::Start => shown(ec2.start_instances().instance_ids(id).send().await),
+            StateChange::Terminate => {
+                shown(ec2.terminate_instances().instance_ids(id).send().await)
+            }
+        }
     }
 }
 

@@ -122,6 +122,14 @@ impl Node {
             && !warm_pool::may_be_stopped(self)
     }
 
+    /// Listed stopped for less than [`STOPPED_BELIEVED_AFTER`]: the listing
+    /// may not show a start yet, so the node is neither given a task nor
+    /// replaced.
+    pub fn stopped_in_doubt(&self, now: DateTime<Utc>) -> bool {
+        self.stopped_since
+            .is_some_and(|since| now - since < STOPPED_BELIEVED_AFTER)
+    }
+
     fn is_gone(&self) -> bool {
         matches!(
             self.state,
@@ -329,20 +337,18 @@ impl Diff {
                     self.start(n, Task::Drain { reason });
                 }
             } else if n.listed_stopped() {
-                match n.stopped_since {
-                    Some(since) if t.now - since < STOPPED_BELIEVED_AFTER => {
-                        self.notes.push(format!(
-                            "{} listed {:?} for {}s: replaced if that lasts {}s (a start may not show yet)",
-                            n.id,
-                            n.state,
-                            (t.now - since).num_seconds(),
-                            STOPPED_BELIEVED_AFTER.num_seconds()
-                        ));
-                    }
-                    _ => {
-                        leaving.insert(n.id.as_str());
-                        self.replace(n, format!("instance is {:?}", n.state).to_lowercase());
-                    }
+                if n.stopped_in_doubt(t.now) {
+                    let listed_for = n.stopped_since.map_or(0, |s| (t.now - s).num_seconds());
+                    self.notes.push(format!(
+                        "{} listed {:?} for {}s: replaced if that lasts {}s (a start may not show yet)",
+                        n.id,
+                        n.state,
+                        listed_for,
+                        STOPPED_BELIEVED_AFTER.num_seconds()
+                    ));
+                } else {
+                    leaving.insert(n.id.as_str());
+                    self.replace(n, format!("instance is {:?}", n.state).to_lowercase());
                 }
             } else if let Some(why) = &n.failed {
                 leaving.insert(n.id.as_str());
