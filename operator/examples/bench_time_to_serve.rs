@@ -11,9 +11,9 @@
 //! `debian` nodes (Debian 12 booted by systemd-nspawn: real boot, real
 //! systemd, sshd, nginx + PHP-FPM from the php image), the stock
 //! `runbooks/nginx-php-fpm.yaml` and the PHP fixture as release `v1`;
-//! capacity 1..2, autoscaling on `requestCountPerTarget` (the group's
-//! `RequestCount` over the nodes in service: 300 requests a minute per
-//! node, 5 s periods, evaluated every second). One node serves,
+//! capacity 1..2, autoscaling on `requestCountPerTarget` (read as the
+//! group's `RequestCount`: 300 requests a minute per node, 5 s periods,
+//! evaluated every second). One node serves,
 //! idle. The breach: the load generator starts sending `--rps` requests a
 //! second through the load balancer (12/s = 720/min asks for 2 nodes), and
 //! the clock runs until a second node is healthy in the target group.

@@ -28,9 +28,10 @@ pub const OWNER: &str = "e2e";
 
 /// How many scenarios run at once, whatever `--test-threads` says. Each
 /// one times real SSH, HTTP and emulator work, and much of it is waiting
-/// (health intervals, drains, cooldowns): on a 2-core machine two side by
-/// side passed every scenario in 1011 s (1772 s one at a time, in CI)
-/// (`cargo nextest run -E 'binary(e2e)' -j 2`). More were not tried.
+/// (health intervals, drains, cooldowns). On a 2-core machine, two side by
+/// side passed every scenario: 1011 s under `cargo nextest run -E
+/// 'binary(e2e)' -j 2`, 891–921 s in CI, against 1772 s one at a time.
+/// More were not tried.
 const AT_ONCE: usize = 2;
 
 /// Scenarios running now; see [`Turn`].
