@@ -827,7 +827,7 @@ fn doubt_stopped_listings(
     for n in nodes.iter_mut().filter(|n| n.listed_stopped()) {
         let since = *listed_stopped.entry(n.id.clone()).or_insert(now);
         n.stopped_since = Some(since);
-        n.resting |= n.stopped_in_doubt(now);
+        n.resting |= n.stopped_in_doubt_for(now).is_some();
     }
 }
 

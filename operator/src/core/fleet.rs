@@ -122,12 +122,13 @@ impl Node {
             && !warm_pool::may_be_stopped(self)
     }
 
-    /// Listed stopped for less than [`STOPPED_BELIEVED_AFTER`]: the listing
-    /// may not show a start yet, so the node is neither given a task nor
-    /// replaced.
-    pub fn stopped_in_doubt(&self, now: DateTime<Utc>) -> bool {
+    /// How long the node has been listed stopped, while that is less than
+    /// [`STOPPED_BELIEVED_AFTER`]: the listing may not show a start yet, so
+    /// the node is neither given a task nor replaced.
+    pub fn stopped_in_doubt_for(&self, now: DateTime<Utc>) -> Option<chrono::Duration> {
         self.stopped_since
-            .is_some_and(|since| now - since < STOPPED_BELIEVED_AFTER)
+            .map(|since| now - since)
+            .filter(|listed_for| *listed_for < STOPPED_BELIEVED_AFTER)
     }
 
     fn is_gone(&self) -> bool {
@@ -337,13 +338,12 @@ impl Diff {
                     self.start(n, Task::Drain { reason });
                 }
             } else if n.listed_stopped() {
-                if n.stopped_in_doubt(t.now) {
-                    let listed_for = n.stopped_since.map_or(0, |s| (t.now - s).num_seconds());
+                if let Some(listed_for) = n.stopped_in_doubt_for(t.now) {
                     self.notes.push(format!(
                         "{} listed {:?} for {}s: replaced if that lasts {}s (a start may not show yet)",
                         n.id,
                         n.state,
-                        listed_for,
+                        listed_for.num_seconds(),
                         STOPPED_BELIEVED_AFTER.num_seconds()
                     ));
                 } else {
