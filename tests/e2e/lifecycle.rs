@@ -74,6 +74,76 @@ fn cold_start_brings_min_nodes_into_service_registering_none_before_its_health_c
     assert_eq!(ids(&after), ids(&status));
 }
 
+/// A serving node someone deregistered behind hangar's back (the console,
+/// another tool) carries no traffic, whatever its tags say. hangar finds it
+/// missing at its next read of the target group, health-checks it and
+/// registers the same machine again: no launch, no request failed, the
+/// re-registration as healthy as the first.
+#[test]
+fn a_node_deregistered_behind_hangars_back_is_health_checked_and_registered_again() {
+    let mut s = Scenario::start();
+    s.write_spec(&s.spec().remove("spec.autoscaling"));
+    s.operator_settings
+        .push(("HANGAR_TARGET_GROUP_CHECK_INTERVAL".into(), "2s".into()));
+    s.start_operator();
+    s.wait_status(
+        "web",
+        "2 nodes in service on v1",
+        Duration::from_secs(120),
+        |st| settled_on(st, 2, "v1"),
+    );
+    let mut ids: Vec<String> = s.instances("web").into_iter().map(|i| i.id).collect();
+    ids.sort();
+    let out = ids[0].clone();
+    let load = s.cloud.start_load(10.0, None).expect("load");
+
+    s.cloud.deregister(&[&out]).expect("deregister by hand");
+    let registered = |id: &str| {
+        s.cloud
+            .lb()
+            .targets()
+            .into_iter()
+            .any(|t| t.instance_id == id && t.registered)
+    };
+    assert!(!registered(&out), "out of the target group");
+    hangar_local::harness::eventually(Duration::from_secs(60), "registered again", || {
+        registered(&out).then_some(())
+    })
+    .expect("hangar put the node back");
+    let status = s.wait_status(
+        "web",
+        "both nodes serving again",
+        Duration::from_secs(30),
+        |st| settled_on(st, 2, "v1"),
+    );
+    let report = load.stop();
+    assert_eq!(report.errors, 0, "{report:?}");
+
+    let mut now: Vec<String> = status.nodes.iter().map(|n| n.id.clone()).collect();
+    now.sort();
+    assert_eq!(now, ids, "the same machines serve");
+    let watch = s.watcher.report();
+    assert_eq!(watch.launched.len(), 2, "no launch: {watch:?}");
+    assert_eq!(
+        watch
+            .registrations
+            .iter()
+            .filter(|(id, _)| *id == out)
+            .count(),
+        2,
+        "registered twice: {watch:?}"
+    );
+    s.watcher.assert_invariants();
+    assert!(
+        status
+            .activities
+            .iter()
+            .any(|a| a.node.as_deref() == Some(out.as_str()) && a.kind == "register"),
+        "{:#?}",
+        status.activities
+    );
+}
+
 #[test]
 fn hangar_plan_reads_the_cloud_and_never_changes_it() {
     let mut s = Scenario::start();

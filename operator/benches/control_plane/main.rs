@@ -794,6 +794,7 @@ async fn sustained(
         git: Default::default(),
         secrets_refresh_interval: hangar_crds::Duration::from_secs(60),
         template_version_ttl: hangar_crds::Duration::from_secs(60),
+        target_group_check_interval: hangar_crds::Duration::from_secs(30),
         state_dir: root.join("state-runtime"),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         owner: steady_fleet::OWNER.into(),

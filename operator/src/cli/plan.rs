@@ -374,6 +374,9 @@ impl ClusterPlan {
                         format!("bring `{node}` into the warm pool, running")
                     }
                     Task::Serve => format!("take `{node}` from the warm pool into service"),
+                    Task::Rejoin => format!(
+                        "register `{node}` in the target group again (tagged in service, not listed there)"
+                    ),
                 },
                 Action::Cancel { node, reason } => {
                     format!("cancel the task on `{node}` ({reason})")

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use hangar_cloud::{tags, Instance, InstanceState, Phase};
+use hangar_cloud::{tags, Instance, InstanceState, Phase, TargetHealth, TargetState};
 use hangar_crds::ClusterSpec;
 use serde::{Deserialize, Serialize};
 
@@ -544,6 +544,12 @@ impl<'o> Pass<'o> {
             .map(|i| fleet_node(i, &obs.running, &self.memory, &obs.unhealthy, now))
             .collect();
         doubt_stopped_listings(&mut nodes, &mut self.memory.listed_stopped, now);
+        date_missing_from_group(
+            &mut nodes,
+            obs.target_group.as_ref(),
+            &mut self.memory.missing_from_group,
+            now,
+        );
         let m = &self.memory;
         let pending = m.launches.unseen(&obs.instances);
         let usable: Vec<String> = m
@@ -811,6 +817,7 @@ fn fleet_node(
         resting: memory.retry_after.get(&i.id).is_some_and(|t| *t > now),
         launch: i.tags.get(tags::LAUNCH).cloned(),
         stopped_since: None,
+        missing_since: None,
     }
 }
 
@@ -828,6 +835,40 @@ fn doubt_stopped_listings(
         let since = *listed_stopped.entry(n.id.clone()).or_insert(now);
         n.stopped_since = Some(since);
         n.resting |= n.stopped_in_doubt_for(now).is_some();
+    }
+}
+
+/// Dates each in-service node with no task moving it that the target
+/// group does not list as a member — absent, `unused`, or `draining` though
+/// hangar is not draining it — from the first read that found it so (kept
+/// in `missing`; between reads, the last read's word holds). Someone took
+/// it out behind hangar's back (the console, another tool): it carries no
+/// traffic whatever its tags say, and goes back in ([`fleet::Task::Rejoin`]).
+fn date_missing_from_group(
+    nodes: &mut [fleet::Node],
+    group: Option<&Result<Vec<TargetHealth>, String>>,
+    missing: &mut std::collections::BTreeMap<String, DateTime<Utc>>,
+    now: DateTime<Utc>,
+) {
+    let idle_in_service = |n: &fleet::Node| {
+        n.phase == Phase::InService && n.state == InstanceState::Running && n.task.is_none()
+    };
+    missing.retain(|id, _| nodes.iter().any(|n| n.id == *id && idle_in_service(n)));
+    if let Some(Ok(targets)) = group {
+        let members: std::collections::BTreeSet<&str> = targets
+            .iter()
+            .filter(|t| !matches!(t.state, TargetState::Unused | TargetState::Draining))
+            .map(|t| t.id.as_str())
+            .collect();
+        missing.retain(|id, _| !members.contains(id.as_str()));
+        for n in nodes.iter().filter(|n| idle_in_service(n)) {
+            if !members.contains(n.id.as_str()) {
+                missing.entry(n.id.clone()).or_insert(now);
+            }
+        }
+    }
+    for n in nodes.iter_mut() {
+        n.missing_since = missing.get(&n.id).copied();
     }
 }
 

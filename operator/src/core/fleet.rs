@@ -26,6 +26,11 @@ pub const REFRESH_NOTE: &str = "instance refresh:";
 /// see `runtime::inventory`); meanwhile the node gets no new task.
 pub const STOPPED_BELIEVED_AFTER: chrono::Duration = chrono::Duration::seconds(10);
 
+/// How long an in-service node must be missing from the target group
+/// before it is registered again: longer than EC2's listing lags behind a
+/// tag write (see `Memory::missing_from_group`).
+pub const MISSING_BELIEVED_AFTER: chrono::Duration = chrono::Duration::seconds(10);
+
 use chrono::{DateTime, Utc};
 use hangar_cloud::{InstanceState, Phase};
 use hangar_crds::{Rollout, ScaleInPolicy, SelfHealing};
@@ -62,6 +67,9 @@ pub enum Task {
     /// Take a warm node into service: start it, re-run the runbook, ship
     /// the target release if it lacks it, health-check, register.
     Serve,
+    /// Put an in-service node the target group no longer lists (someone
+    /// deregistered it behind hangar's back) back: health-check, register.
+    Rejoin,
 }
 
 impl Task {
@@ -75,6 +83,7 @@ impl Task {
             Task::Once { .. } => "once",
             Task::Warm { .. } => "warm",
             Task::Serve => "serve",
+            Task::Rejoin => "rejoin",
         }
     }
 }
@@ -112,6 +121,10 @@ pub struct Node {
     /// Since when the listing shows it `stopped` though hangar did not stop
     /// it (see [`STOPPED_BELIEVED_AFTER`]); `None`: not doubted.
     pub stopped_since: Option<DateTime<Utc>>,
+    /// Tagged in service, yet missing from the target group since then
+    /// (see `Memory::missing_from_group`): it carries no traffic, whatever
+    /// its tags say.
+    pub missing_since: Option<DateTime<Utc>>,
 }
 
 impl Node {
@@ -129,6 +142,11 @@ impl Node {
         self.stopped_since
             .map(|since| now - since)
             .filter(|listed_for| *listed_for < STOPPED_BELIEVED_AFTER)
+    }
+
+    /// In service and in the target group: what carries traffic.
+    fn serves(&self) -> bool {
+        self.phase == Phase::InService && self.missing_since.is_none()
     }
 
     fn is_gone(&self) -> bool {
@@ -291,6 +309,7 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
     warm_pool::tend(&mut out, &staying, &pool, &served, room, t);
     out.emergency_rollback(&rollout, &chosen, t);
     out.rolling_update(&staying, &rollout, &chosen, t);
+    out.rejoin(&staying, &chosen, t);
     // Every other node that is not yet in service keeps walking (up to
     // `releasing` only, while the release is held).
     let mut held = 0;
@@ -420,11 +439,7 @@ impl Diff {
             .filter(|n| !n.protected)
             .filter_map(|n| n.stale(t).map(|why| (*n, why)))
             .collect();
-        let mut in_service = live
-            .iter()
-            .filter(staying)
-            .filter(|n| n.phase == Phase::InService)
-            .count() as u32;
+        let mut in_service = live.iter().filter(staying).filter(|n| n.serves()).count() as u32;
         let mut serving_stale: Vec<(&'n Node, &'static str)> = Vec::new();
         for (n, why) in stale {
             if n.phase == Phase::InService {
@@ -457,6 +472,35 @@ impl Diff {
                 "{REFRESH_NOTE} {fresh} of {} replaced, surge first",
                 fresh + self.stale
             ));
+        }
+    }
+
+    /// In-service nodes missing from the target group go back into it,
+    /// health-checked first, once that lasted [`MISSING_BELIEVED_AFTER`];
+    /// the rollout and the refresh do not count them as serving meanwhile.
+    fn rejoin(&mut self, staying: &[&Node], chosen: &BTreeSet<&str>, t: &Target<'_>) {
+        for n in staying {
+            let Some(since) = n.missing_since else {
+                continue;
+            };
+            if n.phase != Phase::InService || n.task.is_some() || chosen.contains(n.id.as_str()) {
+                continue;
+            }
+            let missing_for = t.now - since;
+            if missing_for < MISSING_BELIEVED_AFTER {
+                self.notes.push(format!(
+                    "{} is tagged in service but the target group has not listed it for {}s: registered again if that lasts {}s",
+                    n.id,
+                    missing_for.num_seconds(),
+                    MISSING_BELIEVED_AFTER.num_seconds()
+                ));
+                continue;
+            }
+            self.notes.push(format!(
+                "{} is tagged in service but the target group does not list it: registering it again after its health check",
+                n.id
+            ));
+            self.start(n, Task::Rejoin);
         }
     }
 
@@ -638,7 +682,7 @@ impl Diff {
         let available = rollout
             .serving
             .iter()
-            .filter(|n| n.task.is_none() && !chosen.contains(n.id.as_str()))
+            .filter(|n| n.serves() && n.task.is_none() && !chosen.contains(n.id.as_str()))
             .count() as u32;
         let min_available = t.desired.saturating_sub(t.rollout.max_unavailable);
         let in_flight_cap =
@@ -648,7 +692,7 @@ impl Diff {
             .outdated
             .iter()
             .copied()
-            .filter(|n| n.task.is_none() && !chosen.contains(n.id.as_str()))
+            .filter(|n| n.serves() && n.task.is_none() && !chosen.contains(n.id.as_str()))
             .collect();
         candidates.sort_by_key(|n| (n.launched_at, n.id.clone()));
         for n in candidates.into_iter().take(budget as usize) {

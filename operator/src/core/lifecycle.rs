@@ -141,6 +141,9 @@ pub fn steps(task: &Task, phase: Phase, facts: NodeFacts) -> Vec<Step> {
         Task::Once { .. } => vec![AwaitReachable, Ship, RunOnce],
         Task::Warm { stop } => to_pool(phase, facts, *stop),
         Task::Serve => from_pool(phase, facts),
+        // Its tags stay `in-service` throughout: a crash anywhere leaves a
+        // node the next read of the target group finds missing again.
+        Task::Rejoin => vec![HealthCheck, Register],
         Task::Drain { .. } => match phase {
             Phase::Terminating => vec![Terminate],
             // Never registered (or deregistered before it was pooled), and
@@ -353,6 +356,12 @@ fn from_pool(phase: Phase, facts: NodeFacts) -> Vec<Step> {
 mod tests {
     use super::*;
     use Step::*;
+
+    #[test]
+    fn a_node_back_into_the_target_group_is_health_checked_first_and_keeps_its_tags() {
+        let s = steps(&Task::Rejoin, Phase::InService, FRESH);
+        assert_eq!(s, [HealthCheck, Register]);
+    }
 
     #[test]
     fn a_node_resumed_before_verifying_first_checks_whether_it_serves_already() {

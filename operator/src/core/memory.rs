@@ -61,6 +61,14 @@ pub struct Memory {
     /// EC2's listing may show a start seconds late.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub listed_stopped: BTreeMap<String, DateTime<Utc>>,
+    /// In-service nodes a read of the target group did not list, since the
+    /// first read that found them missing (id → when). They stop counting
+    /// as serving at once, and are registered again once that lasted
+    /// [`crate::core::fleet::MISSING_BELIEVED_AFTER`]: a restarted
+    /// operator's listing may still show `in-service` for a node an update
+    /// had taken out, and shows the truth within seconds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub missing_from_group: BTreeMap<String, DateTime<Utc>>,
     /// Launches wait until then after repeated node failures.
     pub launch_backoff_until: Option<DateTime<Utc>>,
     /// The launch settings (`hangar:launch` stamp) the failures in a row
@@ -121,6 +129,7 @@ impl Memory {
             node_retries,
             retry_after,
             listed_stopped,
+            missing_from_group,
             launch_backoff_until,
             failing_launch,
             launches,
@@ -146,6 +155,7 @@ impl Memory {
             && *node_retries == other.node_retries
             && *retry_after == other.retry_after
             && *listed_stopped == other.listed_stopped
+            && *missing_from_group == other.missing_from_group
             && *launch_backoff_until == other.launch_backoff_until
             && *failing_launch == other.failing_launch
             && *launches == other.launches
@@ -168,6 +178,7 @@ impl Memory {
             node_retries,
             retry_after,
             listed_stopped,
+            missing_from_group,
             launch_backoff_until,
             failing_launch,
             launches,
@@ -188,6 +199,7 @@ impl Memory {
             node_retries: node_retries.clone(),
             retry_after: retry_after.clone(),
             listed_stopped: listed_stopped.clone(),
+            missing_from_group: missing_from_group.clone(),
             launch_backoff_until: *launch_backoff_until,
             failing_launch: failing_launch.clone(),
             launches: launches.clone(),

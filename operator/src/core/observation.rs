@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use hangar_cloud::{CloudError, Instance};
+use hangar_cloud::{CloudError, Instance, TargetHealth};
 use hangar_crds::ClusterSpec;
 
 use crate::core::fleet::Task;
@@ -46,6 +46,10 @@ pub struct Observation {
     /// names now (`$Latest`/`$Default` resolved); `None` when it could not
     /// be read this pass — then no node is judged on its launch settings.
     pub launch_version: Option<String>,
+    /// The target group's targets, when this pass read them (the runtime
+    /// does every `target_group_check_interval`, after the listing and the
+    /// running tasks): an in-service node it does not list is put back.
+    pub target_group: Option<Result<Vec<TargetHealth>, String>>,
 }
 
 impl Observation {

@@ -128,6 +128,11 @@ pub async fn run(ctx: NodeContext, instance: Instance, task: Task, handle: TaskH
         Task::Update { release } | Task::Rollback { release } | Task::Once { release } => {
             release.clone()
         }
+        // It keeps what it serves.
+        Task::Rejoin => instance
+            .release
+            .clone()
+            .unwrap_or_else(|| ctx.release.clone()),
         _ => ctx.release.clone(),
     };
     let mut run = NodeRun {
@@ -703,7 +708,11 @@ impl NodeRun {
                 );
                 Ok(())
             }
-            Err(e) if self.release_unproven() => Err(Fail::Release(e.to_string())),
+            // A node that served this release until it was taken out of the
+            // target group says nothing about the release by failing now.
+            Err(e) if self.release_unproven() && self.task != Task::Rejoin => {
+                Err(Fail::Release(e.to_string()))
+            }
             Err(e) => Err(Fail::Node(e.to_string())),
         }
     }

@@ -141,6 +141,7 @@ pub async fn run_with(
 
     let loop_settings = loop_settings.unwrap_or_else(|| LoopSettings {
         secrets_refresh: settings.secrets_refresh_interval.get(),
+        target_group_check: settings.target_group_check_interval.get(),
         ..LoopSettings::new(settings.state_dir.clone(), settings.owner.clone())
     });
     let mut result = Ok(());

@@ -13,10 +13,11 @@ use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
 /// Environment variables read, each the upper-cased key with `HANGAR_`.
-pub const ENV_VARS: [&str; 18] = [
+pub const ENV_VARS: [&str; 19] = [
     "HANGAR_SPECS",
     "HANGAR_SECRETS_REFRESH_INTERVAL",
     "HANGAR_TEMPLATE_VERSION_TTL",
+    "HANGAR_TARGET_GROUP_CHECK_INTERVAL",
     "HANGAR_GIT_POLL_INTERVAL",
     "HANGAR_GIT_SSH_KEY",
     "HANGAR_GIT_KNOWN_HOSTS",
@@ -191,6 +192,10 @@ fn default_template_version_ttl() -> hangar_crds::Duration {
     hangar_crds::Duration::from_secs(60)
 }
 
+fn default_target_group_check() -> hangar_crds::Duration {
+    hangar_crds::Duration::from_secs(30)
+}
+
 fn default_git_poll() -> hangar_crds::Duration {
     hangar_crds::Duration::from_secs(30)
 }
@@ -231,6 +236,11 @@ pub struct Settings {
     /// template version starts an instance refresh within it; default 60s.
     #[serde(default = "default_template_version_ttl")]
     pub template_version_ttl: hangar_crds::Duration,
+    /// How often each cluster's target group is read to find in-service
+    /// nodes it no longer lists (one `DescribeTargetHealth` per cluster);
+    /// default 30s.
+    #[serde(default = "default_target_group_check")]
+    pub target_group_check_interval: hangar_crds::Duration,
     /// Where status, pinned host keys, the artifact cache and the lease live.
     pub state_dir: PathBuf,
     /// Address of the HTTP server (metrics, health, status API).
@@ -254,6 +264,7 @@ struct FileSettings {
     specs: Option<String>,
     secrets_refresh_interval: Option<hangar_crds::Duration>,
     template_version_ttl: Option<hangar_crds::Duration>,
+    target_group_check_interval: Option<hangar_crds::Duration>,
     git_poll_interval: Option<hangar_crds::Duration>,
     git_ssh_key: Option<PathBuf>,
     git_known_hosts: Option<PathBuf>,
@@ -442,6 +453,11 @@ impl Settings {
                 "template_version_ttl must be at least 1s".into(),
             ));
         }
+        if self.target_group_check_interval.get() < std::time::Duration::from_secs(1) {
+            return Err(SettingsError::Invalid(
+                "target_group_check_interval must be at least 1s".into(),
+            ));
+        }
         if self.git.git_poll_interval.get() < std::time::Duration::from_secs(1) {
             return Err(SettingsError::Invalid(
                 "git_poll_interval must be at least 1s".into(),
@@ -492,6 +508,28 @@ mod tests {
         assert_eq!(s.listen.to_string(), "127.0.0.1:9090");
         assert_eq!(s.owner, "hangar");
         assert_eq!(s.concurrency, 8);
+        assert_eq!(s.target_group_check_interval.get().as_secs(), 30);
+    }
+
+    #[test]
+    fn the_target_group_check_interval_is_read_and_a_sub_second_one_refused() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[("HANGAR_TARGET_GROUP_CHECK_INTERVAL", "2s")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(s.target_group_check_interval.get().as_secs(), 2);
+        let err = Settings::load_with_env(
+            None,
+            env(&[("HANGAR_TARGET_GROUP_CHECK_INTERVAL", "100ms")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("target_group_check_interval"),
+            "{err}"
+        );
     }
 
     #[test]

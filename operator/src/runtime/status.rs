@@ -124,6 +124,7 @@ impl ClusterStatus {
         m.node_retries.retain(|id, _| alive(id));
         m.retry_after.retain(|id, _| alive(id));
         m.listed_stopped.retain(|id, _| alive(id));
+        m.missing_from_group.retain(|id, _| alive(id));
         let mut phases: BTreeMap<String, u32> = BTreeMap::new();
         for i in &live {
             *phases.entry(phase_label(i)).or_default() += 1;

@@ -141,7 +141,22 @@ impl Observation {
             unhealthy: HashMap::new(),
             failures: Vec::new(),
             launch_version: Some("1".into()),
+            target_group: None,
         }
+    }
+
+    /// The target group, read this pass, lists these nodes (healthy).
+    pub fn target_group(mut self, members: &[&str]) -> Self {
+        self.target_group = Some(Ok(members
+            .iter()
+            .map(|id| hangar_cloud::TargetHealth {
+                id: (*id).into(),
+                port: None,
+                state: hangar_cloud::TargetState::Healthy,
+                reason: None,
+            })
+            .collect()));
+        self
     }
 
     pub fn with_spec(mut self, spec: ClusterSpec) -> Self {
@@ -276,6 +291,9 @@ pub struct Sim {
     /// The version the spec's launch template version names now
     /// (`None`: it could not be read).
     pub template_version: Option<String>,
+    /// The target group's members, read every pass when set (`None`: not
+    /// read, as between the runtime's checks).
+    pub target_group: Option<Vec<String>>,
 }
 
 impl Sim {
@@ -299,6 +317,7 @@ impl Sim {
             decisions: Vec::new(),
             launched: Vec::new(),
             template_version: Some("1".into()),
+            target_group: None,
         }
     }
 
@@ -336,6 +355,9 @@ impl Sim {
         obs.failures = self.failures.clone();
         obs.unhealthy = self.unhealthy.clone();
         obs.launch_version = self.template_version.clone();
+        if let Some(members) = &self.target_group {
+            obs = obs.target_group(&members.iter().map(String::as_str).collect::<Vec<_>>());
+        }
         let reads = super::reads(&obs, &self.memory);
         if reads.traffic {
             if let Some(rate) = self.traffic {
@@ -462,6 +484,7 @@ impl Sim {
                             .state(state)
                     }
                     Task::Serve => moved.serving(&target).state(InstanceState::Running),
+                    Task::Rejoin => moved,
                 };
             }
         }

@@ -1426,3 +1426,135 @@ fn a_restarted_operator_whose_listing_still_shows_a_served_warm_node_stopped_lea
     sim.wait(fleet::STOPPED_BELIEVED_AFTER.num_seconds());
     assert_eq!(drains(sim.pass()), [pooled]);
 }
+
+/// The ids of the nodes serving now, oldest first.
+fn serving_ids(sim: &Sim) -> Vec<String> {
+    let mut ids: Vec<String> = sim.serving().iter().map(|i| i.id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn a_serving_node_taken_out_of_the_target_group_behind_hangars_back_is_registered_again() {
+    let mut sim = settled_fleet(with_min(2));
+    let ids = serving_ids(&sim);
+    // Someone deregistered the first node: the group lists only the second.
+    sim.target_group = Some(vec![ids[1].clone()]);
+    let d = sim.pass();
+    assert!(
+        starts(d).is_empty(),
+        "not at the first read: {:?}",
+        d.diff.actions
+    );
+    assert!(
+        d.diff.notes.iter().any(|n| n.starts_with(&format!(
+            "{} is tagged in service but the target group has not listed it for 0s",
+            ids[0]
+        ))),
+        "{:?}",
+        d.diff.notes
+    );
+    sim.wait(10);
+    let d = sim.pass();
+    assert_eq!(starts(d), [(ids[0].clone(), "rejoin")]);
+    assert!(launches(d).is_empty(), "no new machine for it");
+    // While its task runs, nothing else is started for it.
+    assert!(starts(sim.pass()).is_empty());
+    sim.finish_all("rejoin", Outcome::Done);
+    sim.target_group = Some(ids.clone());
+    let d = sim.pass();
+    assert!(starts(d).is_empty(), "{:?}", d.diff.actions);
+    assert!(d.memory.missing_from_group.is_empty());
+    assert_eq!(serving_ids(&sim), ids, "the same machines serve");
+}
+
+#[test]
+fn a_node_that_fails_its_health_check_on_the_way_back_is_replaced() {
+    let mut sim = settled_fleet(with_min(2));
+    let ids = serving_ids(&sim);
+    sim.target_group = Some(vec![ids[1].clone()]);
+    sim.pass();
+    sim.wait(10);
+    sim.pass();
+    sim.finish_all(
+        "rejoin",
+        Outcome::NodeFailed("health check: connection refused".into()),
+    );
+    let d = sim.pass();
+    assert_eq!(starts(d), [(ids[0].clone(), "drain")]);
+    assert_eq!(launches(d).len(), 1, "{:?}", d.diff.actions);
+}
+
+#[test]
+fn only_an_idle_in_service_node_missing_from_a_group_read_is_rejoined() {
+    // Never read: nothing is known to be missing.
+    let mut sim = settled_fleet(with_min(2));
+    let ids = serving_ids(&sim);
+    sim.wait(10);
+    assert!(starts(sim.pass()).is_empty());
+    // A node with a task of its own (here an update, which deregisters it
+    // on purpose) is that task's business.
+    sim.running.insert(
+        ids[0].clone(),
+        Task::Update {
+            release: "v1".into(),
+        },
+    );
+    sim.target_group = Some(Vec::new());
+    sim.pass();
+    sim.wait(10);
+    let d = sim.pass();
+    assert_eq!(starts(d), [(ids[1].clone(), "rejoin")]);
+}
+
+#[test]
+fn a_node_missing_from_the_group_whose_listing_then_shows_an_earlier_phase_is_not_rejoined() {
+    // A restarted operator's listing still shows `in-service` for a node an
+    // update had taken out and tagged `releasing` before the crash.
+    let mut sim = settled_fleet(with_min(2));
+    let ids = serving_ids(&sim);
+    sim.target_group = Some(vec![ids[1].clone()]);
+    sim.pass();
+    // Seconds later the listing shows the truth.
+    if let Some(i) = sim.cloud.iter_mut().find(|i| i.id == ids[0]) {
+        *i = i.clone().phase(Phase::Releasing);
+    }
+    sim.wait(10);
+    let d = sim.pass();
+    assert_eq!(
+        starts(d),
+        [(ids[0].clone(), "advance")],
+        "the usual path from releasing, which asks the group itself: {:?}",
+        d.diff.actions
+    );
+    assert!(d.memory.missing_from_group.is_empty());
+}
+
+#[test]
+fn a_rollout_counts_a_node_missing_from_the_target_group_as_unavailable() {
+    let mut sim = settled_fleet(with_min(2));
+    let ids = serving_ids(&sim);
+    sim.target_group = Some(vec![ids[1].clone()]);
+    sim.spec = with_release(with_min(2), "v2");
+    let d = sim.pass();
+    // maxUnavailable 1, and one node is out already: updating the other
+    // would leave the load balancer nothing to route to.
+    assert!(starts(d).is_empty(), "{:?}", d.diff.actions);
+    sim.wait(10);
+    let d = sim.pass();
+    assert_eq!(
+        starts(d),
+        [(ids[0].clone(), "rejoin")],
+        "{:?}",
+        d.diff.actions
+    );
+    sim.finish_all("rejoin", Outcome::Done);
+    sim.target_group = Some(ids.clone());
+    let d = sim.pass();
+    assert_eq!(
+        starts(d).iter().filter(|(_, t)| *t == "update").count(),
+        1,
+        "back in: the rollout goes on, one at a time: {:?}",
+        d.diff.actions
+    );
+}

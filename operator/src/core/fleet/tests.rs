@@ -31,6 +31,7 @@ fn node(id: &str, phase: Phase, release: &str, minutes_old: i64) -> Node {
         retire: None,
         launch: Some("ls1".into()),
         stopped_since: None,
+        missing_since: None,
     }
 }
 
@@ -432,6 +433,7 @@ fn arb_node() -> impl Strategy<Value = Node> {
             retire: None,
             launch: None,
             stopped_since: None,
+            missing_since: None,
         })
 }
 

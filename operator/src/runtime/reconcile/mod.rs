@@ -71,6 +71,9 @@ pub struct LoopSettings {
     /// How long read secrets (`provision.secretsFrom`) are used before
     /// they are read again.
     pub secrets_refresh: Duration,
+    /// How often a cluster's target group is read for in-service nodes it
+    /// does not list.
+    pub target_group_check: Duration,
 }
 
 impl LoopSettings {
@@ -82,6 +85,7 @@ impl LoopSettings {
             state_dir,
             owner,
             secrets_refresh: crate::runtime::secrets::TTL,
+            target_group_check: Duration::from_secs(30),
         }
     }
 }
@@ -106,6 +110,8 @@ pub struct Operator {
     failures: Mutex<HashMap<String, Vec<ActionFailure>>>,
     /// `provision.secretsFrom`, read at most once a minute per cluster.
     secrets: crate::runtime::secrets::SecretCache,
+    /// When each cluster's target group was last read (`observe`).
+    target_group_read_at: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// How stale a status file may get while only readings change (the
@@ -162,6 +168,7 @@ impl Operator {
             probes: Probes::default(),
             persisted_at: Mutex::default(),
             failures: Mutex::default(),
+            target_group_read_at: Mutex::default(),
         }
     }
 
@@ -410,7 +417,9 @@ impl Operator {
         let busy = acted
             || !running.is_empty()
             || status.memory.release.outdated > 0
-            || decision.diff.counted != status.memory.desired;
+            || decision.diff.counted != status.memory.desired
+            // Looked at again soon: registered again once it lasted.
+            || !status.memory.missing_from_group.is_empty();
         self.save_status(before.as_ref(), status);
         let mut next = if acted_on.launch_failed {
             LAUNCH_FAILED_REQUEUE

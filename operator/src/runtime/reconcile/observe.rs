@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use hangar_cloud::{Cloud, Instance};
@@ -14,6 +15,20 @@ use crate::core::observation::ErrorCounts;
 use crate::core::{Memory, Observation};
 use crate::effects::traffic;
 use crate::runtime::specs::ClusterSpecEntry;
+
+/// Target group reads of all clusters together stay under this rate: 5 %
+/// of ELB's 10/s refill (BENCHMARKS.md §2). At 1,000 clusters each group
+/// is read every ~33 minutes; at 15 or fewer, every
+/// `target_group_check_interval`.
+const TARGET_GROUP_READS_PER_SEC: f64 = 0.5;
+
+/// Where in its interval a cluster's reads fall, in `[0, 1)`, from its name.
+fn spread(cluster: &str) -> f64 {
+    let h = cluster.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (h % 1024) as f64 / 1024.0
+}
 
 /// Whether the pass will act on what it observes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,8 +67,43 @@ impl Operator {
             }
         };
         obs.unhealthy = self.probes.unhealthy(entry.name());
+        self.read_target_group(&mut obs, cloud, mode).await;
         self.read_metrics(&mut obs, cloud, memory).await;
         Ok(obs)
+    }
+
+    /// The cluster's target group, when due (`hangar plan` always reads
+    /// it). Read after the listing and the running tasks: a node listed in
+    /// service with no task was registered before this read began.
+    async fn read_target_group(&self, obs: &mut Observation, cloud: &Cloud, mode: Mode) {
+        let now = Instant::now();
+        if mode == Mode::Live {
+            let clusters = self.specs().clusters.len().max(1) as f64;
+            let every = self
+                .settings
+                .target_group_check
+                .max(Duration::from_secs_f64(
+                    clusters / TARGET_GROUP_READS_PER_SEC,
+                ));
+            let mut read_at = lock(&self.target_group_read_at);
+            // A cluster seen first is read within one interval, at a point
+            // of it set by its name: a restarted operator does not read
+            // every group at once.
+            let last = *read_at.entry(obs.cluster.clone()).or_insert_with(|| {
+                now.checked_sub(every.mul_f64(spread(&obs.cluster)))
+                    .unwrap_or(now)
+            });
+            if now.duration_since(last) < every {
+                return;
+            }
+            read_at.insert(obs.cluster.clone(), now);
+        }
+        let arn = &obs.spec.load_balancer.target_group_arn;
+        let read = cloud.load_balancer.target_health(arn).await;
+        if let Err(error) = &read {
+            tracing::warn!(cluster = %obs.cluster, %error, "cannot read the target group; its members are checked at the next interval");
+        }
+        obs.target_group = Some(read.map_err(|e| e.to_string()));
     }
 
     /// A removed cluster's pass reads only its nodes and tasks.
@@ -102,6 +152,7 @@ impl Operator {
             unhealthy: HashMap::new(),
             failures,
             launch_version: None,
+            target_group: None,
         })
     }
 
