@@ -163,13 +163,30 @@ impl LocalCloud {
         instance_id: &str,
         timeout: Duration,
     ) -> Result<NodeView, LocalCloudError> {
-        eventually(timeout, &format!("ssh to {instance_id}"), || {
+        // Why the last attempt failed, for the timeout's message: a machine
+        // whose sshd answers but refuses the login must say how.
+        let mut last = String::from("no attempt");
+        let result = eventually(timeout, &format!("ssh to {instance_id}"), || {
             let view = self.node(instance_id)?;
-            let ok = self
-                .ssh(instance_id, machine::DEPLOY_USER, "true")
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            ok.then_some(view)
+            match self.ssh(instance_id, machine::DEPLOY_USER, "true") {
+                Ok(o) if o.status.success() => return Some(view),
+                Ok(o) => {
+                    last = format!(
+                        "{}: {}",
+                        o.status,
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    )
+                }
+                Err(e) => last = e.to_string(),
+            }
+            None
+        });
+        result.map_err(|e| match e {
+            LocalCloudError::Timeout { what, waited } => LocalCloudError::Timeout {
+                what: format!("{what} (last attempt: {last})"),
+                waited,
+            },
+            other => other,
         })
     }
 
