@@ -43,6 +43,13 @@ pub enum RunError {
     Settings(#[from] crate::runtime::settings::SettingsError),
     #[error("git spec source: {0}")]
     Git(#[from] crate::effects::git::GitError),
+    /// The git sync task is gone (it ends only by a panic): no commit can
+    /// come any more, so the process exits for its supervisor to restart it
+    /// rather than reconcile the last commit forever.
+    #[error("git spec source: the sync task ended; no new commit can be taken")]
+    GitFeedEnded,
+    #[error("the task following the specs panicked; no new spec can be taken")]
+    SpecsUnfollowed,
     #[error("webhook secret: {0}")]
     WebhookSecret(String),
     #[error("HTTP server on {addr}: {source}")]
@@ -264,19 +271,18 @@ async fn serve_term(
             // fetched): no spec set is not "every spec was deleted" — that
             // would mark every known cluster removed, and drain those with
             // `deletionPolicy: delete`. Nothing is reconciled until one is.
-            let mut applied = git.applied.clone();
-            if applied.borrow().is_none() {
+            if git.applied.borrow().is_none() {
                 tracing::info!(specs = %settings.specs_display(), "waiting for the first commit of the git source");
             }
-            let first = tokio::select! {
-                _ = stop.cancelled() => None,
-                got = applied.wait_for(Option::is_some) => got.ok().and_then(|a| a.clone()),
-            };
-            match first {
-                Some(a) => (*a.specs).clone(),
-                None => {
+            match git.first_commit(&stop).await {
+                Ok(Some(a)) => (*a.specs).clone(),
+                Ok(None) => {
                     ends.abort();
                     return Ok(());
+                }
+                Err(e) => {
+                    ends.abort();
+                    return Err(e);
                 }
             }
         }
@@ -305,14 +311,18 @@ async fn serve_term(
                         source,
                     },
                 )?);
-                tokio::spawn(follow_specs(
+                let follow = follow_specs(
                     dir.clone(),
                     operator.clone(),
                     triggers.clone(),
                     changed_rx,
                     resync,
                     stop.clone(),
-                ))
+                );
+                tokio::spawn(async move {
+                    follow.await;
+                    Ok(())
+                })
             }
             Feed::Git(git) => tokio::spawn(follow_commits(
                 git.applied.clone(),
@@ -340,9 +350,13 @@ async fn serve_term(
     tracing::info!("stopping: waiting for node tasks to reach a safe point");
     operator.shutdown().await;
     stop.cancel();
-    let _ = specs_task.await;
+    let followed = specs_task.await;
     let _ = ends.await;
-    Ok(())
+    match followed {
+        Ok(result) => result,
+        // A panic there leaves nothing to follow the specs with.
+        Err(_) => Err(RunError::SpecsUnfollowed),
+    }
 }
 
 /// Keeps `/api/v1/leader`, `/readyz` and the `hangar_leader` metrics in
@@ -411,21 +425,22 @@ async fn follow_specs(
 }
 
 /// Takes each commit the git source publishes, and triggers every cluster
-/// on the resync tick.
+/// on the resync tick. If the git sync ends while the term goes on, the
+/// term is stopped (`shutdown` is the term's token) with an error.
 async fn follow_commits(
     mut applied: watch::Receiver<Option<Applied>>,
     operator: Arc<Operator>,
     triggers: TriggerSender,
     resync: Duration,
     shutdown: CancellationToken,
-) {
+) -> Result<(), RunError> {
     let mut tick = tokio::time::interval(resync);
     tick.tick().await;
     // A commit published before this term began is taken now.
     applied.mark_changed();
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {
                 for key in operator.keys() {
                     triggers.now(key);
@@ -433,7 +448,14 @@ async fn follow_commits(
             }
             got = applied.changed() => {
                 if got.is_err() {
-                    return;
+                    // The sync also ends on a process shutdown, which
+                    // has cancelled this term's token already.
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    tracing::error!("the git sync task ended; stopping the term");
+                    shutdown.cancel();
+                    return Err(RunError::GitFeedEnded);
                 }
                 let set = applied.borrow_and_update().as_ref().map(|a| (*a.specs).clone());
                 if let Some(set) = set {
@@ -458,6 +480,23 @@ enum Feed {
 struct GitFeed {
     applied: watch::Receiver<Option<Applied>>,
     kick: Arc<Notify>,
+}
+
+impl GitFeed {
+    /// The newest commit, once there is one; `None` if `stop` fires first.
+    /// An error if the sync ended without one: returning to wait for the
+    /// next term would find the same lease and spin.
+    async fn first_commit(&self, stop: &CancellationToken) -> Result<Option<Applied>, RunError> {
+        let mut applied = self.applied.clone();
+        tokio::select! {
+            _ = stop.cancelled() => Ok(None),
+            got = applied.wait_for(Option::is_some) => match got {
+                Ok(a) => Ok(a.clone()),
+                Err(_) if stop.is_cancelled() => Ok(None),
+                Err(_) => Err(RunError::GitFeedEnded),
+            },
+        }
+    }
 }
 
 async fn start_git_sync(
@@ -521,5 +560,104 @@ fn reload(dir: &Path, operator: &Operator, triggers: &TriggerSender) {
         // A directory that vanished is not a reason to forget the fleet:
         // keep the last good view and say so.
         Err(e) => tracing::error!(error = %e, "cannot reload specs; keeping the last good set"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::controller::TriggerSender;
+    use crate::runtime::http::Board;
+
+    fn operator(state_dir: &Path) -> Arc<Operator> {
+        let (triggers, _rx) = TriggerSender::channel();
+        Arc::new(Operator::new(
+            LoopSettings::new(state_dir.to_path_buf(), "test".into()),
+            crate::runtime::clouds::aws("test", state_dir),
+            StatusStore::read_only(state_dir),
+            Arc::new(Board::default()),
+            Telemetry::new(),
+            triggers,
+        ))
+    }
+
+    /// The git sync ends only by a panic. A term that kept running on the
+    /// last commit would never see another one, so it stops with an error
+    /// and the process exits for its supervisor to restart it.
+    #[tokio::test]
+    async fn a_term_following_commits_stops_when_the_git_sync_is_gone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (tx, applied) = watch::channel(None);
+        let (triggers, _rx) = TriggerSender::channel();
+        let stop = CancellationToken::new();
+        let follow = tokio::spawn(follow_commits(
+            applied,
+            operator(dir.path()),
+            triggers,
+            Duration::from_secs(60),
+            stop.clone(),
+        ));
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(5), stop.cancelled())
+            .await
+            .expect("the term is stopped when the git feed ends");
+        let ended = follow.await.expect("follow_commits did not panic");
+        assert!(
+            matches!(ended, Err(RunError::GitFeedEnded)),
+            "follow_commits ends with an error, got {ended:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_process_shutdown_that_ends_the_git_sync_is_no_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (tx, applied) = watch::channel(None);
+        let (triggers, _rx) = TriggerSender::channel();
+        let stop = CancellationToken::new();
+        let follow = tokio::spawn(follow_commits(
+            applied,
+            operator(dir.path()),
+            triggers,
+            Duration::from_secs(60),
+            stop.clone(),
+        ));
+        stop.cancel();
+        drop(tx);
+        let ended = follow.await.expect("follow_commits did not panic");
+        assert!(ended.is_ok(), "a shutdown is a clean end, got {ended:?}");
+    }
+
+    fn feed() -> (watch::Sender<Option<Applied>>, GitFeed) {
+        let (tx, applied) = watch::channel(None);
+        let feed = GitFeed {
+            applied,
+            kick: Arc::new(Notify::new()),
+        };
+        (tx, feed)
+    }
+
+    /// Before this was an error, a term waiting for a first commit that
+    /// could not come returned as if stopped, and the leader started the
+    /// same term again at once, for ever.
+    #[tokio::test]
+    async fn a_term_waiting_for_a_first_commit_fails_when_the_git_sync_is_gone() {
+        let (tx, feed) = feed();
+        drop(tx);
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            feed.first_commit(&CancellationToken::new()),
+        )
+        .await
+        .expect("the wait ends");
+        assert!(matches!(got, Err(RunError::GitFeedEnded)), "got {got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_term_waits_for_no_first_commit() {
+        let (_tx, feed) = feed();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let got = feed.first_commit(&stop).await;
+        assert!(matches!(got, Ok(None)), "got {got:?}");
     }
 }
