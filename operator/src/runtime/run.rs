@@ -7,10 +7,13 @@
 //! from the instance tags, every node continued from its phase) until the
 //! term ends — the lease lost, or a stop. Then it is a standby again.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use hangar_cloud::lease::{LeaseStore, StateStore};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +53,15 @@ pub enum RunError {
     GitFeedEnded,
     #[error("the task following the specs panicked; no new spec can be taken")]
     SpecsUnfollowed,
+    /// notify's watcher thread is gone: no edit of the directory would be
+    /// seen any more.
+    #[error("watching {dir}: the watcher stopped; no new spec can be taken")]
+    WatcherGone { dir: String },
+    /// The task that keeps the lease is gone: this process could never
+    /// lead again, so it exits for its supervisor rather than idle as a
+    /// standby for ever.
+    #[error("the lease elector stopped; this process can no longer lead")]
+    ElectorEnded,
     #[error("webhook secret: {0}")]
     WebhookSecret(String),
     #[error("HTTP server on {addr}: {source}")]
@@ -139,11 +151,12 @@ pub async fn run_with(
             owner = %settings.owner,
             "standby: waiting for the lease"
         );
-        tokio::spawn(elector::run(
+        spawn_elector(
             leadership.clone(),
             ha.lease.clone(),
             elector_stop.clone(),
-        ))
+            shutdown.clone(),
+        )
     });
 
     let loop_settings = loop_settings.unwrap_or_else(|| LoopSettings {
@@ -178,7 +191,9 @@ pub async fn run_with(
 
     elector_stop.cancel();
     if let Some(t) = elector_task {
-        let _ = t.await;
+        if let Ok(Err(e)) = t.await {
+            result = result.and(Err(e));
+        }
     }
     if let Some(ha) = &ha {
         // A graceful stop hands over at once instead of after a lease.
@@ -189,6 +204,32 @@ pub async fn run_with(
     let _ = shows.await;
     tracing::info!("stopped");
     result
+}
+
+/// Runs the lease elector until `stop`. If it ends before (a panic), the
+/// leader's term still ends at its deadline — every action asks the
+/// lease — but nothing would renew or win the lease again: `shutdown` is
+/// fired so the process stops, and the task returns an error.
+fn spawn_elector(
+    leadership: Leadership,
+    lease: Arc<dyn LeaseStore>,
+    stop: CancellationToken,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), RunError>> {
+    tokio::spawn(async move {
+        let ran = AssertUnwindSafe(elector::run(leadership, lease, stop.clone()))
+            .catch_unwind()
+            .await;
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        tracing::error!(
+            panicked = ran.is_err(),
+            "the lease elector stopped; stopping"
+        );
+        shutdown.cancel();
+        Err(RunError::ElectorEnded)
+    })
 }
 
 /// One term: a fresh operator acting until the term ends or `shutdown`.
@@ -311,26 +352,28 @@ async fn serve_term(
                         source,
                     },
                 )?);
-                let follow = follow_specs(
-                    dir.clone(),
+                spawn_follower(
+                    follow_specs(
+                        dir.clone(),
+                        operator.clone(),
+                        triggers.clone(),
+                        changed_rx,
+                        resync,
+                        stop.clone(),
+                    ),
+                    stop.clone(),
+                )
+            }
+            Feed::Git(git) => spawn_follower(
+                follow_commits(
+                    git.applied.clone(),
                     operator.clone(),
                     triggers.clone(),
-                    changed_rx,
                     resync,
                     stop.clone(),
-                );
-                tokio::spawn(async move {
-                    follow.await;
-                    Ok(())
-                })
-            }
-            Feed::Git(git) => tokio::spawn(follow_commits(
-                git.applied.clone(),
-                operator.clone(),
-                triggers.clone(),
-                resync,
+                ),
                 stop.clone(),
-            )),
+            ),
         };
 
     board.set_ready(true);
@@ -352,11 +395,26 @@ async fn serve_term(
     stop.cancel();
     let followed = specs_task.await;
     let _ = ends.await;
-    match followed {
-        Ok(result) => result,
-        // A panic there leaves nothing to follow the specs with.
-        Err(_) => Err(RunError::SpecsUnfollowed),
-    }
+    followed.unwrap_or(Err(RunError::SpecsUnfollowed))
+}
+
+/// Runs the task that follows the specs. A panic there stops the term
+/// with an error, as its other ends do: a leader must not go on
+/// reconciling specs that nobody follows any more.
+fn spawn_follower(
+    follow: impl Future<Output = Result<(), RunError>> + Send + 'static,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), RunError>> {
+    tokio::spawn(async move {
+        match AssertUnwindSafe(follow).catch_unwind().await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::error!("the task following the specs panicked; stopping the term");
+                stop.cancel();
+                Err(RunError::SpecsUnfollowed)
+            }
+        }
+    })
 }
 
 /// Keeps `/api/v1/leader`, `/readyz` and the `hangar_leader` metrics in
@@ -390,7 +448,9 @@ async fn show_leadership(
 }
 
 /// Reloads specs when the directory changes (debounced) and on every resync
-/// tick, and triggers the clusters that need a look.
+/// tick, and triggers the clusters that need a look. If the watcher goes
+/// away while the term goes on, the term is stopped (`shutdown` is the
+/// term's token) with an error.
 async fn follow_specs(
     dir: std::path::PathBuf,
     operator: Arc<Operator>,
@@ -398,16 +458,21 @@ async fn follow_specs(
     mut changed: mpsc::UnboundedReceiver<()>,
     resync: Duration,
     shutdown: CancellationToken,
-) {
+) -> Result<(), RunError> {
     let mut tick = tokio::time::interval(resync);
     tick.tick().await;
     loop {
         let everything = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => true,
             got = changed.recv() => {
                 if got.is_none() {
-                    return;
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    tracing::error!(dir = %dir.display(), "the spec directory's watcher stopped; stopping the term");
+                    shutdown.cancel();
+                    return Err(RunError::WatcherGone { dir: dir.display().to_string() });
                 }
                 // Editors write files in several steps: wait for quiet.
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -625,6 +690,126 @@ mod tests {
         drop(tx);
         let ended = follow.await.expect("follow_commits did not panic");
         assert!(ended.is_ok(), "a shutdown is a clean end, got {ended:?}");
+    }
+
+    /// notify's watcher thread holds the sender: the channel closes only
+    /// if that thread is gone, and then no edit of the specs is ever seen.
+    #[tokio::test]
+    async fn a_term_following_a_directory_stops_when_its_watcher_is_gone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (changed_tx, changed) = mpsc::unbounded_channel();
+        let (triggers, _rx) = TriggerSender::channel();
+        let stop = CancellationToken::new();
+        let follow = tokio::spawn(follow_specs(
+            dir.path().to_path_buf(),
+            operator(dir.path()),
+            triggers,
+            changed,
+            Duration::from_secs(60),
+            stop.clone(),
+        ));
+        drop(changed_tx);
+        tokio::time::timeout(Duration::from_secs(5), stop.cancelled())
+            .await
+            .expect("the term is stopped when the watcher is gone");
+        let ended = follow.await.expect("follow_specs did not panic");
+        assert!(
+            matches!(ended, Err(RunError::WatcherGone { .. })),
+            "follow_specs ends with an error, got {ended:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_panics_stops_the_term_with_an_error() {
+        let stop = CancellationToken::new();
+        let follower = spawn_follower(
+            async {
+                panic!("a bug in the follower");
+            },
+            stop.clone(),
+        );
+        let ended = follower.await.expect("the panic is caught");
+        assert!(stop.is_cancelled(), "the term is stopped");
+        assert!(
+            matches!(ended, Err(RunError::SpecsUnfollowed)),
+            "got {ended:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_that_closes_the_watcher_is_no_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (changed_tx, changed) = mpsc::unbounded_channel();
+        let (triggers, _rx) = TriggerSender::channel();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        drop(changed_tx);
+        let ended = follow_specs(
+            dir.path().to_path_buf(),
+            operator(dir.path()),
+            triggers,
+            changed,
+            Duration::from_secs(60),
+            stop,
+        )
+        .await;
+        assert!(ended.is_ok(), "a shutdown is a clean end, got {ended:?}");
+    }
+
+    /// A lease store with a bug: every call panics.
+    struct PanickingStore;
+
+    #[async_trait::async_trait]
+    impl LeaseStore for PanickingStore {
+        async fn read(
+            &self,
+        ) -> Result<Option<hangar_cloud::lease::LeaseRecord>, hangar_cloud::CloudError> {
+            panic!("a bug in the lease store")
+        }
+        async fn write(
+            &self,
+            _: &hangar_cloud::lease::LeaseRecord,
+            _: Option<&str>,
+        ) -> Result<(), hangar_cloud::lease::LeaseWriteError> {
+            panic!("a bug in the lease store")
+        }
+        fn describe(&self) -> String {
+            "panicking".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_process_whose_elector_dies_stops_instead_of_idling_as_a_standby() {
+        let leadership =
+            Leadership::distributed("a", crate::core::lease::Timing::default(), "panicking");
+        let (stop, shutdown) = (CancellationToken::new(), CancellationToken::new());
+        let elector = spawn_elector(
+            leadership,
+            Arc::new(PanickingStore),
+            stop.clone(),
+            shutdown.clone(),
+        );
+        tokio::time::timeout(Duration::from_secs(5), shutdown.cancelled())
+            .await
+            .expect("the process is stopped");
+        let ended = elector.await.expect("the panic is caught");
+        assert!(
+            matches!(ended, Err(RunError::ElectorEnded)),
+            "got {ended:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_elector_stopped_on_purpose_stops_nothing_else() {
+        let table = hangar_cloud::lease::memory::MemoryTable::default();
+        let leadership =
+            Leadership::distributed("a", crate::core::lease::Timing::default(), "memory");
+        let (stop, shutdown) = (CancellationToken::new(), CancellationToken::new());
+        let elector = spawn_elector(leadership, Arc::new(table), stop.clone(), shutdown.clone());
+        stop.cancel();
+        let ended = elector.await.expect("no panic");
+        assert!(ended.is_ok(), "got {ended:?}");
+        assert!(!shutdown.is_cancelled());
     }
 
     fn feed() -> (watch::Sender<Option<Applied>>, GitFeed) {
