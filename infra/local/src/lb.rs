@@ -12,9 +12,11 @@
 //!   (moto calls every target healthy at once): `GET <path>` of the target
 //!   group's health check every `HealthCheckIntervalSeconds`, within
 //!   `HealthCheckTimeoutSeconds`, success per the group's matcher. A new or
-//!   re-registered target starts `initial` and gets traffic only after the
-//!   group's `HealthyThresholdCount` consecutive passes; a healthy one turns
-//!   `unhealthy` after `UnhealthyThresholdCount` failures. All of these are
+//!   re-registered target starts `initial` and gets traffic after its first
+//!   pass ("After your target is registered, it must pass one health check
+//!   to be considered healthy"); an `unhealthy` one after the group's
+//!   `HealthyThresholdCount` consecutive passes; one that is not unhealthy
+//!   turns so after `UnhealthyThresholdCount` failures. All of these are
 //!   read from the target group (and re-read when it changes);
 //!   [`HealthCheckOptions`] may override them (tests check every 200 ms,
 //!   which an ALB cannot).
@@ -152,7 +154,8 @@ impl LbOptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Health {
-    /// Registered, not yet passed `healthy_threshold` checks.
+    /// Registered, not yet passed a check (nor failed
+    /// `unhealthy_threshold` of them).
     Initial,
     Healthy,
     Unhealthy,
@@ -979,7 +982,14 @@ impl Lb {
                 t.ok_streak += 1;
                 t.fail_streak = 0;
                 t.last_error = None;
-                if t.health != Health::Healthy && t.ok_streak >= opts.healthy_threshold {
+                // An ALB: "After your target is registered, it must pass one
+                // health check to be considered healthy"; the threshold is
+                // for an unhealthy target.
+                let needed = match t.health {
+                    Health::Initial => 1,
+                    Health::Healthy | Health::Unhealthy => opts.healthy_threshold,
+                };
+                if t.health != Health::Healthy && t.ok_streak >= needed {
                     tracing::info!(target = %key.id, "healthy");
                     t.health = Health::Healthy;
                 }

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -697,8 +697,12 @@ fn a_subnet_without_capacity_refuses_launches_until_lifted() {
 
 // ---- target health and draining -----------------------------------------------
 
+/// The ALB's documented behaviour: "After your target is registered, it
+/// must pass one health check to be considered healthy";
+/// `HealthyThresholdCount` is "the number of consecutive successful health
+/// checks required before considering an *unhealthy* target healthy".
 #[test]
-fn a_registered_target_turns_healthy_only_after_the_groups_threshold() {
+fn a_new_target_is_healthy_at_its_first_passing_check_a_recovering_one_only_after_the_threshold() {
     let cloud = start(LocalCloudOptions::default());
     let rt = test_runtime();
     let elb = elb_as(&cloud, "health");
@@ -710,6 +714,7 @@ fn a_registered_target_turns_healthy_only_after_the_groups_threshold() {
                 elb.modify_target_group()
                     .target_group_arn(arn)
                     .healthy_threshold_count(5)
+                    .unhealthy_threshold_count(2)
                     .send()
                     .await
             }
@@ -719,48 +724,58 @@ fn a_registered_target_turns_healthy_only_after_the_groups_threshold() {
     // The LB knows the target's address once the host manager has its node.
     cloud.wait_for_node(&instance.id, WAIT).unwrap();
     let app = Backend::start(&rt, instance.private_ip, 200);
-    cloud.register(&[&instance.id]).unwrap();
-    let (state, reason) = target_health(&cloud, &elb, &instance.id);
-    assert_eq!(state.as_deref(), Some("initial"));
-    assert!(
-        matches!(
-            reason.as_deref(),
-            Some("Elb.InitialHealthChecking" | "Elb.RegistrationInProgress")
-        ),
-        "{reason:?}"
-    );
-    // Watch the data plane closely: passing checks accumulate while the
-    // target stays initial, and it turns healthy only at the fifth.
-    let mut most_passes_while_initial = 0;
-    let passes_when_healthy = loop {
-        let checks = app.health_checks();
-        let health = cloud
+    let health = |cloud: &LocalCloud| {
+        cloud
             .lb()
             .targets()
             .into_iter()
             .find(|t| t.instance_id == instance.id)
-            .map(|t| t.health);
-        match health {
-            Some(Health::Healthy) => break app.health_checks(),
-            Some(Health::Initial) => {
-                most_passes_while_initial = most_passes_while_initial.max(checks)
-            }
-            other => panic!("unexpected health {other:?}"),
-        }
-        assert!(app.started.elapsed() < WAIT, "never healthy");
-        std::thread::sleep(Duration::from_millis(10));
+            .map(|t| t.health)
     };
+    cloud.register(&[&instance.id]).unwrap();
+    let passes_when_healthy = wait_for(WAIT, "healthy", || {
+        let checks = app.health_checks();
+        (health(&cloud) == Some(Health::Healthy)).then_some(checks)
+    });
+    // Counted before the state was read, 10 ms apart against checks 200 ms
+    // apart: the pass that made it healthy (one more only if this thread
+    // stalled that long).
     assert!(
-        passes_when_healthy >= 5,
-        "healthy after {passes_when_healthy} checks"
-    );
-    assert!(
-        most_passes_while_initial >= 3,
-        "still initial after only {most_passes_while_initial} passing checks"
+        passes_when_healthy <= 2,
+        "a new target needed {passes_when_healthy} passing checks"
     );
     assert_eq!(
         target_health(&cloud, &elb, &instance.id).0.as_deref(),
         Some("healthy")
+    );
+
+    app.set_health(500);
+    wait_for(WAIT, "unhealthy", || {
+        (health(&cloud) == Some(Health::Unhealthy)).then_some(())
+    });
+    let checks_before_recovery = app.health_checks();
+    app.set_health(200);
+    // From unhealthy it takes the group's five passes.
+    let mut most_passes_while_unhealthy = 0;
+    let passes_to_recover = loop {
+        let passes = app.health_checks() - checks_before_recovery;
+        match health(&cloud) {
+            Some(Health::Healthy) => break app.health_checks() - checks_before_recovery,
+            Some(Health::Unhealthy) => {
+                most_passes_while_unhealthy = most_passes_while_unhealthy.max(passes)
+            }
+            other => panic!("unexpected health {other:?}"),
+        }
+        assert!(app.started.elapsed() < WAIT * 2, "never healthy again");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        passes_to_recover >= 5,
+        "healthy again after {passes_to_recover} checks"
+    );
+    assert!(
+        most_passes_while_unhealthy >= 3,
+        "still unhealthy after only {most_passes_while_unhealthy} passing checks"
     );
 }
 
@@ -785,7 +800,6 @@ fn health_checks_follow_the_groups_interval() {
                 elb.modify_target_group()
                     .target_group_arn(arn)
                     .health_check_interval_seconds(1)
-                    .healthy_threshold_count(3)
                     .send()
                     .await
             }
@@ -804,13 +818,15 @@ fn health_checks_follow_the_groups_interval() {
             .contains(&instance.id)
             .then(|| registered.elapsed())
     });
-    // Three passes one second apart: the third comes two seconds after the first.
+    // A new target: healthy at its first pass, long before a second check.
     assert!(
-        healthy_after >= Duration::from_secs(2),
+        healthy_after < Duration::from_millis(900),
         "healthy after {healthy_after:?}"
     );
-    let times = app.health_check_times();
-    assert!(times.len() >= 3, "{times:?}");
+    let times = wait_for(WAIT, "three checks", || {
+        let times = app.health_check_times();
+        (times.len() >= 3).then_some(times)
+    });
     for pair in times.windows(2) {
         let gap = pair[1].duration_since(pair[0]);
         assert!(gap >= Duration::from_millis(900), "checks {gap:?} apart");
@@ -1232,6 +1248,8 @@ fn http_get(base: &str, path: &str) -> u16 {
 /// `health_status`; `/slow` waits for [`Backend::release_slow`].
 struct Backend {
     requests: Arc<AtomicUsize>,
+    /// The status its `/health` answers with.
+    health: Arc<AtomicU16>,
     checks: Arc<Mutex<Vec<Instant>>>,
     release: watch::Sender<bool>,
     started: Instant,
@@ -1241,32 +1259,41 @@ struct Backend {
 impl Backend {
     fn start(rt: &tokio::runtime::Runtime, ip: Ipv4Addr, health_status: u16) -> Backend {
         let requests = Arc::new(AtomicUsize::new(0));
+        let health = Arc::new(AtomicU16::new(health_status));
         let checks = Arc::new(Mutex::new(Vec::new()));
         let (release, released) = watch::channel(false);
         let listener = rt
             .block_on(tokio::net::TcpListener::bind((ip, 80)))
             .expect("bind the app port on the instance IP");
         let task = rt.spawn({
-            let (requests, checks) = (requests.clone(), checks.clone());
+            let (requests, checks, health) = (requests.clone(), checks.clone(), health.clone());
             async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let (requests, checks, released) =
-                        (requests.clone(), checks.clone(), released.clone());
+                    let (requests, checks, released, health) = (
+                        requests.clone(),
+                        checks.clone(),
+                        released.clone(),
+                        health.clone(),
+                    );
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(
                             move |req: Request<hyper::body::Incoming>| {
-                                let (requests, checks, mut released) =
-                                    (requests.clone(), checks.clone(), released.clone());
+                                let (requests, checks, mut released, health) = (
+                                    requests.clone(),
+                                    checks.clone(),
+                                    released.clone(),
+                                    health.clone(),
+                                );
                                 async move {
                                     let status = if req.uri().path() == "/health" {
                                         checks
                                             .lock()
                                             .unwrap_or_else(|p| p.into_inner())
                                             .push(Instant::now());
-                                        health_status
+                                        health.load(Ordering::SeqCst)
                                     } else {
                                         requests.fetch_add(1, Ordering::SeqCst);
                                         if req.uri().path() == "/slow" {
@@ -1289,6 +1316,7 @@ impl Backend {
         });
         Backend {
             requests,
+            health,
             checks,
             release,
             started: Instant::now(),
@@ -1309,6 +1337,10 @@ impl Backend {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn set_health(&self, status: u16) {
+        self.health.store(status, Ordering::SeqCst);
     }
 
     fn release_slow(&self) {

@@ -181,10 +181,11 @@ fn the_lb_routes_only_to_registered_healthy_targets() {
     let foreign_app = Backend::start(&rt, foreign.private_ip, 200);
     cloud.register(&[&good.id, &sick.id]).unwrap();
     // Through the AWS endpoint hangar uses, target health is the LB's own
-    // verdict, not moto's instant `healthy`.
+    // verdict, not moto's instant `healthy`: the sick one is `initial`
+    // until its second failed check, 200 ms after the first.
     let states = target_states(&cloud);
     assert_eq!(
-        states.get(&good.id).map(String::as_str),
+        states.get(&sick.id).map(String::as_str),
         Some("initial"),
         "{states:?}"
     );

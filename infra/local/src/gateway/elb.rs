@@ -12,7 +12,7 @@
 //!   re-reads the group's health-check settings and deregistration delay
 //!   before the caller gets its answer;
 //! - `DescribeTargetHealth` reports what the data plane sees: `initial`
-//!   until the group's `HealthyThresholdCount` checks passed, `healthy`,
+//!   until the first check passed (or enough failed), `healthy`,
 //!   `unhealthy` (with the last failure), and `draining` for deregistered
 //!   targets while requests are in flight to them and — as an ALB shows it
 //!   — until the deregistration delay has passed
