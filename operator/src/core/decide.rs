@@ -271,11 +271,6 @@ impl<'o> Pass<'o> {
                 }
             }
         }
-        for f in &self.obs.finished {
-            if matches!(f.task, Task::Drain { .. }) && f.outcome == Outcome::Done {
-                self.memory.launches.ended(&f.node);
-            }
-        }
         for said in
             self.memory
                 .launches
@@ -909,6 +904,6 @@ fn give_up_after_retries(
 }
 
 #[cfg(test)]
-pub(crate) mod fixtures;
+mod fixtures;
 #[cfg(test)]
 mod tests;

@@ -306,7 +306,7 @@ pub fn diff(nodes: &[Node], t: &Target<'_>) -> Diff {
     let served = warm_pool::serve_first(&mut out, &staying, &pool, t);
     let mut room = warm_pool::room(&pool, served.len(), t);
     let chosen = out.capacity(&staying, served.len() as u32, &mut room, t);
-    warm_pool::tend(&mut out, &staying, &pool, &served, room, t);
+    warm_pool::tend(&mut out, &staying, &pool, leaving.len(), &served, room, t);
     out.emergency_rollback(&rollout, &chosen, t);
     out.rolling_update(&staying, &rollout, &chosen, t);
     out.rejoin(&staying, &chosen, t);

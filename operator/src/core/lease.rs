@@ -174,6 +174,9 @@ pub struct Lease {
     max_fence: u64,
     /// Why the last term ended.
     ended: Option<String>,
+    /// Terms ended so far: a read answered after this changed was sent
+    /// while a term still held.
+    ends: u64,
 }
 
 impl Lease {
@@ -187,6 +190,7 @@ impl Lease {
             last_written: None,
             max_fence: 0,
             ended: None,
+            ends: 0,
         }
     }
 
@@ -212,6 +216,7 @@ impl Lease {
     fn end(&mut self, why: String) {
         if self.term.take().is_some() {
             self.ended = Some(why);
+            self.ends += 1;
             // What we saw belongs to the term that ended: read afresh
             // before writing anything.
             self.seen = None;
@@ -405,7 +410,29 @@ impl Lease {
 
     /// The record as just read (`None`: there is none).
     pub fn read(&mut self, record: Option<Record>, now: Mono) {
+        let ends = self.ends;
+        self.read_sent(record, ends, now);
+    }
+
+    /// How many terms have ended: given with a read's answer
+    /// ([`Lease::read_sent`]) as it was when the read was sent.
+    pub fn ends(&self) -> u64 {
+        self.ends
+    }
+
+    /// [`Lease::read`] of a read sent when [`Lease::ends`] was `ends`. If a
+    /// term ended since — a pause (SIGSTOP, a frozen VM) can hold an answer
+    /// for any time — the answer tells what the record was while the term
+    /// held, not now: it teaches a fence and nothing else, and the next
+    /// plan reads again.
+    pub fn read_sent(&mut self, record: Option<Record>, ends: u64, now: Mono) {
         self.expire(now);
+        if self.ends != ends {
+            if let Some(r) = &record {
+                self.max_fence = self.max_fence.max(r.fence);
+            }
+            return;
+        }
         if let Some(p) = self.pending.take() {
             let applied = record
                 .as_ref()
@@ -599,6 +626,42 @@ mod tests {
             "stopped at sent + renew deadline"
         );
         assert!(a.ended().is_some());
+    }
+
+    /// Seen in e2e `a_paused_leader_wakes_as_a_standby…`: a leader frozen
+    /// (SIGSTOP) with a read in flight woke to that read's answer — its own
+    /// record, from before the pause — and tried to take "its" lease back.
+    #[test]
+    fn a_read_sent_before_the_term_ended_is_not_taken_for_the_lease_now() {
+        let mut t = Table::default();
+        let mut a = Lease::new("a", timing());
+        step(&mut a, &mut t, s(0.0));
+        step(&mut a, &mut t, s(0.1));
+        assert_eq!(a.may_act(s(0.2)), Ok(1));
+        // A renewal's answer is lost: a reads to learn its fate…
+        let v = t.version();
+        let _ = a.plan(s(2.0), || v);
+        a.written(Written::Failed, s(2.1));
+        assert_eq!(a.plan(s(2.2), || "x".into()), Plan::Read);
+        let sent = a.ends();
+        // …and freezes with the answer (its own record) in flight, while b
+        // takes over.
+        let answer = t.record.clone();
+        t.record = Some(Record {
+            holder: "b".into(),
+            version: "vb".into(),
+            fence: 2,
+            lease: timing().lease,
+            released: false,
+        });
+        // a wakes long past its deadline, to the old answer.
+        a.read_sent(answer, sent, s(40.0));
+        assert!(a.may_act(s(40.0)).is_err(), "the term is over");
+        assert_eq!(
+            a.plan(s(40.1), || "y".into()),
+            Plan::Read,
+            "it reads again instead of writing on a pre-pause answer"
+        );
     }
 
     #[test]

@@ -145,11 +145,13 @@ pub fn take_victim(n: &Node, room: &mut u32, t: &Target<'_>) -> Option<Task> {
 
 /// The pool's own upkeep, after the fleet's capacity was decided: members
 /// kept in the pool's state, the pool trimmed to `size`, and refilled
-/// (while the fleet is settled) within `max + size` machines.
+/// (while the fleet is settled) within `max + size` machines — counting
+/// the `leaving` ones, which are machines until they are gone.
 pub fn tend(
     diff: &mut Diff,
     fleet: &[&Node],
     pool: &[&Node],
+    leaving: usize,
     served: &[&Node],
     room: u32,
     t: &Target<'_>,
@@ -214,7 +216,7 @@ pub fn tend(
     let settled = pending == 0
         && fleet.len() as u32 >= t.desired + diff.surge
         && fleet.iter().all(|n| n.phase == Phase::InService);
-    let machines = (fleet.len() + pool.len()) as u32;
+    let machines = (fleet.len() + pool.len() + leaving) as u32;
     let cap = (t.max + size).saturating_sub(machines);
     let launch = room.min(cap);
     if settled && launch > 0 && t.launch_allowed && !t.hold_at_releasing {

@@ -1050,43 +1050,6 @@ fn a_launched_node_that_dies_before_the_listing_shows_it_is_replaced_within_a_mi
     assert_eq!(sim.launched.len(), 4, "replaced, not waiting for minutes");
 }
 
-/// Seen on the local cloud: a node launched, then scaled in within a
-/// second, before any listing showed it. Its launch intent kept counting it
-/// as capacity coming, and the next scale-out launched nothing until the
-/// intent's grace ran out.
-#[test]
-fn a_node_scaled_in_before_the_listing_showed_it_leaves_no_phantom_capacity() {
-    let mut sim = settled_fleet(with_min(2));
-    sim.lagging = true;
-    sim.spec.capacity.min = 3;
-    sim.pass();
-    assert_eq!(sim.launched.len(), 3, "the third node");
-    let young = sim
-        .own
-        .last()
-        .cloned()
-        .expect("known from the launch answer");
-    sim.pass();
-    sim.spec.capacity.min = 2;
-    // Its bring-up is cancelled, then it is drained.
-    let drained = (0..3).any(|_| {
-        sim.wait(1);
-        let d = sim.pass();
-        starts(d).contains(&(young.clone(), "drain"))
-    });
-    assert!(drained, "the node not yet serving is the one to go");
-    sim.finish(&young, Outcome::Done);
-    sim.pass();
-    sim.spec.capacity.min = 3;
-    sim.wait(1);
-    sim.pass();
-    assert_eq!(
-        sim.launched.len(),
-        4,
-        "the terminated node is not counted as coming: a new one is launched at once"
-    );
-}
-
 #[test]
 fn a_new_latest_template_version_replaces_the_fleet_without_a_spec_change() {
     let mut sim = settled_fleet(with_min(2));
@@ -1345,6 +1308,47 @@ fn reuse_on_scale_in_returns_a_drained_victim_to_the_pool_and_terminates_it_when
     assert_eq!(gone[0].1, "drain", "{:?}", d.diff);
     pool_within(&mut sim, 2, 6, 20);
     assert_eq!((sim.serving().len(), warm(&sim).len()), (2, 2));
+}
+
+/// Seen in e2e `warm_nodes_serve_scale_outs_…_survive_kill_9` once the local
+/// LB registered targets as fast as an ALB: an operator killed while a
+/// scale-in victim drained into a pool that had room came back, finished
+/// the drain as a termination, and refilled the pool while the victim was
+/// still there — max + size + 1 machines.
+#[test]
+fn the_pool_refills_within_max_plus_size_counting_a_node_still_leaving() {
+    let mut sim = Sim::new(with_pool(3, 3, 2, ", reuseOnScaleIn: true"));
+    pool_within(&mut sim, 0, 5, 20);
+    assert_eq!((sim.serving().len(), warm(&sim).len()), (3, 2));
+    // Fewer nodes and a bigger pool: a victim drains back into the pool…
+    sim.spec.capacity.min = 2;
+    sim.spec.capacity.max = 2;
+    if let Some(p) = sim.spec.warm_pool.as_mut() {
+        p.size = 3;
+    }
+    let d = sim.pass();
+    let back: Vec<(String, &str)> = starts(d);
+    assert_eq!(back.len(), 1, "{:?}", d.diff);
+    let victim = back[0].0.clone();
+    // …and the operator is killed while it drains.
+    if let Some(i) = sim.cloud.iter_mut().find(|i| i.id == victim) {
+        i.phase = Some(Phase::Draining);
+    }
+    sim.crash();
+    let d = sim.pass();
+    assert!(
+        starts(d).contains(&(victim.clone(), "drain")),
+        "the cut drain is finished as a termination: {:?}",
+        d.diff
+    );
+    assert!(
+        launches(d).is_empty(),
+        "no pool launch while the victim is still there: {:?}",
+        d.diff.notes
+    );
+    assert!(machines(&sim) <= 5);
+    pool_within(&mut sim, 2, 5, 20);
+    assert_eq!((sim.serving().len(), warm(&sim).len()), (2, 3));
 }
 
 #[test]

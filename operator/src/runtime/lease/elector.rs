@@ -100,11 +100,13 @@ async fn step(
     last_read: &mut Option<LeaseRecord>,
 ) {
     let limit = call_timeout(leadership);
+    // A term that ends while a read is out makes its answer stale.
+    let ends = leadership.with(|m, _| m.ends()).unwrap_or_default();
     match plan {
         Plan::Read => match tokio::time::timeout(limit, store.read()).await {
             Ok(Ok(record)) => {
                 *last_read = record.clone();
-                leadership.with(|m, now| m.read(record.map(to_core), now));
+                leadership.with(|m, now| m.read_sent(record.map(to_core), ends, now));
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, lease = %store.describe(), "cannot read the lease")
