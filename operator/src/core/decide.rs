@@ -271,6 +271,11 @@ impl<'o> Pass<'o> {
                 }
             }
         }
+        for f in &self.obs.finished {
+            if matches!(f.task, Task::Drain { .. }) && f.outcome == Outcome::Done {
+                self.memory.launches.ended(&f.node);
+            }
+        }
         for said in
             self.memory
                 .launches
@@ -904,6 +909,6 @@ fn give_up_after_retries(
 }
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod tests;

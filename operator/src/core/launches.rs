@@ -60,6 +60,15 @@ pub struct LaunchIntent {
     /// hangar's own launch answer: it launched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answered_at: Option<DateTime<Utc>>,
+    /// Every instance of it seen so far (listing or launch answer).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub seen: BTreeSet<String>,
+    /// Those of `seen` that hangar itself terminated: they no longer count
+    /// toward capacity even if no listing ever showed them. (One that is
+    /// merely gone from view — a restart forgot hangar's launch answer —
+    /// still counts until [`LISTING_GRACE`]: it may be running.)
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub ended: BTreeSet<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,13 +138,20 @@ const SUBNET_BACKOFF_MAX: chrono::Duration = chrono::Duration::minutes(10);
 
 impl Launches {
     /// Instances of pending intents not among `instances` at all (not even
-    /// from hangar's own launch answers): they count toward capacity.
+    /// from hangar's own launch answers) and not terminated by hangar:
+    /// they count toward capacity.
     pub fn unseen(&self, instances: &[Instance]) -> Vec<(String, u32)> {
         self.pending
             .iter()
             .map(|i| {
-                let seen = carrying(instances.iter(), &i.token);
-                (i.subnet.clone(), i.count.saturating_sub(seen))
+                let mut seen: BTreeSet<&str> = i.ended.iter().map(String::as_str).collect();
+                seen.extend(
+                    instances
+                        .iter()
+                        .filter(|x| x.client_token.as_deref() == Some(i.token.as_str()))
+                        .map(|x| x.id.as_str()),
+                );
+                (i.subnet.clone(), i.count.saturating_sub(seen.len() as u32))
             })
             .filter(|(_, n)| *n > 0)
             .collect()
@@ -167,7 +183,11 @@ impl Launches {
             if seen >= intent.count {
                 return false;
             }
-            if intent.answered_at.is_none() && carrying(instances.iter(), &intent.token) > 0 {
+            let of_it = instances
+                .iter()
+                .filter(|i| i.client_token.as_deref() == Some(intent.token.as_str()));
+            intent.seen.extend(of_it.map(|i| i.id.clone()));
+            if intent.answered_at.is_none() && !intent.seen.is_empty() {
                 intent.answered_at = Some(now);
             }
             if intent.answered_at.is_some_and(|at| now - at > LISTING_GRACE) {
@@ -190,6 +210,13 @@ impl Launches {
             true
         });
         said
+    }
+
+    /// Takes in that hangar terminated `node` (its drain finished).
+    pub fn ended(&mut self, node: &str) {
+        if let Some(intent) = self.pending.iter_mut().find(|i| i.seen.contains(node)) {
+            intent.ended.insert(node.to_string());
+        }
     }
 
     /// Takes in that the call for `token` failed with `error`.
@@ -272,6 +299,8 @@ impl Launches {
             attempts: 0,
             retry: false,
             answered_at: None,
+            seen: BTreeSet::new(),
+            ended: BTreeSet::new(),
         };
         self.pending.push(intent.clone());
         intent
@@ -469,5 +498,43 @@ mod tests {
         l.failed(&i.token, &error("InternalError"), t0());
         assert!(l.pending.is_empty());
         assert!(l.avoided.contains_key("subnet-a"));
+    }
+
+    /// Seen on the local cloud's listing lag: a node launched and scaled
+    /// in within a second, never listed, kept counting as capacity for the
+    /// whole `LISTING_GRACE`, and the next scale-out launched nothing for
+    /// 27 s of a traffic breach.
+    #[test]
+    fn an_instance_that_ended_before_the_listing_showed_it_is_no_capacity() {
+        let at = |s: i64| t0() + chrono::Duration::seconds(s);
+        let mut l = Launches::default();
+        let intent = l.intend("web", "subnet-a", 2, "v1", at(0));
+        assert_eq!(l.unseen(&[]), vec![("subnet-a".to_string(), 2)]);
+        // The launch answered one of the two so far; only hangar knows it.
+        let mut answered = crate::core::decide::fixtures::node("i-1");
+        answered.client_token = Some(intent.token.clone());
+        let unlisted = BTreeSet::from(["i-1".to_string()]);
+        l.confirm(std::slice::from_ref(&answered), &unlisted, at(1));
+        assert_eq!(
+            l.unseen(std::slice::from_ref(&answered)),
+            vec![("subnet-a".to_string(), 1)]
+        );
+        // Gone from view (a restart forgot the launch answer): it may be
+        // running, so it still counts.
+        l.confirm(&[], &BTreeSet::new(), at(2));
+        assert_eq!(l.unseen(&[]), vec![("subnet-a".to_string(), 2)]);
+        // hangar drained and terminated it before any listing showed it.
+        l.ended("i-1");
+        l.confirm(&[], &BTreeSet::new(), at(3));
+        assert_eq!(
+            l.unseen(&[]),
+            vec![("subnet-a".to_string(), 1)],
+            "only the instance never seen still counts"
+        );
+        assert_eq!(
+            l.pending.len(),
+            1,
+            "the intent is kept until the grace ends"
+        );
     }
 }

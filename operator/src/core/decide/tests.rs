@@ -1050,6 +1050,43 @@ fn a_launched_node_that_dies_before_the_listing_shows_it_is_replaced_within_a_mi
     assert_eq!(sim.launched.len(), 4, "replaced, not waiting for minutes");
 }
 
+/// Seen on the local cloud: a node launched, then scaled in within a
+/// second, before any listing showed it. Its launch intent kept counting it
+/// as capacity coming, and the next scale-out launched nothing until the
+/// intent's grace ran out.
+#[test]
+fn a_node_scaled_in_before_the_listing_showed_it_leaves_no_phantom_capacity() {
+    let mut sim = settled_fleet(with_min(2));
+    sim.lagging = true;
+    sim.spec.capacity.min = 3;
+    sim.pass();
+    assert_eq!(sim.launched.len(), 3, "the third node");
+    let young = sim
+        .own
+        .last()
+        .cloned()
+        .expect("known from the launch answer");
+    sim.pass();
+    sim.spec.capacity.min = 2;
+    // Its bring-up is cancelled, then it is drained.
+    let drained = (0..3).any(|_| {
+        sim.wait(1);
+        let d = sim.pass();
+        starts(d).contains(&(young.clone(), "drain"))
+    });
+    assert!(drained, "the node not yet serving is the one to go");
+    sim.finish(&young, Outcome::Done);
+    sim.pass();
+    sim.spec.capacity.min = 3;
+    sim.wait(1);
+    sim.pass();
+    assert_eq!(
+        sim.launched.len(),
+        4,
+        "the terminated node is not counted as coming: a new one is launched at once"
+    );
+}
+
 #[test]
 fn a_new_latest_template_version_replaces_the_fleet_without_a_spec_change() {
     let mut sim = settled_fleet(with_min(2));
