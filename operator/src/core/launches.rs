@@ -145,12 +145,7 @@ impl Launches {
             .iter()
             .map(|i| {
                 let mut seen: BTreeSet<&str> = i.ended.iter().map(String::as_str).collect();
-                seen.extend(
-                    instances
-                        .iter()
-                        .filter(|x| x.client_token.as_deref() == Some(i.token.as_str()))
-                        .map(|x| x.id.as_str()),
-                );
+                seen.extend(of_intent(instances.iter(), &i.token).map(|x| x.id.as_str()));
                 (i.subnet.clone(), i.count.saturating_sub(seen.len() as u32))
             })
             .filter(|(_, n)| *n > 0)
@@ -183,10 +178,9 @@ impl Launches {
             if seen >= intent.count {
                 return false;
             }
-            let of_it = instances
-                .iter()
-                .filter(|i| i.client_token.as_deref() == Some(intent.token.as_str()));
-            intent.seen.extend(of_it.map(|i| i.id.clone()));
+            intent
+                .seen
+                .extend(of_intent(instances.iter(), &intent.token).map(|i| i.id.clone()));
             if intent.answered_at.is_none() && !intent.seen.is_empty() {
                 intent.answered_at = Some(now);
             }
@@ -340,10 +334,16 @@ impl Launches {
     }
 }
 
+/// The instances launched with `token`.
+fn of_intent<'i, 't>(
+    instances: impl Iterator<Item = &'i Instance> + 't,
+    token: &'t str,
+) -> impl Iterator<Item = &'i Instance> + 't {
+    instances.filter(move |i| i.client_token.as_deref() == Some(token))
+}
+
 fn carrying<'i>(instances: impl Iterator<Item = &'i Instance>, token: &str) -> u32 {
-    instances
-        .filter(|i| i.client_token.as_deref() == Some(token))
-        .count() as u32
+    of_intent(instances, token).count() as u32
 }
 
 /// `hangar-` + 40 hex digits: within EC2's 64 ASCII characters, unique per

@@ -1023,8 +1023,9 @@ fn a_fleet_launched_together_reaching_max_lifetime_is_replaced_spread_over_its_l
     );
 }
 
-#[test]
-fn a_launched_node_that_dies_before_the_listing_shows_it_is_replaced_within_a_minute() {
+/// Two nodes settled, then a third launched under a lagging listing: known
+/// from hangar's launch answer only, its task started.
+fn a_third_node_only_hangar_knows() -> (Sim, String) {
     let mut sim = settled_fleet(with_min(2));
     sim.lagging = true;
     sim.spec.capacity.min = 3;
@@ -1036,6 +1037,12 @@ fn a_launched_node_that_dies_before_the_listing_shows_it_is_replaced_within_a_mi
         .cloned()
         .expect("known from the launch answer");
     sim.pass();
+    (sim, young)
+}
+
+#[test]
+fn a_launched_node_that_dies_before_the_listing_shows_it_is_replaced_within_a_minute() {
+    let (mut sim, young) = a_third_node_only_hangar_knows();
     // Terminated behind hangar's back before any listing showed it: EC2
     // then lists it only as `terminated`, which hangar's listing leaves out.
     let i = sim.cloud.iter_mut().find(|i| i.id == young).unwrap();
@@ -1056,17 +1063,7 @@ fn a_launched_node_that_dies_before_the_listing_shows_it_is_replaced_within_a_mi
 /// intent's grace ran out.
 #[test]
 fn a_node_scaled_in_before_the_listing_showed_it_leaves_no_phantom_capacity() {
-    let mut sim = settled_fleet(with_min(2));
-    sim.lagging = true;
-    sim.spec.capacity.min = 3;
-    sim.pass();
-    assert_eq!(sim.launched.len(), 3, "the third node");
-    let young = sim
-        .own
-        .last()
-        .cloned()
-        .expect("known from the launch answer");
-    sim.pass();
+    let (mut sim, young) = a_third_node_only_hangar_knows();
     sim.spec.capacity.min = 2;
     // Its bring-up is cancelled, then it is drained.
     let drained = (0..3).any(|_| {
